@@ -1,0 +1,85 @@
+"""The IR: a torch.export graph with its weights lifted to placeholders, as one callable Program.
+
+The graph's placeholders are weights (named in `weights`) and user inputs (named in `inputs`);
+outputs are flat and named in `outputs`. Passes edit `gm.graph` and may add or drop weights.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+from torch._guards import detect_fake_mode
+
+
+@dataclass
+class Program:
+    """A captured model: graph module, weights by placeholder name, user input and output names."""
+
+    gm: fx.GraphModule
+    weights: dict[str, torch.Tensor]
+    inputs: list[str]
+    outputs: list[str]
+    mode: str
+    meta: dict = field(default_factory=dict)  # cfg, shapes, and facts passes record for later passes
+
+    @property
+    def graph(self) -> fx.Graph:
+        """The program's graph."""
+        return self.gm.graph
+
+    def placeholders(self) -> list[fx.Node]:
+        """The graph's placeholder nodes in call order."""
+        return [n for n in self.graph.nodes if n.op == "placeholder"]
+
+    def __call__(self, *args: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run the graph on user inputs (in `inputs` order); returns outputs by name."""
+        given = dict(zip(self.inputs, args, strict=True))
+        call = [self.weights[n.name] if n.name in self.weights else given[n.name] for n in self.placeholders()]
+        return dict(zip(self.outputs, self.gm(*call), strict=True))
+
+    def fake_mode(self):
+        """The fake-tensor mode the graph's meta['val'] values live in."""
+        return detect_fake_mode([n.meta["val"] for n in self.placeholders() if "val" in n.meta])
+
+    def add_weight(self, name: str, value: torch.Tensor) -> fx.Node:
+        """Add a weight placeholder (before the first placeholder) holding value; returns its node."""
+        if name in self.weights or any(n.name == name for n in self.graph.nodes):
+            raise ValueError(f"weight name '{name}' is taken")
+        first = next(iter(self.graph.nodes))
+        with self.graph.inserting_before(first):
+            node = self.graph.placeholder(name)
+        node.meta["val"] = self.fake_mode().from_tensor(value, static_shapes=True)
+        self.weights[name] = value
+        return node
+
+    def drop_unused_weights(self) -> list[str]:
+        """Remove weight placeholders nothing reads; returns their names."""
+        dropped = []
+        for n in self.placeholders():
+            if n.name in self.weights and not n.users:
+                self.graph.erase_node(n)
+                del self.weights[n.name]
+                dropped.append(n.name)
+        return dropped
+
+    def weight_fqn(self, name: str) -> str:
+        """The module path of a weight placeholder (e.g. 'layers.5.self_attn.o_proj.weight')."""
+        return self.meta.get("fqns", {}).get(name, name)
+
+    def recompile(self) -> None:
+        """Regenerate the graph module's code after graph edits."""
+        self.gm.recompile()
+
+
+def module_path(node: fx.Node) -> str:
+    """The innermost module path a node came from ('layers.5.self_attn'), '' for the root."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def layer_of(node: fx.Node) -> str | None:
+    """The block a node belongs to: 'layers.N' or 'mtp.K' (None outside blocks)."""
+    parts = module_path(node).split(".")
+    if len(parts) >= 2 and parts[0] in ("layers", "mtp"):
+        return f"{parts[0]}.{parts[1]}"
+    return None

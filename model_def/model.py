@@ -1,0 +1,87 @@
+"""DeepseekV3: embedding, blocks, final norm and head, plus the multi-token-prediction module."""
+
+import torch
+from torch import nn
+
+from model_def.config import ModelConfig
+from model_def.modules import Block, RMSNorm, RotaryEmbedding, linear
+
+
+class MTPModule(nn.Module):
+    """MTP depth k: h'_i = M_k [RMSNorm(h_i); RMSNorm(Emb(t_{i+k}))] → own block → shared head after own norm."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, device=None):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
+        self.eh_proj = linear(2 * cfg.hidden_size, cfg.hidden_size, device)  # M_k, embedding half first
+        self.block = Block(cfg, layer_idx, device)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)  # shared_head.norm
+
+    def forward(self, h, next_emb, cos, sin, past, head):
+        """Logits for token i+k+1 from the main hidden state h_i and the embedding of token i+k."""
+        x = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(h)], dim=-1))
+        x, entries = self.block(x, cos, sin, past)
+        return head(self.norm(x)), entries
+
+
+class DeepseekV3(nn.Module):
+    """The DeepSeek-V3 causal LM; on device 'meta' no weight is materialised."""
+
+    def __init__(self, cfg: ModelConfig, device="cpu"):
+        super().__init__()
+        self.cfg = cfg
+        n = cfg.num_hidden_layers
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device)
+        self.rotary = RotaryEmbedding(cfg, device)
+        self.layers = nn.ModuleList(Block(cfg, i, device) for i in range(n))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
+        self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, device)
+        self.mtp = nn.ModuleList(MTPModule(cfg, n + k, device) for k in range(cfg.num_nextn_predict_layers))
+        if device != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02, seed: int | None = None) -> None:
+        """Random weights (normal std for matrices, ones for norms, zero router bias) for tests and demos."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        for name, b in self.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.zero_()
+
+    def forward(self, input_ids, mtp: bool = False, past=None, return_cache: bool = False):
+        """Logits [B, S, V]; with mtp also the MTP logits; with return_cache also this step's cache entries.
+
+        past: per-layer (k, v) of earlier tokens (the MTP block's last when mtp). Training-style MTP
+        (no cache) predicts from the S-1 positions whose next token is in input_ids; inference-style
+        MTP (with a cache) drafts for all S positions, taking the main head's greedy token for the last.
+        """
+        b, s = input_ids.shape
+        start = 0 if past is None else past[0][0].shape[1]
+        cos, sin = self.rotary(b, start, s)
+        h = self.embed_tokens(input_ids)
+        entries = []
+        for i, layer in enumerate(self.layers):
+            h, e = layer(h, cos, sin, None if past is None else past[i])
+            entries.append(e)
+        logits = self.lm_head(self.norm(h))
+        outs = [logits]
+        if mtp and self.mtp:
+            if past is None and not return_cache:
+                mtp_logits, _ = self.mtp[0](
+                    h[:, :-1], self.embed_tokens(input_ids[:, 1:]), cos[:, :-1], sin[:, :-1], None, self.lm_head
+                )
+            else:
+                draft = torch.cat([input_ids[:, 1:], logits[:, -1:].argmax(-1)], dim=1)
+                mtp_past = None if past is None else past[len(self.layers)]
+                mtp_logits, e = self.mtp[0](h, self.embed_tokens(draft), cos, sin, mtp_past, self.lm_head)
+                entries.append(e)
+            outs.append(mtp_logits)
+        if return_cache:
+            outs.append(entries)
+        return outs[0] if len(outs) == 1 else tuple(outs)
