@@ -13,7 +13,7 @@ class CaptureError(ValueError):
     """Capture arguments that describe no valid graph."""
 
 
-def example_inputs(cfg: ModelConfig, mode: str, batch: int, seq: int, kv_len: int, device="meta"):
+def example_inputs(cfg: ModelConfig, mode: str, batch: int, seq: int, kv_len: int, device="meta", dtype=None):
     """(args, kwargs, input names) of the model call that `mode` captures."""
     ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
     mtp = cfg.num_nextn_predict_layers > 0
@@ -23,7 +23,7 @@ def example_inputs(cfg: ModelConfig, mode: str, batch: int, seq: int, kv_len: in
         return (ids,), {"mtp": mtp, "return_cache": True}, ["input_ids"]
     h, dqk, dv = cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim
     layers = cfg.num_hidden_layers + int(mtp)
-    dtype = torch.get_default_dtype()
+    dtype = dtype or torch.get_default_dtype()
     past = [
         (
             torch.zeros(batch, kv_len, h, dqk, dtype=dtype, device=device),
@@ -68,12 +68,12 @@ def capture(
     kv_len: int = 0,
     model: DeepseekV3 | None = None,
 ) -> Program:
-    """Export the model for mode at the given shapes; on 'meta' unless a model with real weights is given."""
+    """Export the model for mode at the given shapes; a BF16 model on 'meta' unless a model is given."""
     check_shapes(cfg, mode, batch, seq, kv_len)
     if model is None:
-        model = DeepseekV3(cfg, device="meta")
-    device = next(model.parameters()).device
-    args, kwargs, inputs = example_inputs(cfg, mode, batch, seq, kv_len, device)
+        model = DeepseekV3(cfg, device="meta", dtype=torch.bfloat16)
+    weight = model.embed_tokens.weight
+    args, kwargs, inputs = example_inputs(cfg, mode, batch, seq, kv_len, weight.device, weight.dtype)
     with torch.no_grad() if mode != "train" else torch.enable_grad():
         ep = torch.export.export(model, args, kwargs=kwargs, strict=False)
     return _to_program(ep, cfg, mode, inputs, dict(batch=batch, seq=seq, kv_len=kv_len))

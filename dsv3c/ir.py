@@ -83,3 +83,12 @@ def layer_of(node: fx.Node) -> str | None:
     if len(parts) >= 2 and parts[0] in ("layers", "mtp"):
         return f"{parts[0]}.{parts[1]}"
     return None
+
+
+@dataclass
+class PassContext:
+    """What a pass may read besides the graph: the target, the mode and the user's options."""
+
+    target: object  # targets.Target
+    mode: str
+    options: dict = field(default_factory=dict)

@@ -28,7 +28,7 @@ class MTPModule(nn.Module):
 class DeepseekV3(nn.Module):
     """The DeepSeek-V3 causal LM; on device 'meta' no weight is materialised."""
 
-    def __init__(self, cfg: ModelConfig, device="cpu"):
+    def __init__(self, cfg: ModelConfig, device="cpu", dtype: torch.dtype | None = None):
         super().__init__()
         self.cfg = cfg
         n = cfg.num_hidden_layers
@@ -40,6 +40,10 @@ class DeepseekV3(nn.Module):
         self.mtp = nn.ModuleList(MTPModule(cfg, n + k, device) for k in range(cfg.num_nextn_predict_layers))
         if device != "meta":
             self.reset_parameters()
+        if dtype is not None:
+            self.to(dtype)
+            for name, buf in self.named_buffers():  # the router bias and RoPE frequencies stay in float32
+                buf.data = buf.data.float()
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02, seed: int | None = None) -> None:

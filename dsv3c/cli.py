@@ -1,0 +1,184 @@
+"""The dsv3c command line: compile, targets, passes, inspect, run."""
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from tabulate import tabulate
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad command-line input; printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of all subcommands."""
+    parser = _Parser(prog="dsv3c", description="Compile DeepSeek-V3-class MoE models for H800 clusters.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("compile", help="capture, transform and lower the model for a target")
+    c.add_argument("--target", required=True, help="h800x2048, <gpu>x<N>, or a target .toml file")
+    src = c.add_mutually_exclusive_group()
+    src.add_argument("--model", default="deepseek-v3", help="built-in preset: deepseek-v3 (default) or tiny")
+    src.add_argument("--config", help="an HF-format config.json instead of a preset")
+    c.add_argument("--mode", choices=["train", "prefill", "decode"], help="default: train on >=256 GPUs, else prefill")
+    c.add_argument("--batch", type=_positive)
+    c.add_argument("--seq", type=_positive)
+    c.add_argument("--kv-len", type=_positive)
+    c.add_argument("--passes", help="comma-separated pass list (see `dsv3c passes`)")
+    c.add_argument("--out", help="output directory (default build/<target>-<mode>)")
+    c.add_argument("--dump-dir", help="write per-pass dumps here")
+    c.add_argument("--dump-mlir", type=int, metavar="LAYER", help="also dump this layer as MLIR after each pass")
+    c.add_argument("--print-after-all", action="store_true")
+    c.add_argument("--print-after", action="append", default=[], metavar="PASS")
+    c.add_argument("--print-after-change", action="store_true")
+
+    sub.add_parser("targets", help="list the named targets")
+    sub.add_parser("passes", help="list the passes with their contracts, in default order")
+
+    i = sub.add_parser("inspect", help="summarise a dump directory")
+    i.add_argument("dir")
+    i.add_argument("--diff", nargs=2, metavar=("A", "B"), help="diff two passes (names or numbers)")
+    i.add_argument("--layer", type=int, help="restrict the diff to one layer")
+    return parser
+
+
+def _load_config(args):
+    """The ModelConfig named by --config or --model."""
+    from model_def import ModelConfig
+
+    return ModelConfig.from_json(args.config) if args.config else ModelConfig.preset(args.model)
+
+
+def _progress(index: int, total: int, name: str) -> None:
+    """One progress line per pass, on a terminal only."""
+    sys.stderr.write(f"\r[{index}/{total}] {name:<20}")
+    sys.stderr.flush()
+    if index == total:
+        sys.stderr.write("\n")
+
+
+def cmd_compile(args, argv) -> int:
+    """dsv3c compile."""
+    import dsv3c.pipeline as pipeline
+    import passes
+    from dsv3c.driver import compile_model
+
+    cfg = _load_config(args)
+    for name in args.print_after:
+        pipeline.parse_pipeline(name, passes.REGISTRY)
+    printing = pipeline.Printing(args.print_after_all, tuple(args.print_after), args.print_after_change)
+    tty = sys.stderr.isatty()
+    plan = compile_model(
+        cfg, target=args.target, mode=args.mode, out=args.out, batch=args.batch, seq=args.seq,
+        kv_len=args.kv_len, pipeline=args.passes, dump_dir=args.dump_dir, dump_mlir=args.dump_mlir,
+        printing=printing, progress=_progress if tty else None, repro=_repro(argv),
+    )  # fmt: skip
+    out = args.out or f"build/{plan['target']['name']}-{plan['mode']}"
+    m = plan["model"]
+    print(f"compiled {m['name']} for {plan['target']['name']} ({plan['mode']}): {len(plan['passes'])} passes, "
+          f"{len(plan['kernels'])} kernels -> {out}/plan.json, {out}/report.txt")  # fmt: skip
+    return 0
+
+
+def _repro(argv) -> str:
+    """The command line of this run, for failure reproducers."""
+    return shlex.join(["dsv3c", *argv])
+
+
+def cmd_targets(args, argv) -> int:
+    """dsv3c targets."""
+    import targets
+
+    print(tabulate(targets.describe_targets(), headers=targets.DESCRIBE_HEADERS, disable_numparse=True))
+    return 0
+
+
+def cmd_passes(args, argv) -> int:
+    """dsv3c passes."""
+    import passes
+
+    default = passes.default_pipeline()
+    rows = [[p.name, "yes" if p.name in default else "", p.contract] for p in passes.REGISTRY.values()]
+    print(tabulate(rows, headers=["pass", "default", "contract"]))
+    print(f"\ndefault pipeline: {','.join(default)}")
+    return 0
+
+
+def cmd_inspect(args, argv) -> int:
+    """dsv3c inspect."""
+    from dsv3c import dumpview
+
+    directory = Path(args.dir)
+    if not directory.is_dir():
+        raise UsageError(f"no dump directory at {directory}")
+    if args.diff:
+        print(dumpview.diff(directory, *args.diff, layer=args.layer), end="")
+    else:
+        print(dumpview.table(directory))
+    return 0
+
+
+COMMANDS = {"compile": cmd_compile, "targets": cmd_targets, "passes": cmd_passes, "inspect": cmd_inspect}
+
+
+def _user_errors() -> tuple:
+    """The exception types that mean bad input (one line, exit 2), not a bug."""
+    from dsv3c.capture import CaptureError
+    from dsv3c.driver import OutputError
+    from dsv3c.dumpview import DumpError
+    from dsv3c.pipeline import UnknownPassError
+    from model_def import ConfigError
+    from model_def.checkpoint import CheckpointError
+    from targets import TargetError
+
+    return (UsageError, ConfigError, TargetError, CaptureError, CheckpointError, OutputError, UnknownPassError, DumpError)
+
+
+def main(argv=None) -> int:
+    """Entry point of the dsv3c console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args, argv)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except KeyboardInterrupt:
+        print("dsv3c: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from dsv3c.pipeline import PipelineError
+
+        if isinstance(e, _user_errors()):
+            print(f"dsv3c: error: {str(e).splitlines()[0]}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(e, PipelineError):
+            print(f"dsv3c: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

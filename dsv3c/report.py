@@ -1,0 +1,88 @@
+"""Artifacts: plan.json (the machine-readable contract) and report.txt (the same as tables)."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from tabulate import tabulate
+
+from dsv3c.costs import nbytes
+
+
+def weight_bytes_by_dtype(program) -> dict[str, int]:
+    """Bytes of the program's weights grouped by dtype name (FP8 scales count as float32)."""
+    counts = Counter()
+    for value in program.weights.values():
+        counts[str(value.dtype).replace("torch.", "")] += nbytes(value)
+    return dict(sorted(counts.items()))
+
+
+def build_plan(version, cfg, params, figures, target, mode, shapes, records, program) -> dict:
+    """The plan.json dict, in the key order of DESIGN.md; only passes[*].seconds depends on the run."""
+    plan = {
+        "dsv3c_version": version,
+        "model": {
+            "name": cfg.name,
+            "config": cfg.to_dict(),
+            "params": params,
+            "flops_per_token": figures["flops_per_token"],
+            "kv_cache_bytes_per_token": figures["kv_cache_bytes_per_token"],
+            "reference_shapes": figures["reference_shapes"],
+        },
+        "target": target.to_dict(),
+        "mode": mode,
+        "shapes": shapes,
+        "passes": [r.to_dict() for r in records],
+        "weights": {"bytes_by_dtype": weight_bytes_by_dtype(program), "count": len(program.weights)},
+        "kernels": program.meta.get("kernels", []),
+    }
+    for key in ("precision_policy", "memory_per_gpu", "schedule", "cost_summary"):
+        if key in program.meta:
+            plan[key] = program.meta[key]
+    return plan
+
+
+def _n(x) -> str:
+    """An integer with thousands separators."""
+    return f"{x:,}"
+
+
+def report_text(plan: dict) -> str:
+    """report.txt: the plan as tables (no run-dependent values)."""
+    m = plan["model"]
+    p = m["params"]
+    sections = [
+        ("Model", [["name", m["name"]], ["mode", plan["mode"]], ["shapes", json.dumps(plan["shapes"])]]),
+        ("Parameters", [[k, _n(p[k])] for k in ("total", "main", "mtp", "activated_per_token")]),
+        ("Parameters by component", [[k, _n(v)] for k, v in p["by_component"].items()]),
+        ("FLOPs per token (MTP included; train = forward + backward)", [[k, _n(v)] for k, v in m["flops_per_token"].items()]),
+        ("KV cache bytes per token (all layers)", [[k, _n(v)] for k, v in m["kv_cache_bytes_per_token"].items()]),
+        ("Target", [[k, v] for k, v in plan["target"].items()]),
+        (
+            "Passes",
+            [[r["name"], _n(r["nodes_before"]), _n(r["nodes_after"]), _top_counters(r["stats"])] for r in plan["passes"]],
+            ["pass", "nodes before", "nodes after", "counters"],
+        ),
+        ("Weight bytes by dtype", [[k, _n(v)] for k, v in plan["weights"]["bytes_by_dtype"].items()]),
+    ]
+    if "precision_policy" in plan:
+        sections.append(("Precision policy", [[k, v] for k, v in plan["precision_policy"].items()]))
+    if plan["kernels"]:
+        rows = [[k["name"], k["op"], k["arch"], k["num_warps"], k["num_stages"], k["shared_bytes"]] for k in plan["kernels"]]
+        sections.append(("Kernels", rows, ["kernel", "op", "arch", "warps", "stages", "shared bytes"]))
+    parts = [f"dsv3c {plan['dsv3c_version']} — {m['name']} for {plan['target']['name']}\n"]
+    for title, rows, *headers in sections:
+        parts.append(f"{title}\n{tabulate(rows, headers=headers[0] if headers else (), disable_numparse=True)}\n")
+    return "\n".join(parts)
+
+
+def _top_counters(stats: dict, n: int = 4) -> str:
+    """The first n scalar counters of a pass's stats, as 'k=v' pairs."""
+    items = [(k, v) for k, v in stats.items() if isinstance(v, (int, float, str, bool))][:n]
+    return ", ".join(f"{k}={v}" for k, v in items)
+
+
+def write_report(plan: dict, directory: Path) -> None:
+    """Write plan.json and report.txt into directory."""
+    (directory / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    (directory / "report.txt").write_text(report_text(plan))

@@ -1,0 +1,37 @@
+"""The pass registry: every pass by name with its one-line contract, and the default order."""
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Pass:
+    """A named rewrite (program, context) → (program, stats) and the dsv3 ops it adds or removes."""
+
+    name: str
+    fn: Callable
+    contract: str
+    adds: frozenset = field(default_factory=frozenset)
+    removes: frozenset = field(default_factory=frozenset)
+
+
+REGISTRY: dict[str, Pass] = {}
+
+# dsv3 ops the captured graph may contain; passes move this set forward.
+CAPTURED_OPS = frozenset({"rms_norm", "rope", "swiglu", "moe_gate", "moe_experts", "mla_attention"})
+
+
+def register(name: str, contract: str, adds=(), removes=()):
+    """Decorator: register fn as pass `name`."""
+
+    def wrap(fn):
+        REGISTRY[name] = Pass(name, fn, contract, frozenset(adds), frozenset(removes))
+        return fn
+
+    return wrap
+
+
+def default_pipeline() -> list[str]:
+    """The default pass order for a compile, limited to the passes that exist."""
+    order = ["dce", "mla_fuse", "fp8_quant", "cost", "lower_triton"]
+    return [name for name in order if name in REGISTRY]
