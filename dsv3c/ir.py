@@ -39,18 +39,50 @@ class Program:
 
     def fake_mode(self):
         """The fake-tensor mode the graph's meta['val'] values live in."""
-        return detect_fake_mode([n.meta["val"] for n in self.placeholders() if "val" in n.meta])
+        if "_fake_mode" not in self.__dict__:
+            self._fake_mode = detect_fake_mode([n.meta["val"] for n in self.placeholders() if "val" in n.meta])
+        return self._fake_mode
 
     def add_weight(self, name: str, value: torch.Tensor) -> fx.Node:
         """Add a weight placeholder (before the first placeholder) holding value; returns its node."""
-        if name in self.weights or any(n.name == name for n in self.graph.nodes):
-            raise ValueError(f"weight name '{name}' is taken")
         first = next(iter(self.graph.nodes))
         with self.graph.inserting_before(first):
-            node = self.graph.placeholder(name)
+            node = self.graph.placeholder(name)  # fx makes the name unique if it is taken
         node.meta["val"] = self.fake_mode().from_tensor(value, static_shapes=True)
-        self.weights[name] = value
+        self.weights[node.name] = value
         return node
+
+    def call(self, target, args: tuple, like: fx.Node, kwargs: dict | None = None) -> fx.Node:
+        """Insert target(*args) at the graph's insert point, with meta['val'] derived and like's module stack."""
+        node = self.graph.call_function(target, tuple(args), kwargs or {})
+        vals = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["val"])
+        with self.fake_mode():
+            node.meta["val"] = target(*vals[0], **vals[1])
+        node.meta["nn_module_stack"] = dict(like.meta.get("nn_module_stack") or {})
+        return node
+
+    def add_input(self, name: str, example: torch.Tensor, before: str) -> fx.Node:
+        """Add a user-input placeholder shaped like example, placed (and listed) just before input `before`."""
+        anchor = next(n for n in self.placeholders() if n.name == before)
+        with self.graph.inserting_before(anchor):
+            node = self.graph.placeholder(name)
+        node.meta["val"] = self.fake_mode().from_tensor(example, static_shapes=True)
+        self.inputs.insert(self.inputs.index(before), name)
+        return node
+
+    def remove_input(self, name: str) -> None:
+        """Remove user-input placeholder `name`, which nothing may read any more."""
+        node = next(n for n in self.placeholders() if n.name == name)
+        self.graph.erase_node(node)
+        self.inputs.remove(name)
+
+    def set_output(self, old: str, new: str, value: fx.Node) -> None:
+        """Make output `old` return value instead, under the name new."""
+        out = next(n for n in self.graph.nodes if n.op == "output")
+        values = list(out.args[0])
+        values[self.outputs.index(old)] = value
+        out.args = (tuple(values),)
+        self.outputs[self.outputs.index(old)] = new
 
     def drop_unused_weights(self) -> list[str]:
         """Remove weight placeholders nothing reads; returns their names."""
