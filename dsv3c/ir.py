@@ -94,6 +94,14 @@ class Program:
                 dropped.append(n.name)
         return dropped
 
+    def weight_bytes_by_dtype(self) -> dict[str, int]:
+        """Bytes of the weights grouped by dtype name (FP8 block scales count as float32)."""
+        counts: dict[str, int] = {}
+        for value in self.weights.values():
+            key = str(value.dtype).replace("torch.", "")
+            counts[key] = counts.get(key, 0) + value.numel() * value.element_size()
+        return dict(sorted(counts.items()))
+
     def weight_fqn(self, name: str) -> str:
         """The module path of a weight placeholder (e.g. 'layers.5.self_attn.o_proj.weight')."""
         return self.meta.get("fqns", {}).get(name, name)

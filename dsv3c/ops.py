@@ -8,7 +8,7 @@ shapes and dtypes only, so the 671B model can be captured on meta tensors.
 import torch
 from torch import Tensor
 
-from dsv3c import ref
+from dsv3c import fp8, ref
 
 NAMESPACE = "dsv3"
 
@@ -130,6 +130,96 @@ def _(q_lat, q_pe, ckv, kpe, scale):
     return torch.empty_like(q_lat)
 
 
+# ---- FP8 (1x128 activation tiles, 128x128 weight blocks, E4M3, FP32 accumulation) -----
+
+
+@torch.library.custom_op("dsv3::act_quant", mutates_args=())
+def act_quant(x: Tensor, pow2_scale: bool = False) -> tuple[Tensor, Tensor]:
+    """x quantised to E4M3 per token per 128 channels: (xq, scale [..., ceil(K/128)] float32)."""
+    return fp8.act_quant(x, fp8.BLOCK, pow2_scale)
+
+
+@act_quant.register_fake
+def _(x, pow2_scale=False):
+    return torch.empty_like(x, dtype=fp8.FP8), x.new_empty((*x.shape[:-1], -(-x.shape[-1] // 128)), dtype=torch.float32)
+
+
+@torch.library.custom_op("dsv3::fp8_gemm", mutates_args=())
+def fp8_gemm(xq: Tensor, xs: Tensor, wq: Tensor, ws: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """Block-scaled FP8 GEMM y = x·wᵀ, FP32 accumulation promoted every 128 of K, output in out_dtype."""
+    return fp8.fp8_gemm(xq, xs, wq, ws, out_dtype)
+
+
+@fp8_gemm.register_fake
+def _(xq, xs, wq, ws, out_dtype):
+    return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("dsv3::fp8_linear", mutates_args=())
+def fp8_linear(x: Tensor, w: Tensor) -> Tensor:
+    """Training FP8 linear y = x·wᵀ: quantises x (1x128) and w (128x128) itself; Dgrad and Wgrad in FP8 too."""
+    return fp8.fp8_linear_forward(x, w, out_dtype=x.dtype)
+
+
+@fp8_linear.register_fake
+def _(x, w):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+def _fp8_linear_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _fp8_linear_backward(ctx, grad):
+    x, w = ctx.saved_tensors
+    dx, dw = fp8.fp8_linear_backward(grad, x, w)
+    return dx.to(x.dtype), dw.to(w.dtype)
+
+
+fp8_linear.register_autograd(_fp8_linear_backward, setup_context=_fp8_linear_setup)
+
+
+@torch.library.custom_op("dsv3::moe_experts_fp8", mutates_args=())
+def moe_experts_fp8(
+    x: Tensor, ids: Tensor, weights: Tensor, gq: Tensor, gs: Tensor, uq: Tensor, us: Tensor, dq: Tensor, ds: Tensor
+) -> Tensor:
+    """Routed experts with E4M3 stacked weights (w*q [E, N, K], w*s [E, ceil(N/128), ceil(K/128)])."""
+    packed = ((gq, gs), (uq, us), (dq, ds))
+
+    def gemm(xe, e, which):
+        wq, ws = packed[which]
+        xq, xs = fp8.act_quant(xe)
+        return fp8.fp8_gemm(xq, xs, wq[e], ws[e], x.dtype)
+
+    return ref.moe_experts(x, ids, weights, gq, uq, dq, ffn=lambda xe, e: gemm(ref.swiglu(gemm(xe, e, 0), gemm(xe, e, 1)), e, 2))
+
+
+
+@moe_experts_fp8.register_fake
+def _(x, ids, weights, gq, gs, uq, us, dq, ds):
+    return torch.empty_like(x)
+
+
+def _moe_experts_fp8_train_ref(x, ids, weights, w_gate, w_up, w_down):
+    """Routed experts whose GEMMs are FP8 linears (so their backward is FP8 too)."""
+    lin = torch.ops.dsv3.fp8_linear
+    return ref.moe_experts(
+        x, ids, weights, w_gate, w_up, w_down,
+        ffn=lambda xe, e: lin(ref.swiglu(lin(xe, w_gate[e]), lin(xe, w_up[e])), w_down[e]),
+    )  # fmt: skip
+
+
+@torch.library.custom_op("dsv3::moe_experts_fp8_train", mutates_args=())
+def moe_experts_fp8_train(x: Tensor, ids: Tensor, weights: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
+    """Training routed experts: master weights, every expert GEMM an FP8 linear with FP8 Dgrad/Wgrad."""
+    return _moe_experts_fp8_train_ref(x, ids, weights, w_gate, w_up, w_down)
+
+
+@moe_experts_fp8_train.register_fake
+def _(x, ids, weights, w_gate, w_up, w_down):
+    return torch.empty_like(x)
+
+
 _with_autograd(rms_norm, ref.rms_norm, 2)
 _with_autograd(rope, ref.rope, 3)
 _with_autograd(swiglu, ref.swiglu, 2)
@@ -137,6 +227,7 @@ _with_autograd(moe_gate, ref.moe_gate, 3)
 _with_autograd(moe_experts, ref.moe_experts, 6)
 _with_autograd(mla_attention, ref.mla_attention, 3)
 _with_autograd(latent_attention, ref.latent_attention, 4)
+_with_autograd(moe_experts_fp8_train, _moe_experts_fp8_train_ref, 6)
 
 
 def op_name(target) -> str | None:

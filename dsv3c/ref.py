@@ -66,8 +66,12 @@ def moe_experts(
     w_gate: torch.Tensor,
     w_up: torch.Tensor,
     w_down: torch.Tensor,
+    ffn=None,
 ) -> torch.Tensor:
-    """Routed experts: Σ_j g[t,j] · down_e(silu(gate_e(x_t)) ⊙ up_e(x_t)) with e = ids[t,j]; x [T, D], w_* [E, ...]."""
+    """Routed experts: Σ_j g[t,j] · down_e(silu(gate_e(x_t)) ⊙ up_e(x_t)) with e = ids[t,j]; x [T, D], w_* [E, ...].
+
+    ffn(xe, e) overrides how expert e's SwiGLU FFN is computed (the FP8 variants pass their own).
+    """
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     flat_ids = ids.reshape(-1)
     token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(ids.shape[1])
@@ -75,7 +79,7 @@ def moe_experts(
         rows = (flat_ids == e).nonzero().squeeze(-1)
         tokens = token_of[rows]
         xe = x[tokens]
-        he = swiglu(xe @ w_gate[e].t(), xe @ w_up[e].t()) @ w_down[e].t()
+        he = ffn(xe, e) if ffn else swiglu(xe @ w_gate[e].t(), xe @ w_up[e].t()) @ w_down[e].t()
         out.index_add_(0, tokens, he.float() * weights.reshape(-1)[rows, None].float())
     return out.to(x.dtype)
 

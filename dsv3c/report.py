@@ -1,20 +1,10 @@
 """Artifacts: plan.json (the machine-readable contract) and report.txt (the same as tables)."""
 
 import json
-from collections import Counter
 from pathlib import Path
 
 from tabulate import tabulate
 
-from dsv3c.costs import nbytes
-
-
-def weight_bytes_by_dtype(program) -> dict[str, int]:
-    """Bytes of the program's weights grouped by dtype name (FP8 scales count as float32)."""
-    counts = Counter()
-    for value in program.weights.values():
-        counts[str(value.dtype).replace("torch.", "")] += nbytes(value)
-    return dict(sorted(counts.items()))
 
 
 def build_plan(version, cfg, params, figures, target, mode, shapes, records, program) -> dict:
@@ -33,7 +23,7 @@ def build_plan(version, cfg, params, figures, target, mode, shapes, records, pro
         "mode": mode,
         "shapes": shapes,
         "passes": [r.to_dict() for r in records],
-        "weights": {"bytes_by_dtype": weight_bytes_by_dtype(program), "count": len(program.weights)},
+        "weights": {"bytes_by_dtype": program.weight_bytes_by_dtype(), "count": len(program.weights)},
         "kernels": program.meta.get("kernels", []),
     }
     for key in ("precision_policy", "memory_per_gpu", "schedule", "cost_summary"):

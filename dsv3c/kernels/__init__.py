@@ -1,0 +1,1 @@
+"""Triton kernels of dsv3c: one module per kernel family, each with launch() and aot_spec()."""

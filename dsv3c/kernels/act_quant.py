@@ -1,0 +1,91 @@
+"""1x128 activation quantisation to E4M3 (the `dsv3c.fp8.act_quant` op) as a Triton kernel.
+
+Tile: BLOCK_M rows x 128 channels per program; one float32 scale per row per 128 channels,
+scale = max(amax, 1e-4) / 448 (POW2: rounded up to a power of two), xq = e4m3(clamp(x / scale, ±448)).
+Divisions are correctly rounded (div_rn) so that the kernel matches the reference bit for bit.
+
+Triton's CPU interpreter mis-rounds float32 -> e4m3 (no carry into the exponent just below a
+power of two; triton-lang/triton#8322). Under the interpreter (constexpr EXACT, set by `launch`)
+the values are first rounded to nearest-even on the e4m3 grid in float32, so the cast is exact;
+compiled kernels use the hardware's round-to-nearest-even conversion instead.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+QUANT_BLOCK = 128
+_TL_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def e4m3_grid(q):
+    """float32 q (|q| <= 448) rounded to nearest-even on the e4m3 grid (normals: 3 mantissa bits; subnormals: 2^-9)."""
+    bits = q.to(tl.uint32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+    a = tl.abs(q)
+    sub = (a + 16384.0) - 16384.0  # float32's spacing at 2^14 is 2^-9: the add rounds to the subnormal grid
+    sub = tl.where(q < 0, -sub, sub)
+    return tl.where(a < 0.015625, sub, normal)
+
+
+@triton.jit
+def act_quant_kernel(x_ptr, y_ptr, s_ptr, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                     POW2: tl.constexpr, EXACT: tl.constexpr):
+    """1xBLOCK_K quantisation of a BLOCK_M x BLOCK_K tile of x [M, K] into y (e4m3) and s [M, ceil(K/BLOCK_K)]."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    offs = rows[:, None].to(tl.int64) * K + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1)
+    scale = tl.math.div_rn(tl.maximum(amax, 1e-4), 448.0)
+    if POW2:  # round up to a power of two (UE8M0): carry any mantissa bit into the exponent
+        scale = ((scale.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+    q = tl.math.div_rn(x, scale[:, None])
+    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    if EXACT:
+        q = e4m3_grid(q)
+    tl.store(y_ptr + offs, q.to(tl.float8e4nv), mask=mask)
+    tl.store(s_ptr + rows.to(tl.int64) * tl.cdiv(K, BLOCK_K) + pid_k, scale, mask=rows < M)
+
+
+def _block_m(m: int) -> int:
+    """Rows per program: a few rows of a small input, 32 otherwise."""
+    return min(32, triton.next_power_of_2(max(m, 1)))
+
+
+def launch(x: torch.Tensor, pow2_scale: bool = False, block_m: int | None = None):
+    """(xq e4m3 [..., K], scale float32 [..., ceil(K/128)]) = act_quant(x) on x's device."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    nkb = triton.cdiv(k, QUANT_BLOCK)
+    y = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(m, nkb, dtype=torch.float32, device=x.device)
+    bm = block_m or _block_m(m)
+    if m and k:
+        act_quant_kernel[(triton.cdiv(m, bm), nkb)](
+            x2, y, s, m, k, BLOCK_M=bm, BLOCK_K=QUANT_BLOCK, POW2=pow2_scale, EXACT=interpreting(), num_warps=4)
+    return y.reshape(x.shape), s.reshape(*x.shape[:-1], nkb)
+
+
+def aot_spec(m: int = 4096, k: int = 7168, dtype: torch.dtype = torch.bfloat16, pow2_scale: bool = False):
+    """AOTSpec of act_quant on x [m, k] of `dtype` (the 671B hidden size by default), contiguous."""
+    from dsv3c.triton_aot import AOTSpec
+
+    bm = _block_m(m)
+    sig = {"x_ptr": f"*{_TL_DTYPE[dtype]}", "y_ptr": "*fp8e4nv", "s_ptr": "*fp32", "M": "i32", "K": "i32"}
+    consts = {"BLOCK_M": bm, "BLOCK_K": QUANT_BLOCK, "POW2": pow2_scale, "EXACT": False}
+    div16 = ("x_ptr", "y_ptr", "s_ptr", "K") if k % 16 == 0 else ("x_ptr", "y_ptr", "s_ptr")
+    return AOTSpec(fn=act_quant_kernel, signature=sig, constexprs=consts, num_warps=4, num_stages=1,
+                   grid=(triton.cdiv(m, bm), triton.cdiv(k, QUANT_BLOCK), 1), divisible_by_16=div16)

@@ -1,0 +1,98 @@
+"""Block-scaled FP8 GEMM y = x·wᵀ (the `dsv3c.fp8.fp8_gemm` op) as a Triton kernel.
+
+x [M, K] e4m3 with 1x128 scales [M, ceil(K/128)], w [N, K] e4m3 with 128x128 scales
+[ceil(N/128), ceil(K/128)], y [M, N] bf16. Tile BLOCK_M x BLOCK_N (64 or 128 x 128), BLOCK_K =
+128: every K-iteration's tl.dot (4 WGMMAs of k32 on Hopper, accumulated in the tensor core's limited
+precision) is multiplied by x_scale ⊗ w_scale and added to an FP32 register accumulator; that
+is the promotion to FP32 every 128 elements of K. Ragged M, N, K are masked (zero-padded).
+
+Under the interpreter (constexpr EXACT) the FP32 result is rounded to nearest-even bf16 in
+float32 before the cast, because the interpreter truncates float32 -> bfloat16.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv3c.kernels.act_quant import interpreting
+
+BLOCK_K = 128
+
+
+@triton.jit
+def bf16_grid(y):
+    """float32 y rounded to nearest-even bfloat16, still held as float32."""
+    bits = y.to(tl.uint32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EXACT: tl.constexpr):
+    """One BLOCK_M x BLOCK_N tile of c = (a ⊙ a_s)·(b ⊙ b_s)ᵀ; a scaled 1x128, b scaled in 128x128 blocks."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    nkb = tl.cdiv(K, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
+    b_ptrs = b_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+    as_ptrs = as_ptr + offs_m.to(tl.int64) * nkb
+    bs_ptrs = bs_ptr + (offs_n // BLOCK_K) * nkb
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, nkb):
+        mask_k = offs_k < K - kb * BLOCK_K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        a_s = tl.load(as_ptrs + kb, mask=mask_m, other=0.0)
+        b_s = tl.load(bs_ptrs + kb, mask=mask_n, other=0.0)
+        # A fresh dot per 128 of K, scaled and added in FP32: the promotion out of the tensor core.
+        acc += tl.dot(a, tl.trans(b)) * (a_s[:, None] * b_s[None, :])
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    if EXACT:
+        acc = bf16_grid(acc)
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(tl.bfloat16), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _tiles(m: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): 64-row tiles for few tokens, 128 otherwise."""
+    return (64, 128, 4, 4) if m <= 64 else (128, 128, 8, 3)
+
+
+def launch(xq, xs, wq, ws, block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+    """y [..., N] bf16 = fp8_gemm(xq, xs, wq, ws) on the inputs' device."""
+    k = xq.shape[-1]
+    n = wq.shape[0]
+    a = xq.reshape(-1, k).contiguous()
+    a_s = xs.reshape(-1, xs.shape[-1]).contiguous()
+    m = a.shape[0]
+    bm, bn, warps, stages = _tiles(m)
+    bm, bn = block_m or bm, block_n or bn
+    c = torch.empty(m, n, dtype=torch.bfloat16, device=xq.device)
+    if m and n:
+        if k == 0:
+            c.zero_()
+        else:
+            fp8_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+                a, a_s, wq.contiguous(), ws.contiguous(), c, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K,
+                EXACT=interpreting(), num_warps=warps, num_stages=stages)
+    return c.reshape(*xq.shape[:-1], n)
+
+
+def aot_spec(m: int = 4096, n: int = 7168, k: int = 2048):
+    """AOTSpec of the FP8 GEMM [m, k]·[n, k]ᵀ -> [m, n] bf16 (an expert's down-projection shape by default)."""
+    from dsv3c.triton_aot import AOTSpec
+
+    bm, bn, warps, stages = _tiles(m)
+    sig = {"a_ptr": "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv", "bs_ptr": "*fp32", "c_ptr": "*bf16",
+           "M": "i32", "N": "i32", "K": "i32"}
+    consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": BLOCK_K, "EXACT": False}
+    div16 = ("a_ptr", "as_ptr", "b_ptr", "bs_ptr", "c_ptr") + tuple(
+        d for d, v in (("M", m), ("N", n), ("K", k)) if v % 16 == 0)
+    return AOTSpec(fn=fp8_gemm_kernel, signature=sig, constexprs=consts, num_warps=warps, num_stages=stages,
+                   grid=(triton.cdiv(m, bm), triton.cdiv(n, bn), 1), divisible_by_16=div16)

@@ -1,0 +1,100 @@
+"""Grouped block-scaled FP8 GEMM of the routed experts (the `dsv3c.fp8.grouped_fp8_gemm` op) as a Triton kernel.
+
+Tokens are sorted by expert: rows offsets[e]:offsets[e+1] of x [T, K] (e4m3, 1x128 scales
+[T, ceil(K/128)]) go through expert e's weight w[e] [N, K] (e4m3, 128x128 scales [E, ceil(N/128),
+ceil(K/128)]); y [T, N] bf16. Each expert's rows are cut into BLOCK_M-row tiles; program
+(t, j) finds the expert of its M tile t from the offsets (a prefix sum of per-expert tile counts,
+computed in-kernel, so the launch needs no host sync of the counts) and computes one
+BLOCK_M x BLOCK_N tile with BLOCK_K = 128, promoting each 128-K dot to FP32 like `fp8_gemm`.
+The grid's M extent, cdiv(T, BLOCK_M) + min(E, T), bounds the tile count; spare programs do no work.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv3c.kernels.act_quant import interpreting
+from dsv3c.kernels.fp8_gemm import BLOCK_K, bf16_grid
+
+
+@triton.jit
+def grouped_fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offsets_ptr, N, K, E, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
+                            EXACT: tl.constexpr):
+    """One BLOCK_M x BLOCK_N tile of c[rows of e] = (a ⊙ a_s)[rows of e]·(b[e] ⊙ b_s[e])ᵀ; e from offsets."""
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.arange(0, E_POW2)
+    lo = tl.load(offsets_ptr + e, mask=e < E, other=0)
+    hi = tl.load(offsets_ptr + e + 1, mask=e < E, other=0)
+    ntiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    tiles_end = tl.cumsum(ntiles, 0)
+    expert = tl.sum((tiles_end <= tile).to(tl.int32), 0)  # the first expert whose tiles reach past `tile`
+    mine = e == expert
+    row0 = tl.sum(tl.where(mine, lo + (tile - (tiles_end - ntiles)) * BLOCK_M, 0), 0)
+    row_end = tl.sum(tl.where(mine, hi, 0), 0)
+    nkb = tl.cdiv(K, BLOCK_K)
+    k_iters = tl.where(expert < E, nkb, 0)  # spare programs (tile past the last expert's) skip the loop
+
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < row_end  # row_end is 0 for a spare program
+    mask_n = offs_n < N
+    ex = tl.minimum(expert, E - 1).to(tl.int64)
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
+    b_ptrs = b_ptr + ex * N * K + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+    as_ptrs = as_ptr + offs_m.to(tl.int64) * nkb
+    bs_ptrs = bs_ptr + (ex * tl.cdiv(N, BLOCK_K) + offs_n // BLOCK_K) * nkb
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, k_iters):
+        mask_k = offs_k < K - kb * BLOCK_K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        a_s = tl.load(as_ptrs + kb, mask=mask_m, other=0.0)
+        b_s = tl.load(bs_ptrs + kb, mask=mask_n, other=0.0)
+        acc += tl.dot(a, tl.trans(b)) * (a_s[:, None] * b_s[None, :])
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    if EXACT:
+        acc = bf16_grid(acc)
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(tl.bfloat16), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _tiles(t: int, e: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): 64-row tiles when experts get few tokens each, else 128."""
+    return (64, 128, 4, 4) if t <= 64 * max(e, 1) else (128, 128, 8, 3)
+
+
+def launch(aq, a_scale, wq, ws, offsets, block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+    """y [T, N] bf16 = grouped_fp8_gemm(aq, a_scale, wq, ws, offsets); rows outside offsets[0]:offsets[E] are 0."""
+    t, k = aq.shape
+    n_exp, n = wq.shape[0], wq.shape[1]
+    bm, bn, warps, stages = _tiles(t, n_exp)
+    bm, bn = block_m or bm, block_n or bn
+    c = torch.zeros(t, n, dtype=torch.bfloat16, device=aq.device)
+    if t and n and k and n_exp:
+        grid = (triton.cdiv(t, bm) + min(n_exp, t), triton.cdiv(n, bn))
+        grouped_fp8_gemm_kernel[grid](
+            aq.contiguous(), a_scale.contiguous(), wq.contiguous(), ws.contiguous(), c,
+            offsets.to(device=aq.device, dtype=torch.int32).contiguous(), n, k, n_exp, BLOCK_M=bm, BLOCK_N=bn,
+            BLOCK_K=BLOCK_K, E_POW2=triton.next_power_of_2(n_exp), EXACT=interpreting(), num_warps=warps,
+            num_stages=stages)
+    return c
+
+
+def aot_spec(t: int = 4096 * 8, experts: int = 256, n: int = 4096, k: int = 7168):
+    """AOTSpec of the grouped FP8 GEMM of t sorted tokens over `experts` weights [n, k] (671B gate_up by default)."""
+    from dsv3c.triton_aot import AOTSpec
+
+    bm, bn, warps, stages = _tiles(t, experts)
+    sig = {"a_ptr": "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv", "bs_ptr": "*fp32", "c_ptr": "*bf16",
+           "offsets_ptr": "*i32", "N": "i32", "K": "i32", "E": "i32"}
+    consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": BLOCK_K, "E_POW2": triton.next_power_of_2(experts),
+              "EXACT": False}
+    div16 = ("a_ptr", "as_ptr", "b_ptr", "bs_ptr", "c_ptr", "offsets_ptr") + tuple(
+        d for d, v in (("N", n), ("K", k)) if v % 16 == 0)
+    return AOTSpec(fn=grouped_fp8_gemm_kernel, signature=sig, constexprs=consts, num_warps=warps,
+                   num_stages=stages, grid=(triton.cdiv(t, bm) + min(experts, t), triton.cdiv(n, bn), 1),
+                   divisible_by_16=div16)

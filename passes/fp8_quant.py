@@ -1,0 +1,153 @@
+"""fp8_quant: DeepSeek-V3's FP8 recipe — block-scaled E4M3 GEMMs where the precision policy says so.
+
+Prefill/decode: before each FP8 GEMM a `dsv3.act_quant` (1x128 tiles), the weight stored as E4M3 with
+one float32 scale per 128x128 block (the checkpoint's `weight_scale_inv`), and `dsv3.fp8_gemm`
+(FP32 accumulation promoted every 128 of K). Training keeps master weights: `dsv3.fp8_linear`
+quantises in the op and runs Fprop, Dgrad and Wgrad in FP8.
+"""
+
+import operator
+from collections import Counter
+
+import torch
+from torch import fx
+
+import dsv3c.ops  # noqa: F401  (registers torch.ops.dsv3)
+from dsv3c import fp8
+from dsv3c.ir import PassContext, Program, module_path
+from passes.registry import register
+
+aten, dsv3 = torch.ops.aten, torch.ops.dsv3
+
+# The DeepSeek-V3 recipe: FP8 for the big linear GEMMs; embedding, head, router, norms, attention core
+# and the MTP projection stay in BF16/FP32. Override per component with options['precision'].
+DEFAULT_POLICY = {
+    "attention_proj": "fp8",
+    "dense_mlp": "fp8",
+    "shared_experts": "fp8",
+    "routed_experts": "fp8",
+    "embedding": "bf16",
+    "lm_head": "bf16",
+    "router": "fp32",
+    "norms": "fp32",
+    "attention_core": "bf16",
+    "mtp_eh_proj": "bf16",
+}
+
+
+class PolicyError(ValueError):
+    """A precision override names an unknown component or a dtype the component cannot take."""
+
+
+def resolve_policy(overrides: dict | None) -> dict:
+    """The default policy with user overrides applied (only GEMM components may switch to/from fp8)."""
+    policy = dict(DEFAULT_POLICY)
+    for component, dtype in (overrides or {}).items():
+        if component not in policy:
+            raise PolicyError(f"unknown precision component '{component}' (known: {', '.join(policy)})")
+        switchable = component in ("attention_proj", "dense_mlp", "shared_experts", "routed_experts", "lm_head", "mtp_eh_proj")
+        if dtype not in ("fp8", "bf16") or (dtype == "fp8" and not switchable):
+            raise PolicyError(f"precision '{component}={dtype}' is not supported")
+        policy[component] = dtype
+    return policy
+
+
+def component_of(node: fx.Node) -> str | None:
+    """The precision-policy component of a linear node, from its module path."""
+    path = module_path(node)
+    if ".self_attn" in path:
+        return "attention_proj"
+    if ".mlp.shared_experts" in path:
+        return "shared_experts"
+    if ".mlp." in path and path.startswith("layers."):
+        return "dense_mlp"
+    if path.startswith("mtp.") and ".block.mlp." in path:
+        return "dense_mlp"
+    if path.endswith("eh_proj"):
+        return "mtp_eh_proj"
+    if path == "lm_head":
+        return "lm_head"
+    return None
+
+
+def _quantised_weight(program: Program, cache: dict, node: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """(E4M3 weight, block-scale) placeholders for a weight placeholder, made once per weight."""
+    if node not in cache:
+        w = program.weights[node.name]
+        if w.is_meta:
+            lead, (n, k) = w.shape[:-2], w.shape[-2:]
+            wq = torch.empty(w.shape, dtype=fp8.FP8, device="meta")
+            ws = torch.empty(*lead, -(-n // 128), -(-k // 128), dtype=torch.float32, device="meta")
+        elif w.dim() == 2:
+            wq, ws = fp8.weight_quant(w)
+        else:  # stacked experts [E, N, K]
+            pairs = [fp8.weight_quant(w[e]) for e in range(w.shape[0])]
+            wq, ws = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        cache[node] = (program.add_weight(f"{node.name}_e4m3", wq), program.add_weight(f"{node.name}_scale_inv", ws))
+    return cache[node]
+
+
+def _lower_linear(program: Program, node: fx.Node, cache: dict) -> None:
+    """One linear → FP8: fp8_linear (train) or act_quant + fp8_gemm (inference)."""
+    x, w = node.args[:2]
+    with program.graph.inserting_before(node):
+        if program.mode == "train":
+            y = program.call(dsv3.fp8_linear.default, (x, w), like=node)
+        else:
+            wq, ws = _quantised_weight(program, cache, w)
+            q = program.call(dsv3.act_quant.default, (x,), like=node)
+            xq = program.call(operator.getitem, (q, 0), like=node)
+            xs = program.call(operator.getitem, (q, 1), like=node)
+            y = program.call(dsv3.fp8_gemm.default, (xq, xs, wq, ws, node.meta["val"].dtype), like=node)
+    node.replace_all_uses_with(y)
+    program.graph.erase_node(node)
+
+
+def _lower_experts(program: Program, node: fx.Node, cache: dict) -> None:
+    """Routed experts → FP8: moe_experts_fp8_train (master weights) or moe_experts_fp8 (E4M3 weights)."""
+    x, ids, weights, wg, wu, wd = node.args
+    with program.graph.inserting_before(node):
+        if program.mode == "train":
+            y = program.call(dsv3.moe_experts_fp8_train.default, node.args, like=node)
+        else:
+            packed = [n for w in (wg, wu, wd) for n in _quantised_weight(program, cache, w)]
+            y = program.call(dsv3.moe_experts_fp8.default, (x, ids, weights, *packed), like=node)
+    node.replace_all_uses_with(y)
+    program.graph.erase_node(node)
+
+
+@register(
+    "fp8_quant",
+    "puts the GEMMs the precision policy names in FP8: 1x128 activation tiles, 128x128 E4M3 weight blocks, "
+    "FP32 accumulation; the function changes within FP8 rounding",
+    adds=["act_quant", "fp8_gemm", "fp8_linear", "moe_experts_fp8", "moe_experts_fp8_train"],
+)
+def fp8_quant(program: Program, ctx: PassContext):
+    """Rewrite every GEMM of an FP8 component; report the policy, counts and weight bytes before/after."""
+    policy = resolve_policy(ctx.options.get("precision"))
+    before = program.weight_bytes_by_dtype()
+    converted, cache = Counter(), {}
+    for node in list(program.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is aten.linear.default and len(node.args) == 2:
+            component = component_of(node)
+            if component and policy[component] == "fp8":
+                _lower_linear(program, node, cache)
+                converted[component] += 1
+        elif node.target is dsv3.moe_experts.default and policy["routed_experts"] == "fp8":
+            _lower_experts(program, node, cache)
+            converted["routed_experts"] += 1
+    program.drop_unused_weights()
+    program.recompile()
+    program.meta["precision_policy"] = policy
+    after = program.weight_bytes_by_dtype()
+    return program, {
+        "fp8_gemms": sum(converted.values()),
+        "weight_bytes_before": sum(before.values()),
+        "weight_bytes_after": sum(after.values()),
+        "converted": dict(sorted(converted.items())),
+        "weight_bytes_by_dtype_before": before,
+        "weight_bytes_by_dtype_after": after,
+    }
+
