@@ -62,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dir")
     i.add_argument("--diff", nargs=2, metavar=("A", "B"), help="diff two passes (names or numbers)")
     i.add_argument("--layer", type=int, help="restrict the diff to one layer")
+
+    r = sub.add_parser("run", help="run a small model's lowered graph (Triton kernels) and check it against eager")
+    rsrc = r.add_mutually_exclusive_group()
+    rsrc.add_argument("--model", default="tiny", help="built-in preset (default tiny)")
+    rsrc.add_argument("--config", help="an HF-format config.json instead of a preset")
+    r.add_argument("--checkpoint", help="HF-layout safetensors directory (default: random weights)")
+    r.add_argument("--mode", choices=["prefill", "decode"], default="prefill")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--batch", type=_positive)
+    r.add_argument("--seq", type=_positive)
+    r.add_argument("--kv-len", type=_positive)
+    r.add_argument("--target", default="h800x2048", help="target whose tile configs the lowering uses")
     return parser
 
 
@@ -141,12 +153,39 @@ def cmd_inspect(args, argv) -> int:
     return 0
 
 
-COMMANDS = {"compile": cmd_compile, "targets": cmd_targets, "passes": cmd_passes, "inspect": cmd_inspect}
+RUN_MAX_PARAMS = 2_000_000_000  # run holds real weights on one device
+
+
+def cmd_run(args, argv) -> int:
+    """dsv3c run: exit 0 when the lowered graph's logits are within the FP8 tolerance (dsv3c.executor), else 1."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():  # kernels run on Triton's CPU interpreter, which must be chosen first
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            raise UsageError("no GPU and triton was imported before TRITON_INTERPRET=1 could be set")
+        os.environ["TRITON_INTERPRET"] = "1"
+    from dsv3c.executor import run_model
+    from model_def import DeepseekV3
+    from model_def.counts import parameter_counts
+
+    cfg = _load_config(args)
+    total = parameter_counts(DeepseekV3(cfg, device="meta"))["total"]
+    if total > RUN_MAX_PARAMS:
+        raise UsageError(f"model {cfg.name} has {total:,} parameters; run executes small models only")
+    result = run_model(cfg, mode=args.mode, seed=args.seed, checkpoint=args.checkpoint, batch=args.batch,
+                       seq=args.seq, kv_len=args.kv_len, target=args.target)
+    print("\n".join(result.lines()))
+    return 0 if result.ok else 1
+
+
+COMMANDS = {"compile": cmd_compile, "targets": cmd_targets, "passes": cmd_passes, "inspect": cmd_inspect, "run": cmd_run}
 
 
 def _user_errors() -> tuple:
     """The exception types that mean bad input (one line, exit 2), not a bug."""
-    from dsv3c.capture import CaptureError
+    from dsv3c.exporter import CaptureError
     from dsv3c.driver import OutputError
     from dsv3c.dumpview import DumpError
     from dsv3c.pipeline import UnknownPassError

@@ -1,5 +1,6 @@
 """compile_model: config → capture → passes → artifacts, the whole compile as one function."""
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -11,12 +12,12 @@ import torch
 import passes
 import targets
 from dsv3c import __version__
-from dsv3c.capture import capture
+from dsv3c.exporter import capture, check_shapes
 from dsv3c.dumps import Dumper
 from dsv3c.ir import PassContext
 from dsv3c.pipeline import Printing, parse_pipeline, run_pipeline
 from dsv3c.report import build_plan, write_report
-from dsv3c.summary import model_figures
+from dsv3c.summary import REFERENCE_SHAPES, model_figures
 from model_def import DeepseekV3, ModelConfig
 from model_def.counts import parameter_counts
 
@@ -87,6 +88,7 @@ def compile_model(
     names = parse_pipeline(pipeline, passes.REGISTRY) if pipeline else passes.default_pipeline()
     if dump_mlir is not None and not 0 <= dump_mlir < cfg.num_hidden_layers:
         raise OutputError(f"--dump-mlir layer {dump_mlir} is out of range 0..{cfg.num_hidden_layers - 1}")
+    check_shapes(cfg, mode, **shapes)  # reject impossible shapes before anything is written
     out = Path(out or f"build/{tgt.name}-{mode}")
     staging = prepare_output(out)
     try:
@@ -103,7 +105,13 @@ def compile_model(
         records = run_pipeline(program, names, ctx, passes.REGISTRY, passes.CAPTURED_OPS, dumper, printing, progress, repro)
         stages["passes"] = time.perf_counter() - t1
         t2 = time.perf_counter()
-        figures = model_figures(cfg, passes.REGISTRY)
+        # the figures are per token at fixed reference shapes (decode: 4096 positions of context), which a
+        # model with a shorter context (the tiny preset: 4096) could not capture; max_position_embeddings
+        # only bounds positions and changes no shape, so lift it for the figures
+        need = max(s["seq"] + s["kv_len"] for s in REFERENCE_SHAPES.values())
+        figures = model_figures(
+            dataclasses.replace(cfg, max_position_embeddings=max(cfg.max_position_embeddings, need)), passes.REGISTRY
+        )
         stages["model_figures"] = time.perf_counter() - t2
         plan = build_plan(__version__, cfg, parameter_counts(model), figures, tgt, mode, shapes, records, program)
         write_report(plan, staging)

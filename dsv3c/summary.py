@@ -7,7 +7,7 @@ block of each kind (plus MTP) and the per-block costs are multiplied by the bloc
 
 import dataclasses
 
-from dsv3c.capture import capture
+from dsv3c.exporter import capture
 from dsv3c.costs import nbytes
 from dsv3c.ir import PassContext
 from model_def import ModelConfig

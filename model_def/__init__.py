@@ -3,11 +3,11 @@
 from model_def.config import ConfigError, ModelConfig
 from model_def.model import DeepseekV3, MTPModule
 
-__all__ = ["ConfigError", "ModelConfig", "DeepseekV3", "MTPModule", "load_checkpoint", "CheckpointError"]
+__all__ = ["ConfigError", "ModelConfig", "DeepseekV3", "MTPModule", "load_checkpoint", "save_checkpoint", "CheckpointError"]
 
 
 def __getattr__(name):
-    if name in ("load_checkpoint", "CheckpointError"):
+    if name in ("load_checkpoint", "save_checkpoint", "CheckpointError"):
         from model_def import checkpoint
 
         return getattr(checkpoint, name)

@@ -9,7 +9,7 @@ class ConfigError(ValueError):
     """A config that cannot describe a model; the message names the field."""
 
 
-_YARN_DEFAULTS = {"beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+_YARN_DEFAULTS = {"beta_fast": 32, "beta_slow": 1, "mscale": None, "mscale_all_dim": None}
 
 
 @dataclass
@@ -34,14 +34,14 @@ class ModelConfig:
     topk_group: int
     routed_scaling_factor: float
     norm_topk_prob: bool
-    scoring_func: str
-    topk_method: str
     first_k_dense_replace: int
     num_nextn_predict_layers: int
     max_position_embeddings: int
     rope_theta: float
     rms_norm_eps: float
     rope_scaling: dict | None = None
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
     num_key_value_heads: int | None = None
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
@@ -73,8 +73,8 @@ class ModelConfig:
         return scale
 
     def is_moe_layer(self, i: int) -> bool:
-        """Whether layer i (the MTP block included, at index num_hidden_layers) is an MoE layer."""
-        return i >= self.first_k_dense_replace and self.n_routed_experts > 0
+        """Whether layer i is an MoE layer; the MTP block (index >= num_hidden_layers) always is, as in V3."""
+        return self.n_routed_experts > 0 and (i >= self.first_k_dense_replace or i >= self.num_hidden_layers)
 
     # ---- construction -------------------------------------------------------------
 
@@ -195,7 +195,10 @@ class ModelConfig:
         return dict(sorted(d.items()))
 
 
-_OPTIONAL = {"rope_scaling", "num_key_value_heads", "tie_word_embeddings", "hidden_act", "quantization_config"}
+_OPTIONAL = {
+    "rope_scaling", "num_key_value_heads", "tie_word_embeddings", "hidden_act", "quantization_config", "scoring_func",
+    "topk_method",
+}  # fmt: skip
 _REQUIRED = {f.name for f in fields(ModelConfig)} - _OPTIONAL - {"name", "extra"}
 _FLOATS = {"routed_scaling_factor", "rope_theta", "rms_norm_eps"}
 _BOOLS = {"norm_topk_prob", "tie_word_embeddings"}

@@ -45,7 +45,8 @@ def yarn_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     def mscale(m):
         return 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
 
-    amplitude = mscale(y["mscale"]) / mscale(y["mscale_all_dim"]) if y["mscale"] and y["mscale_all_dim"] else 1.0
+    # cos/sin amplitude as transformers computes it (1.0 for V3, whose mscale == mscale_all_dim)
+    amplitude = mscale(y["mscale"]) / mscale(y["mscale_all_dim"]) if y["mscale"] and y["mscale_all_dim"] else mscale(1)
     return inv_freq.float(), amplitude
 
 

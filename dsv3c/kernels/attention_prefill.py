@@ -1,0 +1,157 @@
+"""Causal prefill attention (flash-style) for MLA's plain form: q/k 192 wide (128 nope + 64 rope), v 128 wide.
+
+o[b, i, h] = softmax_j(q[b, i, h]·k[b, j, h] · scale, j ≤ P + i) · v[b, j, h], with T = P + S keys of which
+the first P are a cached prefix (query i sits at absolute position P + i), as ref.mla_attention.
+
+A program owns BLOCK_M queries of one (sequence, head) and walks the key blocks in order with an online
+softmax in FP32 (base 2): first the blocks every query of the tile sees whole (no masking), then the
+diagonal blocks with the causal mask. The q/k head dim is split into two power-of-two chunks
+(192 = 128 + 64) so no tensor-core work is spent on padding; v's width is padded to a power of two.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv3c.kernels.rmsnorm import cast_out, interpreting, mma_operand
+
+_TL_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+@triton.jit
+def _attend(
+    acc, m_i, l_i, qa, qb, k_ptr, v_ptr, skt, svt, lo, hi, T, q_pos, qk_scale,
+    DQK: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr,
+):
+    """Folds key blocks [lo, hi) into the running (acc, m, l); masks causally and past T when MASKED."""
+    dt: tl.constexpr = k_ptr.dtype.element_ty
+    da = tl.arange(0, DA)
+    dv = tl.arange(0, BLOCK_DV)
+    for n0 in range(lo, hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < T
+        krow = k_ptr + n[:, None].to(tl.int64) * skt
+        ka = mma_operand(tl.load(krow + da[None, :], mask=nmask[:, None], other=0.0), dt, EXACT)
+        s = tl.dot(qa, tl.trans(ka))
+        if DB > 0:
+            db = DA + tl.arange(0, DB)
+            kb = tl.load(krow + db[None, :], mask=nmask[:, None] & (db < DQK)[None, :], other=0.0)
+            s = tl.dot(qb, tl.trans(mma_operand(kb, dt, EXACT)), s)
+        s = s * qk_scale
+        if MASKED:
+            s = tl.where((n[None, :] <= q_pos[:, None]) & nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + n[:, None].to(tl.int64) * svt + dv[None, :], mask=nmask[:, None] & (dv < DV)[None, :],
+                    other=0.0)
+        acc = tl.dot(mma_operand(p, dt, EXACT), mma_operand(v, dt, EXACT), acc * alpha[:, None])
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def prefill_attention_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, S, T, H, sm_scale,
+    sqb, sqs, sqh, skb, skt, skh, svb, svt, svh, sob, sos, soh,
+    DQK: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EXACT: tl.constexpr,
+):
+    """BLOCK_M queries of one (sequence, head): causal flash attention against the P cached + S new keys."""
+    pid_m = tl.program_id(0)
+    b = (tl.program_id(1) // H).to(tl.int64)
+    h = (tl.program_id(1) % H).to(tl.int64)
+    prefix = T - S
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = offs_m < S
+    q_pos = prefix + offs_m
+    dt: tl.constexpr = k_ptr.dtype.element_ty
+    qrow = q_ptr + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqs
+    da = tl.arange(0, DA)
+    qa = mma_operand(tl.load(qrow + da[None, :], mask=mmask[:, None], other=0.0), dt, EXACT)
+    qb = qa  # unused when DB == 0
+    if DB > 0:
+        db = DA + tl.arange(0, DB)
+        qb = mma_operand(tl.load(qrow + db[None, :], mask=mmask[:, None] & (db < DQK)[None, :], other=0.0), dt,
+                         EXACT)
+    qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x·log2 e)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    kb_ptr = k_ptr + b * skb + h * skh
+    vb_ptr = v_ptr + b * svb + h * svh
+    m_first = prefix + pid_m * BLOCK_M  # the tile's first query position: keys ≤ it are seen by every row
+    full_end = (tl.minimum(m_first + 1, T) // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(T, m_first + BLOCK_M)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, qa, qb, kb_ptr, vb_ptr, skt, svt, 0, full_end, T, q_pos, qk_scale,
+                            DQK, DV, DA, DB, BLOCK_DV, BLOCK_N, False, EXACT)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, qa, qb, kb_ptr, vb_ptr, skt, svt, full_end, hi, T, q_pos, qk_scale,
+                            DQK, DV, DA, DB, BLOCK_DV, BLOCK_N, True, EXACT)
+
+    out = acc / l_i[:, None]
+    dv = tl.arange(0, BLOCK_DV)
+    o = o_ptr + b * sob + h * soh + offs_m[:, None].to(tl.int64) * sos + dv[None, :]
+    tl.store(o, cast_out(out, o_ptr.dtype.element_ty, EXACT), mask=mmask[:, None] & (dv < DV)[None, :])
+
+
+def head_split(dqk: int) -> tuple[int, int]:
+    """(DA, DB): dqk as a power-of-two chunk DA ≤ dqk plus a padded power-of-two rest DB (0 if none), both ≥ 16."""
+    da = max(16, 1 << (dqk.bit_length() - 1))
+    rest = dqk - da
+    return da, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
+
+
+def default_config(dqk: int) -> dict:
+    """Tile sizes and launch options for H800/H100 (bf16, dqk ≤ 256)."""
+    return dict(block_m=128, block_n=64 if dqk <= 256 else 32, num_warps=8, num_stages=2)
+
+
+def launch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, block_m: int | None = None,
+    block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+) -> torch.Tensor:
+    """ref.mla_attention: o [B, S, H, DV] for q [B, S, H, DQK], k [B, T, H, DQK], v [B, T, H, DV], T ≥ S."""
+    bsz, s, h, dqk = q.shape
+    t, dv = k.shape[1], v.shape[-1]
+    assert dqk >= 16 and t >= s and k.shape == (bsz, t, h, dqk) and v.shape[:3] == (bsz, t, h)
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    cfg = default_config(dqk)
+    block_m = block_m or cfg["block_m"]
+    block_n = block_n or cfg["block_n"]
+    o = torch.empty((bsz, s, h, dv), dtype=q.dtype, device=q.device)
+    if o.numel() == 0:
+        return o
+    da, db = head_split(dqk)
+    grid = (triton.cdiv(s, block_m), bsz * h)
+    prefill_attention_kernel[grid](
+        q, k, v, o, s, t, h, float(scale), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+        DQK=dqk, DV=dv, DA=da, DB=db, BLOCK_DV=max(16, triton.next_power_of_2(dv)), BLOCK_M=block_m,
+        BLOCK_N=block_n, EXACT=interpreting(), num_warps=num_warps or cfg["num_warps"],
+        num_stages=num_stages or cfg["num_stages"],
+    )
+    return o
+
+
+def aot_spec(batch: int = 1, seq: int = 4096, heads: int = 128, dqk: int = 192, dv: int = 128,
+             dtype: torch.dtype = torch.bfloat16, block_m: int | None = None, block_n: int | None = None,
+             num_warps: int | None = None, num_stages: int | None = None):
+    """AOTSpec of causal prefill attention for [batch, seq, heads] with the 671B head dims (192 / 128)."""
+    from dsv3c.triton_aot import AOTSpec
+
+    t = _TL_DTYPE[dtype]
+    cfg = default_config(dqk)
+    block_m = block_m or cfg["block_m"]
+    da, db = head_split(dqk)
+    ptrs = ("q_ptr", "k_ptr", "v_ptr", "o_ptr")
+    sig = {p: f"*{t}" for p in ptrs}
+    sig.update({"S": "i32", "T": "i32", "H": "i32", "sm_scale": "fp32"})
+    strides = ("sqb", "sqs", "sqh", "skb", "skt", "skh", "svb", "svt", "svh", "sob", "sos", "soh")
+    sig.update({k: "i32" for k in strides})
+    consts = dict(DQK=dqk, DV=dv, DA=da, DB=db, BLOCK_DV=max(16, triton.next_power_of_2(dv)), BLOCK_M=block_m,
+                  BLOCK_N=block_n or cfg["block_n"], EXACT=False)
+    return AOTSpec(fn=prefill_attention_kernel, signature=sig, constexprs=consts,
+                   num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
+                   grid=(triton.cdiv(seq, block_m), batch * heads, 1), divisible_by_16=ptrs + strides)
