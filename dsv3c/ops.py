@@ -111,7 +111,7 @@ def _(x, ids, weights, w_gate, w_up, w_down):
 @torch.library.custom_op("dsv3::mla_attention", mutates_args=())
 def mla_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """Plain causal MLA attention core: q [B,S,H,dqk], k [B,T,H,dqk], v [B,T,H,dv] → [B,S,H,dv]."""
-    return ref.mla_attention(q, k, v, scale)
+    return ref.mla_attention(q, k, v, scale).contiguous()
 
 
 @mla_attention.register_fake
@@ -122,7 +122,7 @@ def _(q, k, v, scale):
 @torch.library.custom_op("dsv3::latent_attention", mutates_args=())
 def latent_attention(q_lat: Tensor, q_pe: Tensor, ckv: Tensor, kpe: Tensor, scale: float) -> Tensor:
     """Absorbed MLA attention against the latent cache: → o_lat [B, S, H, r]."""
-    return ref.latent_attention(q_lat, q_pe, ckv, kpe, scale)
+    return ref.latent_attention(q_lat, q_pe, ckv, kpe, scale).contiguous()
 
 
 @latent_attention.register_fake
