@@ -10,30 +10,11 @@ the values are first rounded to nearest-even on the e4m3 grid in float32, so the
 compiled kernels use the hardware's round-to-nearest-even conversion instead.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-QUANT_BLOCK = 128
-_TL_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-
-def interpreting() -> bool:
-    """Whether Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@triton.jit
-def e4m3_grid(q):
-    """float32 q (|q| <= 448) rounded to nearest-even on the e4m3 grid (normals: 3 mantissa bits; subnormals: 2^-9)."""
-    bits = q.to(tl.uint32, bitcast=True)
-    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
-    a = tl.abs(q)
-    sub = (a + 16384.0) - 16384.0  # float32's spacing at 2^14 is 2^-9: the add rounds to the subnormal grid
-    sub = tl.where(q < 0, -sub, sub)
-    return tl.where(a < 0.015625, sub, normal)
+from dsv3c.kernels.common import QUANT_BLOCK, TL_DTYPE, interpreting, round_e4m3
 
 
 @triton.jit
@@ -54,7 +35,7 @@ def act_quant_kernel(x_ptr, y_ptr, s_ptr, M, K, BLOCK_M: tl.constexpr, BLOCK_K: 
     q = tl.math.div_rn(x, scale[:, None])
     q = tl.minimum(tl.maximum(q, -448.0), 448.0)
     if EXACT:
-        q = e4m3_grid(q)
+        q = round_e4m3(q)
     tl.store(y_ptr + offs, q.to(tl.float8e4nv), mask=mask)
     tl.store(s_ptr + rows.to(tl.int64) * tl.cdiv(K, BLOCK_K) + pid_k, scale, mask=rows < M)
 
@@ -84,7 +65,7 @@ def aot_spec(m: int = 4096, k: int = 7168, dtype: torch.dtype = torch.bfloat16, 
     from dsv3c.triton_aot import AOTSpec
 
     bm = _block_m(m)
-    sig = {"x_ptr": f"*{_TL_DTYPE[dtype]}", "y_ptr": "*fp8e4nv", "s_ptr": "*fp32", "M": "i32", "K": "i32"}
+    sig = {"x_ptr": f"*{TL_DTYPE[dtype]}", "y_ptr": "*fp8e4nv", "s_ptr": "*fp32", "M": "i32", "K": "i32"}
     consts = {"BLOCK_M": bm, "BLOCK_K": QUANT_BLOCK, "POW2": pow2_scale, "EXACT": False}
     div16 = ("x_ptr", "y_ptr", "s_ptr", "K") if k % 16 == 0 else ("x_ptr", "y_ptr", "s_ptr")
     return AOTSpec(fn=act_quant_kernel, signature=sig, constexprs=consts, num_warps=4, num_stages=1,

@@ -13,9 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3c.kernels.rmsnorm import cast_out, interpreting, mma_operand
+from dsv3c.kernels.common import TL_DTYPE, cast_out, interpreting, mma_operand
 
-_TL_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @triton.jit
@@ -141,7 +140,7 @@ def aot_spec(batch: int = 1, seq: int = 4096, heads: int = 128, dqk: int = 192, 
     """AOTSpec of causal prefill attention for [batch, seq, heads] with the 671B head dims (192 / 128)."""
     from dsv3c.triton_aot import AOTSpec
 
-    t = _TL_DTYPE[dtype]
+    t = TL_DTYPE[dtype]
     cfg = default_config(dqk)
     block_m = block_m or cfg["block_m"]
     da, db = head_split(dqk)

@@ -14,16 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3c.kernels.act_quant import interpreting
+from dsv3c.kernels.common import interpreting, round_bf16
 
 BLOCK_K = 128
-
-
-@triton.jit
-def bf16_grid(y):
-    """float32 y rounded to nearest-even bfloat16, still held as float32."""
-    bits = y.to(tl.uint32, bitcast=True)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -54,7 +47,7 @@ def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, BLOCK_M: tl.co
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if EXACT:
-        acc = bf16_grid(acc)
+        acc = round_bf16(acc)
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(c_ptrs, acc.to(tl.bfloat16), mask=mask_m[:, None] & mask_n[None, :])
 

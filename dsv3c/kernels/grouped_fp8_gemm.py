@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3c.kernels.act_quant import interpreting
-from dsv3c.kernels.fp8_gemm import BLOCK_K, bf16_grid
+from dsv3c.kernels.common import interpreting, round_bf16
+from dsv3c.kernels.fp8_gemm import BLOCK_K
 
 
 @triton.jit
@@ -57,7 +57,7 @@ def grouped_fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offsets_ptr, N,
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if EXACT:
-        acc = bf16_grid(acc)
+        acc = round_bf16(acc)
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(c_ptrs, acc.to(tl.bfloat16), mask=mask_m[:, None] & mask_n[None, :])
 

@@ -18,11 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3c.kernels.rmsnorm import cast_out, interpreting, mma_operand
+from dsv3c.kernels.common import TL_DTYPE, cast_out, interpreting, mma_operand
 
 PAGE = 64
 LOG2E = 1.4426950408889634
-_TL_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @triton.jit
@@ -162,7 +161,7 @@ def aot_spec(batch: int = 128, heads: int = 128, max_len: int = 4096, dtype: tor
     """AOTSpec of the paged MLA decode kernel (the 671B latent shapes: 128 heads, 512 + 64) for one batch size."""
     from dsv3c.triton_aot import AOTSpec
 
-    t = _TL_DTYPE[dtype]
+    t = TL_DTYPE[dtype]
     sig = {"ql_ptr": f"*{t}", "qp_ptr": f"*{t}", "kv_ptr": f"*{t}", "bt_ptr": "*i32", "len_ptr": "*i32",
            "o_ptr": f"*{t}", "part_ptr": "*fp32", "lse_ptr": "*fp32", "H": "i32", "sm_scale": "fp32"}
     sig.update({k: "i32" for k in ("sql_b", "sql_h", "sqp_b", "sqp_h", "s_page", "s_tok", "sbt_b", "so_b", "so_h")})

@@ -9,9 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3c.kernels.rmsnorm import cast_out, interpreting
+from dsv3c.kernels.common import TL_DTYPE, cast_out, interpreting
 
-_TL_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @triton.jit
@@ -72,7 +71,7 @@ def aot_spec(tokens: int = 4096, heads: int = 128, d: int = 64, dtype: torch.dty
     """AOTSpec of RoPE on q_pe [1, tokens, heads, d] (the 671B query's rope part by default), contiguous."""
     from dsv3c.triton_aot import AOTSpec
 
-    t = _TL_DTYPE[dtype]
+    t = TL_DTYPE[dtype]
     block_h, block_half = _blocks(heads, d // 2)
     sig = {"x_ptr": f"*{t}", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "y_ptr": f"*{t}", "S": "i32", "H": "i32",
            "HALF": "i32"}

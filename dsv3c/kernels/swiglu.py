@@ -10,9 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3c.kernels.rmsnorm import cast_out, interpreting, quant_tiles
+from dsv3c.kernels.common import TL_DTYPE, cast_out, interpreting, quant_tiles
 
-_TL_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @triton.jit
@@ -104,7 +103,7 @@ def aot_spec(m: int = 4096, f: int = 2048, dtype: torch.dtype = torch.bfloat16, 
     """AOTSpec of (quant-fused) SwiGLU on [m, f] (an expert's width 2048 by default)."""
     from dsv3c.triton_aot import AOTSpec
 
-    t = _TL_DTYPE[dtype]
+    t = TL_DTYPE[dtype]
     bm, bf = _blocks(m, f, quant)
     if quant:
         sig = {"g_ptr": f"*{t}", "u_ptr": f"*{t}", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "M": "i32", "F": "i32",
