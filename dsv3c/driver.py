@@ -1,6 +1,5 @@
 """compile_model: config → capture → passes → artifacts, the whole compile as one function."""
 
-import dataclasses
 import os
 import shutil
 import tempfile
@@ -17,7 +16,7 @@ from dsv3c.dumps import Dumper
 from dsv3c.ir import PassContext
 from dsv3c.pipeline import Printing, parse_pipeline, run_pipeline
 from dsv3c.report import build_plan, write_report
-from dsv3c.summary import REFERENCE_SHAPES, model_figures
+from dsv3c.summary import model_figures
 from model_def import DeepseekV3, ModelConfig
 from model_def.counts import parameter_counts
 
@@ -36,6 +35,11 @@ DEFAULT_SHAPES = {
 def default_mode(target: targets.Target) -> str:
     """Training layout for clusters of 256 GPUs or more, else prefill."""
     return "train" if target.gpus >= 256 else "prefill"
+
+
+def missing_parents(out: Path) -> list[Path]:
+    """The ancestors of out that do not exist yet, innermost first."""
+    return [p for p in out.absolute().parents if not p.exists()]
 
 
 def prepare_output(out: Path) -> Path:
@@ -90,6 +94,7 @@ def compile_model(
         raise OutputError(f"--dump-mlir layer {dump_mlir} is out of range 0..{cfg.num_hidden_layers - 1}")
     check_shapes(cfg, mode, **shapes)  # reject impossible shapes before anything is written
     out = Path(out or f"build/{tgt.name}-{mode}")
+    created = missing_parents(out)
     staging = prepare_output(out)
     try:
         stages = {}
@@ -100,24 +105,21 @@ def compile_model(
         ctx = PassContext(target=tgt, mode=mode, options={**(options or {}), "out": str(staging)})
         dumper = Dumper(dump_dir, dump_mlir) if dump_dir else None
         if dumper:
-            dumper.write_pipeline(names, {"mode": mode, "target": tgt.name, **shapes})
+            dumper.write_pipeline(names, {"mode": mode, "target": tgt.name, **{k: v for k, v in shapes.items() if v}})
         t1 = time.perf_counter()
         records = run_pipeline(program, names, ctx, passes.REGISTRY, passes.CAPTURED_OPS, dumper, printing, progress, repro)
         stages["passes"] = time.perf_counter() - t1
         t2 = time.perf_counter()
-        # the figures are per token at fixed reference shapes (decode: 4096 positions of context), which a
-        # model with a shorter context (the tiny preset: 4096) could not capture; max_position_embeddings
-        # only bounds positions and changes no shape, so lift it for the figures
-        need = max(s["seq"] + s["kv_len"] for s in REFERENCE_SHAPES.values())
-        figures = model_figures(
-            dataclasses.replace(cfg, max_position_embeddings=max(cfg.max_position_embeddings, need)), passes.REGISTRY
-        )
+        figures = model_figures(cfg, passes.REGISTRY)
         stages["model_figures"] = time.perf_counter() - t2
         plan = build_plan(__version__, cfg, parameter_counts(model), figures, tgt, mode, shapes, records, program)
         write_report(plan, staging)
         publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for parent in created:  # directories this compile made for its output, innermost first
+            if parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
         raise
     plan["_stages"] = stages  # run-dependent timings for callers (bench/compile.py); not written to disk
     return plan

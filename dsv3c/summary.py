@@ -78,6 +78,10 @@ def cache_bytes_per_token(program, mult: dict, shapes: dict) -> int:
 
 def model_figures(cfg: ModelConfig, registry: dict) -> dict:
     """FLOPs per token for train (forward + backward), prefill and decode, and KV cache bytes per token."""
+    # max_position_embeddings only bounds positions and changes no shape: lift it so that a model with
+    # a shorter context (the tiny preset) can be measured at the reference shapes too
+    need = max(s["seq"] + s["kv_len"] for s in REFERENCE_SHAPES.values())
+    cfg = dataclasses.replace(cfg, max_position_embeddings=max(cfg.max_position_embeddings, need))
     figures = {mode: mode_figures(cfg, mode, registry) for mode in ("train", "prefill", "decode")}
     kv = {"naive": figures["decode"]["kv_naive"]}
     if "kv_latent" in figures["decode"]:

@@ -12,6 +12,7 @@ import operator
 
 import torch
 from torch import fx
+from torch.utils.checkpoint import CheckpointPolicy
 
 import targets
 import dsv3c.ops  # noqa: F401  (registers torch.ops.dsv3)
@@ -138,6 +139,8 @@ def _make_cache_latent(program: Program, block: str, roles: dict, absorbed: bool
     """Cache c^KV (normed) and k^R instead of K and V, attend plain or absorbed; returns the stale inputs."""
     i = cache_index(program, block)
     ckv, kpe = roles["kv_a_layernorm"], roles["k_pe"]
+    if f"cache_{i}_k" not in program.outputs:  # already latent (the pass ran before)
+        return []
     program.set_output(f"cache_{i}_k", f"cache_{i}_ckv", ckv)
     program.set_output(f"cache_{i}_v", f"cache_{i}_kpe", kpe)
     past = None
@@ -219,7 +222,7 @@ def _mark_recompute(program: Program, blocks: int) -> int:
             node.target is aten.linear.default and path.endswith(("self_attn.q_b_proj", "self_attn.kv_b_proj"))
         )
         if recompute and (path.startswith("layers.") or path.startswith("mtp.")):
-            node.meta["recompute"] = True
+            node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE  # the key torch's partitioner reads
             saved += nbytes(node.meta["val"])
     shapes = program.meta["shapes"]
     return saved // (shapes["batch"] * shapes["seq"] * blocks)

@@ -1,0 +1,361 @@
+"""The pass pipeline: verification catches broken graphs, pipelines replay, failures are reported, figures extrapolate.
+
+Uses the tiny preset only; every capture is a few tenths of a second after the first.
+"""
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from torch import fx
+
+import dsv3c
+import dsv3c.driver as driver
+import passes
+import targets
+from dsv3c.ir import PassContext
+from dsv3c.ops import op_name
+from dsv3c.pipeline import PipelineError, run_pipeline
+from dsv3c.summary import mode_figures, reduced_config
+from dsv3c.verify import VerificationError, verify
+from model_def import ModelConfig
+
+TINY = ModelConfig.preset("tiny")
+SHAPES = {
+    "train": {"batch": 1, "seq": 8, "kv_len": 0},
+    "prefill": {"batch": 1, "seq": 8, "kv_len": 0},
+    "decode": {"batch": 1, "seq": 1, "kv_len": 8},
+}
+
+
+@pytest.fixture(scope="module")
+def train_program():
+    """The tiny model captured for training, once per module (tests deep-copy it)."""
+    return dsv3c.capture(TINY, "train", 1, 8)
+
+
+@pytest.fixture(scope="module")
+def programs(train_program):
+    """The tiny model captured in each mode."""
+    return {"train": train_program, **{m: dsv3c.capture(TINY, m, **SHAPES[m]) for m in ("prefill", "decode")}}
+
+
+def test_deepcopy_is_independent(train_program):
+    """Breaking a copy leaves the fixture intact (the property tests below rely on it)."""
+    program = copy.deepcopy(train_program)
+    victim = next(n for n in program.graph.nodes if n.op == "call_function")
+    victim.meta["val"] = _reshaped(program, victim.meta["val"])
+    with pytest.raises(VerificationError):
+        verify(program, passes.CAPTURED_OPS)
+    verify(train_program, passes.CAPTURED_OPS)
+
+
+# ---- verification catches every kind of breakage and names the node ------------------------------------
+
+BREAKAGES = ("shape", "dtype", "no_val", "foreign_arg", "erased_arg", "later_arg", "illegal_op", "later_op",
+             "weight_shape", "weight_dtype")  # fmt: skip
+LATER_OPS = sorted({"latent_attention", "act_quant", "fp8_gemm", "fp8_linear"} - passes.CAPTURED_OPS)
+
+
+def _tensor_nodes(program) -> list[fx.Node]:
+    """call_function nodes whose meta['val'] is one tensor."""
+    return [n for n in program.graph.nodes if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)]
+
+
+def _reshaped(program, val: torch.Tensor, dtype=None) -> torch.Tensor:
+    """A fake tensor like val with one more element in its last dim (or a new dim), or another dtype."""
+    shape = list(val.shape)
+    if dtype is None:
+        shape = shape[:-1] + [shape[-1] + 1] if shape else [1]
+    with program.fake_mode():
+        return torch.empty(shape, dtype=dtype or val.dtype, device=val.device)
+
+
+def _other_dtype(dtype: torch.dtype) -> torch.dtype:
+    """A dtype different from dtype."""
+    return torch.float32 if dtype != torch.float32 else torch.bfloat16
+
+
+def _break(program, kind: str, data) -> tuple[str, set | None]:
+    """Break program in place; returns the name the error must mention and the legal op set to verify with."""
+    graph = program.graph
+    legal = set(passes.CAPTURED_OPS)
+    if kind in ("shape", "dtype", "no_val"):
+        victim = data.draw(st.sampled_from(_tensor_nodes(program)), label="victim")
+        val = victim.meta["val"]
+        if kind == "no_val":
+            del victim.meta["val"]
+        else:
+            victim.meta["val"] = _reshaped(program, val, _other_dtype(val.dtype) if kind == "dtype" else None)
+        return victim.name, legal
+    if kind in ("foreign_arg", "erased_arg", "later_arg"):
+        candidates = [n for n in graph.nodes if n.op == "call_function" and n.all_input_nodes]
+        victim = data.draw(st.sampled_from(candidates), label="victim")
+        old = victim.all_input_nodes[0]
+        if kind == "foreign_arg":  # a node of another graph
+            other = fx.Graph()
+            new = other.placeholder(old.name + "_elsewhere")
+        elif kind == "erased_arg":  # a node that was erased while the victim still reads it
+            with graph.inserting_before(victim):
+                new = graph.call_function(torch.ops.aten.clone.default, (old,))
+            new.meta["val"] = old.meta.get("val")
+        else:  # a node defined after its user
+            with graph.inserting_after(victim):
+                new = graph.call_function(torch.ops.aten.clone.default, (old,))
+            new.meta["val"] = old.meta.get("val")
+        victim.replace_input_with(old, new)
+        if kind == "erased_arg":
+            new.users.clear()
+            graph.erase_node(new)
+        return victim.name, legal
+    if kind == "illegal_op":  # a captured dsv3 op that is no longer legal: its first node is named
+        dsv3_nodes = [n for n in graph.nodes if n.op == "call_function" and op_name(n.target)]
+        victim = data.draw(st.sampled_from(dsv3_nodes), label="victim")
+        first = next(n for n in dsv3_nodes if op_name(n.target) == op_name(victim.target))
+        return first.name, legal - {op_name(victim.target)}
+    if kind == "later_op":  # a node calling a dsv3 op that only later passes may introduce
+        victim = data.draw(st.sampled_from([n for n in graph.nodes if n.op == "call_function"]), label="victim")
+        later = [getattr(torch.ops.dsv3, name).default for name in LATER_OPS]
+        victim.target = data.draw(st.sampled_from(later), label="op")
+        return victim.name, legal
+    # weight_shape / weight_dtype: the tensor held for a placeholder disagrees with its meta['val']
+    name = data.draw(st.sampled_from(sorted(program.weights)), label="weight")
+    value = program.weights[name]
+    if kind == "weight_shape":
+        shape = list(value.shape)
+        shape = shape[:-1] + [shape[-1] + 1] if shape else [2]
+        program.weights[name] = torch.empty(shape, dtype=value.dtype, device=value.device)
+    else:
+        program.weights[name] = torch.empty(value.shape, dtype=_other_dtype(value.dtype), device=value.device)
+    return name, legal
+
+
+@settings(max_examples=40)
+@given(kind=st.sampled_from(BREAKAGES), data=st.data())
+def test_verify_catches_breakage_and_names_node(train_program, kind, data):
+    program = copy.deepcopy(train_program)
+    name, legal = _break(program, kind, data)
+    with pytest.raises(VerificationError) as err:
+        verify(program, legal)
+    assert f"'{name}'" in str(err.value), (kind, name, str(err.value))
+
+
+@pytest.mark.parametrize("mode", ["train", "prefill", "decode"])
+def test_unmodified_graph_verifies_through_default_pipeline(programs, mode):
+    """Capture output verifies, and stays valid after every pass of the default pipeline (checked per pass)."""
+    program = copy.deepcopy(programs[mode])
+    verify(program, passes.CAPTURED_OPS)
+    ctx = PassContext(targets.get_target("h800x8"), mode)
+    records = run_pipeline(program, passes.default_pipeline(), ctx, passes.REGISTRY, passes.CAPTURED_OPS)
+    assert [r.name for r in records] == passes.default_pipeline()
+    assert all(r.nodes_after > 0 for r in records)
+
+
+# ---- pipelines replay from pipeline.txt ------------------------------------------------------------------
+
+
+@pytest.fixture
+def fast_compile(monkeypatch):
+    """compile_model with capture and model figures memoised (both are independent of the pass list)."""
+    real_capture, real_figures = driver.capture, driver.model_figures
+    captured = {}
+
+    def capture(cfg, mode, model=None, **shapes):
+        key = (cfg.name, mode, tuple(sorted(shapes.items())))
+        if key not in captured:
+            captured[key] = real_capture(cfg, mode, model=model, **shapes)
+        return copy.deepcopy(captured[key])
+
+    monkeypatch.setattr(driver, "capture", capture)
+    figures = {}
+
+    def model_figures(cfg, registry):
+        if cfg.name not in figures:
+            figures[cfg.name] = real_figures(cfg, registry)
+        return copy.deepcopy(figures[cfg.name])
+
+    monkeypatch.setattr(driver, "model_figures", model_figures)
+    return driver.compile_model
+
+
+def _comparable(plan: dict) -> dict:
+    """The plan without run-dependent values (passes[*].seconds, _stages)."""
+    plan = json.loads(json.dumps({k: v for k, v in plan.items() if k != "_stages"}))
+    for record in plan["passes"]:
+        record.pop("seconds")
+    return plan
+
+
+def _compile_or_error(compile_model, names: str, mode: str, tmp, tag: str):
+    """(plan or None, error message or None) of a tiny compile."""
+    try:
+        plan = compile_model(TINY, target="h800x8", mode=mode, out=tmp / f"out-{tag}", pipeline=names,
+                             dump_dir=tmp / f"dump-{tag}", **SHAPES[mode])  # fmt: skip
+        return _comparable(plan), None
+    except PipelineError as e:
+        return None, str(e)
+
+
+@settings(max_examples=10, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(names=st.lists(st.sampled_from(sorted(passes.REGISTRY)), min_size=1, max_size=4),
+       mode=st.sampled_from(sorted(SHAPES)))  # fmt: skip
+@example(names=passes.default_pipeline(), mode="train")
+@example(names=passes.default_pipeline(), mode="prefill")
+@example(names=passes.default_pipeline(), mode="decode")
+def test_pipeline_txt_replays_identically(fast_compile, tmp_path_factory, names, mode):
+    tmp = tmp_path_factory.mktemp("replay")
+    first, first_error = _compile_or_error(fast_compile, ",".join(names), mode, tmp, "a")
+    lines = (tmp / "dump-a" / "pipeline.txt").read_text().splitlines()
+    assert lines[0] == ",".join(names)
+    options = dict(line.split("=", 1) for line in lines[1:])
+    assert options == {"mode": mode, "target": "h800x8", **{k: str(v) for k, v in SHAPES[mode].items() if v}}
+    second, second_error = _compile_or_error(fast_compile, lines[0], options["mode"], tmp, "b")
+    assert second_error == first_error
+    assert second == first
+    if first is not None:
+        assert [p["name"] for p in first["passes"]] == names
+        stems = sorted(p.name for p in (tmp / "dump-b").glob("*.stats.json"))
+        assert stems == [f"{i:02d}_{n}.stats.json" for i, n in enumerate(names, 1)]
+
+
+# ---- a failing pass is named, its input dumped, the reproducer printed -----------------------------------
+
+
+@pytest.fixture
+def bad_passes():
+    """Two temporary passes: 'test_boom' raises, 'test_corrupt' leaves a wrong meta['val']; removed afterwards."""
+
+    def boom(program, ctx):
+        raise RuntimeError("test pass exploded\nsecond line")
+
+    corrupted = []
+
+    def corrupt(program, ctx):
+        victim = _tensor_nodes(program)[7]
+        victim.meta["val"] = _reshaped(program, victim.meta["val"])
+        corrupted.append(victim.name)
+        return program, {}
+
+    added = {"test_boom": boom, "test_corrupt": corrupt}
+    assert not set(added) & set(passes.REGISTRY)
+    for name, fn in added.items():
+        passes.REGISTRY[name] = passes.Pass(name, fn, "test only")
+    try:
+        yield corrupted
+    finally:
+        for name in added:
+            passes.REGISTRY.pop(name, None)
+
+
+@pytest.mark.parametrize("bad, kind", [("test_boom", "failed: test pass exploded"),
+                                       ("test_corrupt", "broke an IR invariant: node '")])  # fmt: skip
+def test_failing_pass_is_reported_with_reproducer(bad_passes, fast_compile, tmp_path, bad, kind):
+    repro = f"dsv3c compile --target h800x8 --model tiny --passes dce,{bad}"
+    out = tmp_path / "out"
+    with pytest.raises(PipelineError) as err:
+        fast_compile(TINY, target="h800x8", mode="prefill", out=out, pipeline=f"dce,{bad}",
+                     dump_dir=tmp_path / "dump", repro=repro, **SHAPES["prefill"])  # fmt: skip
+    msg = str(err.value)
+    assert msg.startswith(f"pass '{bad}' {kind}")
+    assert "\n" not in msg
+    failed = tmp_path / "dump" / f"02_{bad}.FAILED.input.graph.txt"
+    assert str(failed) in msg
+    assert msg.endswith(f"reproduce with: {repro}")
+    text = failed.read_text()
+    assert text.splitlines()[0] == f"# reproduce with: {repro}"
+    # the dumped input is the graph the failing pass received: the output of dce
+    assert text.split("\n", 1)[1] == (tmp_path / "dump" / "01_dce.graph.txt").read_text()
+    if bad == "test_corrupt":
+        assert f"node '{bad_passes[0]}'" in msg
+    # nothing published, no staging directory left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dump"]
+
+
+def test_cli_reports_failing_pass(bad_passes, fast_compile, tmp_path, capsys, monkeypatch):
+    """The CLI turns a pass failure into one 'dsv3c: error:' line with its own command line, exit status 1."""
+    from dsv3c import cli
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["compile", "--target", "h800x8", "--model", "tiny", "--seq", "8", "--passes", "dce,test_boom",
+            "--dump-dir", "d", "--out", "o"]  # fmt: skip
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("dsv3c: error: pass 'test_boom' failed: test pass exploded")
+    assert err[0].endswith("reproduce with: dsv3c compile " + " ".join(argv[1:]))
+    assert (tmp_path / "d" / "02_test_boom.FAILED.input.graph.txt").exists()
+    assert not (tmp_path / "o").exists()
+
+
+# ---- the per-block extrapolation of the model figures is exact ------------------------------------------
+
+EXTRAPOLATION_SHAPES = {
+    "train": {"batch": 1, "seq": 2, "kv_len": 0},  # MTP training needs seq >= 2
+    "prefill": {"batch": 1, "seq": 1, "kv_len": 0},  # one token: the per-token figure is the exact total
+    "decode": {"batch": 1, "seq": 1, "kv_len": 8},
+}
+
+
+def _full_depth_figures(cfg, mode: str, shapes: dict) -> dict:
+    """Total FLOPs (and KV cache bytes) of the full-depth graph after the passes mode_figures runs."""
+    program = dsv3c.capture(cfg, mode, **shapes)
+    ctx = PassContext(target=None, mode=mode)
+    registry = passes.REGISTRY
+    registry["dce"].fn(program, ctx)
+    out = {}
+
+    def cache_bytes():
+        past = [n for n in program.placeholders() if n.name.startswith("past_")]
+        main = [n for n in past if int(n.name.split("_")[1]) < cfg.num_hidden_layers]
+        assert len(main) == 2 * cfg.num_hidden_layers
+        return sum(n.meta["val"].numel() * n.meta["val"].element_size() for n in main)
+
+    if mode == "decode":
+        out["kv_naive"] = cache_bytes()
+        if "mla_fuse" in registry:
+            registry["mla_fuse"].fn(program, ctx)
+            out["kv_latent"] = cache_bytes()
+    registry["cost"].fn(program, ctx)
+    total = program.meta["cost"]["total"]
+    out["flops"] = total["flops"] + (total["bwd_flops"] if mode == "train" else 0)
+    return out
+
+
+def _layered(dense: int, moe: int) -> ModelConfig:
+    return dataclasses.replace(TINY, num_hidden_layers=dense + moe, first_k_dense_replace=dense)
+
+
+@pytest.mark.parametrize("mode", ["train", "prefill", "decode"])
+def test_summary_extrapolation_equals_full_depth_cost(mode):
+    cfg = _layered(dense=3, moe=4)
+    assert reduced_config(cfg).num_hidden_layers == 2
+    shapes = EXTRAPOLATION_SHAPES[mode]
+    tokens = shapes["batch"] * shapes["seq"]
+    figures = mode_figures(cfg, mode, passes.REGISTRY, shapes)
+    full = _full_depth_figures(cfg, mode, shapes)
+    assert figures["flops_per_token"] == full["flops"] // tokens
+    if mode == "decode":
+        kv_len = shapes["kv_len"]
+        assert figures["kv_naive"] * kv_len == full["kv_naive"]
+        if "kv_latent" in full:
+            assert figures["kv_latent"] * kv_len == full["kv_latent"]
+            assert figures["kv_latent"] < figures["kv_naive"]
+
+
+@settings(max_examples=6)
+@given(dense=st.integers(0, 2), moe=st.integers(0, 2), excess=st.integers(0, 2), mode=st.sampled_from(sorted(SHAPES)))
+def test_summary_extrapolation_any_block_mix(dense, moe, excess, mode):
+    """Also all-dense (first_k_dense_replace beyond the depth) and all-MoE configs."""
+    if dense + moe == 0:
+        dense = 1
+    cfg = _layered(dense, moe)
+    if moe == 0:
+        cfg = dataclasses.replace(cfg, first_k_dense_replace=dense + excess)
+    shapes = EXTRAPOLATION_SHAPES[mode]
+    figures = mode_figures(cfg, mode, passes.REGISTRY, shapes)
+    full = _full_depth_figures(cfg, mode, shapes)
+    assert figures["flops_per_token"] == full["flops"] // (shapes["batch"] * shapes["seq"])
