@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kv-len", type=_positive)
     c.add_argument("--passes", help="comma-separated pass list (see `dsv3c passes`)")
     c.add_argument("--out", help="output directory (default build/<target>-<mode>)")
+    c.add_argument("--precision", metavar="C=DTYPE,...", help="override the FP8 policy, e.g. attention_proj=bf16")
     c.add_argument("--dump-dir", help="write per-pass dumps here")
     c.add_argument("--dump-mlir", type=int, metavar="LAYER", help="also dump this layer as MLIR after each pass")
     c.add_argument("--print-after-all", action="store_true")
@@ -99,6 +100,7 @@ def cmd_compile(args, argv) -> int:
     from dsv3c.driver import compile_model
 
     cfg = _load_config(args)
+    options = {"precision": _precision(args.precision)} if args.precision else {}
     for name in args.print_after:
         pipeline.parse_pipeline(name, passes.REGISTRY)
     printing = pipeline.Printing(args.print_after_all, tuple(args.print_after), args.print_after_change)
@@ -106,13 +108,26 @@ def cmd_compile(args, argv) -> int:
     plan = compile_model(
         cfg, target=args.target, mode=args.mode, out=args.out, batch=args.batch, seq=args.seq,
         kv_len=args.kv_len, pipeline=args.passes, dump_dir=args.dump_dir, dump_mlir=args.dump_mlir,
-        printing=printing, progress=_progress if tty else None, repro=_repro(argv),
+        printing=printing, progress=_progress if tty else None, repro=_repro(argv), options=options,
     )  # fmt: skip
     out = args.out or f"build/{plan['target']['name']}-{plan['mode']}"
     m = plan["model"]
     print(f"compiled {m['name']} for {plan['target']['name']} ({plan['mode']}): {len(plan['passes'])} passes, "
           f"{len(plan['kernels'])} kernels -> {out}/plan.json, {out}/report.txt")  # fmt: skip
     return 0
+
+
+def _precision(text: str) -> dict:
+    """--precision 'a=bf16,b=fp8' as a checked policy override."""
+    from passes.fp8_quant import PolicyError, resolve_policy
+
+    try:
+        pairs = dict(item.split("=", 1) for item in text.split(",") if item)
+        resolve_policy(pairs)
+    except ValueError as e:
+        msg = str(e) if isinstance(e, PolicyError) else f"--precision wants component=dtype pairs, got '{text}'"
+        raise UsageError(msg) from None
+    return pairs
 
 
 def _repro(argv) -> str:
