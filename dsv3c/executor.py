@@ -8,17 +8,20 @@ model on the same inputs (and, to isolate the kernels, with the graph just befor
 run their torch references).
 
 Tolerance (FP8): the lowered graph differs from the eager BF16 model by the FP8 recipe (1x128 activation and
-128x128 weight quantisation to E4M3, 3 mantissa bits: each quantised value is off by up to 2^-4 relative)
-plus the kernels' rounding, compounded over the layers and through the router's top-k choices. The run
-passes when, over the main-model logits,
+128x128 weight quantisation to E4M3, 3 mantissa bits: a quantised value is off by up to 2^-4 relative) and by
+the kernels' own rounding (attention probabilities in BF16 for the tensor cores, FP32 summation order),
+which each later quantisation can turn into one E4M3 step of an element; both compound over the layers, and
+a token whose router scores nearly tie can change experts, which moves its output discontinuously. The run
+passes (exit 0) when, over the main-model logits,
 
-    max |lowered - eager| <= REL_TOL * max |eager|      (REL_TOL = 0.25)
-    top-1 agreement      >= TOP1_MIN                    (TOP1_MIN = 0.75)
+    max |lowered - eager|     <= REL_TOL * max |eager|       (REL_TOL = 0.25)
+    max |lowered - reference| <= REL_TOL * max |reference|   (the graph just before lowering: kernels alone)
+    top-1 agreement with eager >= TOP1_MIN                    (TOP1_MIN = 0.7)
 
-and the kernels alone stay close to the graph before lowering: max |lowered - reference graph| <=
-KERNEL_REL_TOL * max |reference| (KERNEL_REL_TOL = 0.15; kernel and reference round differently in a few
-places, e.g. attention probabilities in BF16 for the tensor cores, and an FP8 tile can then quantise
-one step differently). On the tiny preset the measured errors are several times below these bounds.
+The bounds are those of fp8_quant's whole-model check (tests/test_passes.py: random tiny logits have near-ties,
+so top-1 flips where the runner-up is within the FP8 noise). Measured on the tiny preset over seeds 0-11
+(prefill 16 tokens, decode 8 sequences): max rel error 0.02-0.11 against eager and 0.01-0.11 against the
+reference graph, top-1 agreement 0.75-1.0.
 """
 
 from __future__ import annotations
@@ -29,10 +32,10 @@ from dataclasses import dataclass, field
 import torch
 
 REL_TOL = 0.25
-TOP1_MIN = 0.75
-KERNEL_REL_TOL = 0.15
+TOP1_MIN = 0.7
+KERNEL_REL_TOL = REL_TOL
 
-DEFAULT_SHAPES = {"prefill": {"batch": 1, "seq": 16, "kv_len": 0}, "decode": {"batch": 2, "seq": 1, "kv_len": 24}}
+DEFAULT_SHAPES = {"prefill": {"batch": 1, "seq": 16, "kv_len": 0}, "decode": {"batch": 8, "seq": 1, "kv_len": 24}}
 
 
 @dataclass
@@ -94,6 +97,17 @@ def _latent_entries(model, prompt, mtp: bool) -> list[tuple[torch.Tensor, torch.
     return [(ckv[j], entries[j][0][:, :, 0, dn:]) for j in range(len(blocks))], entries
 
 
+def to_device(program, device: str) -> None:
+    """Move a program's weights to device, and the tensors its graph creates (export baked in the CPU)."""
+    program.weights = {k: v.to(device) for k, v in program.weights.items()}
+    if device == "cpu":
+        return
+    for node in program.graph.nodes:
+        if node.op == "call_function" and isinstance(node.kwargs.get("device"), torch.device | str):
+            node.kwargs = {**node.kwargs, "device": torch.device(device)}
+    program.recompile()
+
+
 def run_model(cfg, mode: str = "prefill", seed: int = 0, checkpoint=None, batch: int | None = None,
               seq: int | None = None, kv_len: int | None = None, target: str = "h800x2048",
               pipeline: list[str] | None = None, log=None) -> RunResult:
@@ -153,7 +167,7 @@ def run_model(cfg, mode: str = "prefill", seed: int = 0, checkpoint=None, batch:
     if missing:
         raise ValueError(f"no values for graph inputs {missing}")
     args = [graph_inputs[n].to(device) for n in program.inputs]
-    program.weights = {k: v.to(device) for k, v in program.weights.items()}
+    to_device(program, device)
     with torch.no_grad():
         reference = program(*args)["logits"]
     seconds["capture+passes+reference"] = time.perf_counter() - t1

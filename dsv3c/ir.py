@@ -45,6 +45,7 @@ class Program:
 
     def add_weight(self, name: str, value: torch.Tensor) -> fx.Node:
         """Add a weight placeholder (before the first placeholder) holding value; returns its node."""
+        value = value.detach()  # derived weights (concatenations, slices) must not keep autograd history
         first = next(iter(self.graph.nodes))
         with self.graph.inserting_before(first):
             node = self.graph.placeholder(name)  # fx makes the name unique if it is taken

@@ -18,6 +18,12 @@ Some steps of an op have no kernel in the library and run as torch inside the ru
 them in `torch_parts` and the pass reports them: the router's FP32 logits GEMM (the router kernel takes
 logits), sorting tokens by expert and the weighted combine of the MoE experts, the 128x128 weight
 quantisation of training's master weights, and copying the latent cache into 64-token pages for MLA decode.
+
+Tile configs: `targets.tile_config(gpu, family, mode)` gives BLOCK sizes, num_warps and num_stages. A block larger
+than its dimension shrinks to the dimension's next power of two (not below 16, the smallest tl.dot, nor below
+64 rows for the FP8 GEMMs, one Hopper wgmma); row kernels (RMSNorm, SwiGLU, RoPE) size their row block from
+the row length and use no more warps than the row fills. MLA decode splits long contexts (flash-decoding)
+to fill the target's compute SMs (`targets.compute_sms`: H800 train/prefill leave 20 SMs to communication).
 """
 
 from __future__ import annotations
@@ -25,12 +31,10 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
-import json
 import math
 import operator
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, fx
@@ -59,6 +63,9 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+GEMM_MIN_M = 64  # a Hopper warpgroup MMA (wgmma) is 64 rows: GEMM M tiles never shrink below it
+
+
 def _clamp_block(cfg_block: int, dim: int, lo: int = 16) -> int:
     """The target's block size, shrunk to the dim's next power of two (at least lo) when the dim is smaller."""
     return max(lo, min(cfg_block, _p2(dim)))
@@ -66,7 +73,7 @@ def _clamp_block(cfg_block: int, dim: int, lo: int = 16) -> int:
 
 def interpreting() -> bool:
     """Whether Triton runs on its CPU interpreter."""
-    from dsv3c.kernels.act_quant import interpreting as interp
+    from dsv3c.kernels.common import interpreting as interp
 
     return interp()
 
@@ -86,7 +93,7 @@ class KernelSpec:
     num_stages: int
     grid: tuple  # (x, y, z)
     shapes: tuple  # ((dim name, size), ...) for plan.json
-    tag: str  # readable stem, e.g. 'fp8_gemm_m4096_n7168_k2048'
+    tag: str  # readable name stem, e.g. 'fp8_gemm_4096x7168x2048' (M x N x K)
 
     def fn(self):
         """The jit function (an InterpretedFunction under the interpreter)."""
@@ -182,8 +189,6 @@ class CallSpec:
     outputs: tuple  # ((shape, dtype), ...) of the results
     kernels: tuple  # KernelSpecs the runner launches (in launch order, each once)
     torch_parts: tuple = ()  # steps of the op run as torch, not Triton
-    multi: bool = False  # the original op returns a tuple (its users index it)
-    tiles: dict = field(default_factory=dict, compare=False, hash=False)
 
     def attr(self, name: str):
         return dict(self.attrs)[name]
@@ -274,7 +279,7 @@ def k_act_quant(m: int, k: int, xd, pow2: bool, tiles: Tiles) -> KernelSpec:
 
 def k_fp8_gemm(m: int, n: int, k: int, tiles: Tiles) -> KernelSpec:
     cfg = tiles("fp8_gemm")
-    bm, bn = _clamp_block(cfg["BLOCK_M"], m), _clamp_block(cfg["BLOCK_N"], n)
+    bm, bn = _clamp_block(cfg["BLOCK_M"], m, GEMM_MIN_M), _clamp_block(cfg["BLOCK_N"], n)
     ptrs = {"a_ptr": fp8.FP8, "as_ptr": torch.float32, "b_ptr": fp8.FP8, "bs_ptr": torch.float32,
             "c_ptr": torch.bfloat16}
     return _kspec("dsv3c.kernels.fp8_gemm:fp8_gemm_kernel", ptrs=ptrs, ints={"M": m, "N": n, "K": k},
@@ -284,7 +289,8 @@ def k_fp8_gemm(m: int, n: int, k: int, tiles: Tiles) -> KernelSpec:
 
 def k_grouped(t: int, e: int, n: int, k: int, tiles: Tiles) -> KernelSpec:
     cfg = tiles("grouped_fp8_gemm")
-    bm, bn = _clamp_block(cfg["BLOCK_M"], max(1, t // max(e, 1))), _clamp_block(cfg["BLOCK_N"], n)
+    bm = _clamp_block(cfg["BLOCK_M"], max(1, t // max(e, 1)), GEMM_MIN_M)  # rows per expert on average
+    bn = _clamp_block(cfg["BLOCK_N"], n)
     ptrs = {"a_ptr": fp8.FP8, "as_ptr": torch.float32, "b_ptr": fp8.FP8, "bs_ptr": torch.float32,
             "c_ptr": torch.bfloat16, "offsets_ptr": torch.int32}
     return _kspec("dsv3c.kernels.grouped_fp8_gemm:grouped_fp8_gemm_kernel", ptrs=ptrs, ints={"N": n, "K": k, "E": e},
@@ -302,8 +308,9 @@ def k_swiglu(m: int, f: int, dt, tiles: Tiles) -> KernelSpec:
     cfg = tiles("swiglu")
     bm, bf = _swiglu_blocks(m, f, False, cfg)
     return _kspec("dsv3c.kernels.swiglu:swiglu_kernel", ptrs={"g_ptr": dt, "u_ptr": dt, "h_ptr": dt},
-                  ints={"M": m, "F": f, "sg": f, "su": f, "sh": f}, consts={"BLOCK_M": bm, "BLOCK_F": bf, "EXACT": False},
-                  cfg=cfg, grid=(_cdiv(m, bm), _cdiv(f, bf)), shapes={"M": m, "F": f}, tag=f"swiglu_{m}x{f}")
+                  ints={"M": m, "F": f, "sg": f, "su": f, "sh": f},
+                  consts={"BLOCK_M": bm, "BLOCK_F": bf, "EXACT": False}, cfg=cfg, grid=(_cdiv(m, bm), _cdiv(f, bf)),
+                  shapes={"M": m, "F": f}, tag=f"swiglu_{m}x{f}")
 
 
 def k_swiglu_quant(m: int, f: int, dt, tiles: Tiles) -> KernelSpec:
@@ -747,13 +754,3 @@ def kernel_entry(k: KernelSpec, use: dict, record: dict | None, rel_dir: str) ->
     else:
         entry.update(arch=None, num_warps=k.num_warps, num_stages=k.num_stages, shared_bytes=None, files={})
     return entry
-
-
-def spec_summary(call: CallSpec) -> str:
-    """One line describing a call spec (for logs and tests)."""
-    return json.dumps({"op": call.op, "inputs": [[list(s), str(d)] for s, d in call.inputs],
-                       "kernels": [k.tag for k in call.kernels]})
-
-
-def constexpr_of(k: KernelSpec, name: str) -> Any:
-    return dict(k.constexprs)[name]
