@@ -63,11 +63,7 @@ def randomise(model: torch.nn.Module, seed: int) -> None:
 
 
 def hf_config_json(path) -> ModelConfig:
-    """Our config from the config.json HF wrote; HF's DeepseekV3Config has no scoring_func/topk_method, so add V3's."""
-    raw = json.loads((path / "config.json").read_text())
-    if "scoring_func" not in raw or "topk_method" not in raw:  # TODO(lead): drop once ModelConfig defaults them
-        raw = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", **raw}
-        (path / "config.json").write_text(json.dumps(raw))
+    """Our config from the config.json HF wrote (it has no scoring_func/topk_method: V3's defaults apply)."""
     return ModelConfig.from_json(path / "config.json")
 
 
