@@ -12,10 +12,13 @@ from torch import fx
 
 from dsv3c.ops import op_name
 
+# no FLOPs and no bytes: metadata only
 _VIEWS = {
     "view", "reshape", "_unsafe_view", "expand", "unsqueeze", "squeeze", "split_with_sizes", "split", "slice",
-    "select", "permute", "transpose", "t", "alias", "detach", "contiguous", "clone", "_to_copy", "to",
+    "select", "permute", "transpose", "t", "alias", "detach",
 }  # fmt: skip
+# no FLOPs, but the data is read and written
+_MOVES = {"cat", "stack", "contiguous", "clone", "_to_copy", "to", "copy", "index_select", "gather"}
 
 
 def nbytes(value) -> int:
@@ -49,6 +52,8 @@ def node_cost(node: fx.Node) -> dict:
     aten = getattr(node.target, "_opname", None) if name is None else None
     if aten in _VIEWS:
         return zero
+    if aten in _MOVES:
+        return {"flops": 0, "bwd_flops": 0, "bytes": io_bytes}
     if aten == "linear" or aten in ("mm", "matmul", "bmm"):
         flops = 2 * math.prod(out.shape) * args[0].shape[-1]
         return {"flops": flops, "bwd_flops": 2 * flops, "bytes": io_bytes}
