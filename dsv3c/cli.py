@@ -148,7 +148,8 @@ def cmd_passes(args, argv) -> int:
     import passes
 
     default = passes.default_pipeline()
-    rows = [[p.name, "yes" if p.name in default else "", p.contract] for p in passes.REGISTRY.values()]
+    order = default + sorted(set(passes.REGISTRY) - set(default))
+    rows = [[name, "yes" if name in default else "", passes.REGISTRY[name].contract] for name in order]
     print(tabulate(rows, headers=["pass", "default", "contract"]))
     print(f"\ndefault pipeline: {','.join(default)}")
     return 0
