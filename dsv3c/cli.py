@@ -103,7 +103,8 @@ def cmd_compile(args, argv) -> int:
     options = {"precision": _precision(args.precision)} if args.precision else {}
     for name in args.print_after:
         pipeline.parse_pipeline(name, passes.REGISTRY)
-    printing = pipeline.Printing(args.print_after_all, tuple(args.print_after), args.print_after_change)
+    wanted = args.print_after_all or args.print_after or args.print_after_change
+    printing = pipeline.Printing(args.print_after_all, tuple(args.print_after), args.print_after_change) if wanted else None
     tty = sys.stderr.isatty()
     plan = compile_model(
         cfg, target=args.target, mode=args.mode, out=args.out, batch=args.batch, seq=args.seq,
@@ -202,14 +203,14 @@ COMMANDS = {"compile": cmd_compile, "targets": cmd_targets, "passes": cmd_passes
 def _user_errors() -> tuple:
     """The exception types that mean bad input (one line, exit 2), not a bug."""
     from dsv3c.exporter import CaptureError
-    from dsv3c.driver import OutputError
+    from dsv3c.driver import OptionError, OutputError
     from dsv3c.dumpview import DumpError
     from dsv3c.pipeline import UnknownPassError
     from model_def import ConfigError
     from model_def.checkpoint import CheckpointError
     from targets import TargetError
 
-    return (UsageError, ConfigError, TargetError, CaptureError, CheckpointError, OutputError, UnknownPassError, DumpError)
+    return (UsageError, ConfigError, TargetError, CaptureError, CheckpointError, OutputError, OptionError, UnknownPassError, DumpError)
 
 
 def main(argv=None) -> int:

@@ -113,7 +113,3 @@ _DSV3 = {
     "moe_gate": _moe_gate,
 }
 
-
-def register_cost(op: str, formula) -> None:
-    """Give dsv3 op `op` a cost formula f(arg values, out value, node) -> cost dict."""
-    _DSV3[op] = formula

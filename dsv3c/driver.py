@@ -25,6 +25,10 @@ class OutputError(ValueError):
     """The output directory cannot be written."""
 
 
+class OptionError(ValueError):
+    """A compile option outside what the model allows."""
+
+
 DEFAULT_SHAPES = {
     "train": {"batch": 1, "seq": 4096, "kv_len": 0},
     "prefill": {"batch": 1, "seq": 4096, "kv_len": 0},
@@ -91,7 +95,7 @@ def compile_model(
     shapes.update({k: v for k, v in dict(batch=batch, seq=seq, kv_len=kv_len).items() if v is not None})
     names = parse_pipeline(pipeline, passes.REGISTRY) if pipeline else passes.default_pipeline()
     if dump_mlir is not None and not 0 <= dump_mlir < cfg.num_hidden_layers:
-        raise OutputError(f"--dump-mlir layer {dump_mlir} is out of range 0..{cfg.num_hidden_layers - 1}")
+        raise OptionError(f"--dump-mlir layer {dump_mlir} is out of range 0..{cfg.num_hidden_layers - 1}")
     check_shapes(cfg, mode, **shapes)  # reject impossible shapes before anything is written
     out = Path(out or f"build/{tgt.name}-{mode}")
     created = missing_parents(out)

@@ -82,7 +82,7 @@ def capture(
 def _to_program(ep, cfg: ModelConfig, mode: str, inputs: list[str], shapes: dict) -> Program:
     """Lift an ExportedProgram into a Program: weights by placeholder name, named user inputs/outputs."""
     gm = ep.graph_module
-    weights, fqns, user, constants = {}, {}, [], []
+    weights, user, constants = {}, [], []
     for spec in ep.graph_signature.input_specs:
         name = spec.arg.name
         if spec.kind == InputKind.USER_INPUT:
@@ -90,13 +90,9 @@ def _to_program(ep, cfg: ModelConfig, mode: str, inputs: list[str], shapes: dict
                 constants.append(name)
             else:
                 user.append(name)
-        elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+        else:  # parameters, buffers (non-persistent ones live in ep.constants) and lifted constants
             store = ep.state_dict if spec.target in ep.state_dict else ep.constants
             weights[name] = store[spec.target]
-            fqns[name] = spec.target
-        else:
-            weights[name] = ep.constants[spec.target]
-            fqns[name] = spec.target
     renames = dict(zip(user, inputs, strict=True))
     for node in list(gm.graph.nodes):
         if node.op == "placeholder" and node.name in constants and not node.users:
@@ -105,5 +101,4 @@ def _to_program(ep, cfg: ModelConfig, mode: str, inputs: list[str], shapes: dict
             node.name = node.target = renames[node.name]
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    meta = {"cfg": cfg, "shapes": shapes, "fqns": fqns}
-    return Program(gm, weights, inputs, output_names(cfg, mode), mode, meta)
+    return Program(gm, weights, inputs, output_names(cfg, mode), mode, {"cfg": cfg, "shapes": shapes})

@@ -93,7 +93,13 @@ def _blocks(w: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def weight_quant(w: torch.Tensor, block: int = BLOCK, pow2_scale: bool = False):
-    """(wq [N, K] E4M3, scale_inv [ceil(N/block), ceil(K/block)] float32) with w ≈ wq · scale_inv per block."""
+    """(wq [..., N, K] E4M3, scale_inv [..., ceil(N/block), ceil(K/block)] float32) with w ≈ wq · scale_inv per block.
+
+    Leading dims (the expert axis of stacked expert weights) are quantised matrix by matrix.
+    """
+    if w.dim() > 2:
+        pairs = [weight_quant(m, block, pow2_scale) for m in w]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     n, k = w.shape
     wb = _blocks(w.to(torch.float32), block)
     scale = _scale_from_amax(wb.abs().amax(dim=(1, 3)), pow2_scale)  # padding zeros never raise the amax
@@ -107,7 +113,9 @@ def expand_block_scale(scale: torch.Tensor, n: int, k: int, block: int = BLOCK) 
 
 
 def weight_dequant(wq: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
-    """float32 w = wq · scale_inv, one scale per block x block block (DeepSeek's checkpoint meaning)."""
+    """float32 w = wq · scale_inv, one scale per block x block block (DeepSeek's checkpoint meaning); leading dims too."""
+    if wq.dim() > 2:
+        return torch.stack([weight_dequant(w, s, block) for w, s in zip(wq, scale_inv)])
     return wq.to(torch.float32) * expand_block_scale(scale_inv, *wq.shape, block)
 
 

@@ -103,10 +103,6 @@ class Program:
             counts[key] = counts.get(key, 0) + value.numel() * value.element_size()
         return dict(sorted(counts.items()))
 
-    def weight_fqn(self, name: str) -> str:
-        """The module path of a weight placeholder (e.g. 'layers.5.self_attn.o_proj.weight')."""
-        return self.meta.get("fqns", {}).get(name, name)
-
     def recompile(self) -> None:
         """Regenerate the graph module's code after graph edits."""
         self.gm.recompile()

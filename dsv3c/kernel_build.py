@@ -32,10 +32,9 @@ def default_cache_dir() -> Path:
 
 def stem_of(k: KernelSpec) -> str:
     """The compiled files' stem (and cache entry name) of a spec, as compile_aot names them."""
-    from dsv3c.triton_aot import as_jit, spec_key
+    from dsv3c.triton_aot import spec_stem
 
-    spec = k.aot()
-    return f"{spec.name or as_jit(spec.fn).__name__}_{spec_key(spec)[:16]}"
+    return spec_stem(k.aot())
 
 
 def compile_kernels(kernels, out_dir, cache_dir=None, jobs: int | None = None, progress=None) -> dict:

@@ -585,13 +585,9 @@ def run_moe_experts_fp8(call, x, ids, weights, gq, gs, uq, us, dq, ds):
     return _run_moe(call, x, ids, weights, ((gq, gs), (uq, us), (dq, ds)))
 
 
-def _quant_stack(w: Tensor) -> tuple[Tensor, Tensor]:
-    pairs = [fp8.weight_quant(w[e]) for e in range(w.shape[0])]  # torch part: weight_quant
-    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-
-
 def run_moe_experts_fp8_train(call, x, ids, weights, w_gate, w_up, w_down):
-    return _run_moe(call, x, ids, weights, (_quant_stack(w_gate), _quant_stack(w_up), _quant_stack(w_down)))
+    packed = tuple(fp8.weight_quant(w) for w in (w_gate, w_up, w_down))  # torch part: weight_quant
+    return _run_moe(call, x, ids, weights, packed)
 
 
 def run_mla_attention(call, q, k, v):

@@ -184,15 +184,15 @@ def moe_experts_fp8(
     x: Tensor, ids: Tensor, weights: Tensor, gq: Tensor, gs: Tensor, uq: Tensor, us: Tensor, dq: Tensor, ds: Tensor
 ) -> Tensor:
     """Routed experts with E4M3 stacked weights (w*q [E, N, K], w*s [E, ceil(N/128), ceil(K/128)])."""
-    packed = ((gq, gs), (uq, us), (dq, ds))
 
-    def gemm(xe, e, which):
-        wq, ws = packed[which]
+    def gemm(xe, wq, ws):  # one expert GEMM: activation tiles quantised on the fly, E4M3 weight blocks
         xq, xs = fp8.act_quant(xe)
-        return fp8.fp8_gemm(xq, xs, wq[e], ws[e], x.dtype)
+        return fp8.fp8_gemm(xq, xs, wq, ws, x.dtype)
 
-    return ref.moe_experts(x, ids, weights, gq, uq, dq, ffn=lambda xe, e: gemm(ref.swiglu(gemm(xe, e, 0), gemm(xe, e, 1)), e, 2))
+    def ffn(xe, e):
+        return gemm(ref.swiglu(gemm(xe, gq[e], gs[e]), gemm(xe, uq[e], us[e])), dq[e], ds[e])
 
+    return ref.moe_experts(x, ids, weights, gq, uq, dq, ffn=ffn)
 
 
 @moe_experts_fp8.register_fake

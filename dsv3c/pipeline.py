@@ -73,13 +73,11 @@ def run_pipeline(
     """Run the passes in order on program; returns one record per pass, raises PipelineError on failure."""
     propagator = Propagator()
     records = []
-    if printing and not (printing.after_all or printing.after or printing.after_change):
-        printing = None  # nothing to print: do not render graph texts (the CLI always passes a Printing)
-    legal = set(legal_ops)
+    legal = frozenset(legal_ops)
     text = graph_text(program) if (dumper or printing) else None
     for index, name in enumerate(names, start=1):
         p = registry[name]
-        legal = (legal | p.adds) - p.removes
+        legal = p.legal_after(legal)
         before = len(program.graph.nodes)
         if progress:
             progress(index, len(names), name)

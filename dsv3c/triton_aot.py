@@ -182,12 +182,16 @@ def _compile(spec: AOTSpec, stem: str, dest: Path) -> dict:
     return _compile_in_child(spec, stem, dest)
 
 
+def spec_stem(spec: AOTSpec) -> str:
+    """The name of a specialisation's compiled files and cache entry: kernel name and key prefix."""
+    return f"{spec.name or as_jit(spec.fn).__name__}_{spec_key(spec)[:16]}"
+
+
 def compile_aot(spec: AOTSpec, out_dir, cache_dir=None) -> dict:
     """Compiles spec for sm_90a into out_dir (through the on-disk cache when given) and returns its record."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    key = spec_key(spec)
-    stem = f"{spec.name or as_jit(spec.fn).__name__}_{key[:16]}"
+    stem = spec_stem(spec)
     if cache_dir is None:
         with tempfile.TemporaryDirectory() as tmp:
             _compile(spec, stem, Path(tmp))

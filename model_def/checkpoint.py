@@ -282,13 +282,6 @@ def _check_complete(model: nn.Module, params: dict, filled: dict) -> None:
                 raise CheckpointError(f"missing tensor {name} (our {fqn})")
 
 
-def _dequant(wq: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
-    """float32 weight = FP8 block × scale_inv, per expert for a stacked [E, N, K] weight."""
-    if wq.dim() == 2:
-        return fp8q.weight_dequant(wq, scale, block)
-    return torch.stack([fp8q.weight_dequant(w, s, block) for w, s in zip(wq, scale)])
-
-
 @torch.no_grad()
 def load_checkpoint(model: nn.Module, path) -> dict:
     """Copy an HF-layout safetensors checkpoint into model in place; returns {our fqn: (fp8, scale_inv)} as stored."""
@@ -363,7 +356,7 @@ def _read(f: _open, files: dict, name: str, scale: str | None, block: int):
     else:
         with _open(files[scale]) as g:
             s = g.get_tensor(scale)
-    return _dequant(t, s, block), (t, s)
+    return fp8q.weight_dequant(t, s, block), (t, s)
 
 
 def _assign(params: dict, kind: str, fqn: str, expert, t: torch.Tensor) -> None:

@@ -78,11 +78,8 @@ def _quantised_weight(program: Program, cache: dict, node: fx.Node) -> tuple[fx.
             lead, (n, k) = w.shape[:-2], w.shape[-2:]
             wq = torch.empty(w.shape, dtype=fp8.FP8, device="meta")
             ws = torch.empty(*lead, -(-n // 128), -(-k // 128), dtype=torch.float32, device="meta")
-        elif w.dim() == 2:
-            wq, ws = fp8.weight_quant(w)
-        else:  # stacked experts [E, N, K]
-            pairs = [fp8.weight_quant(w[e]) for e in range(w.shape[0])]
-            wq, ws = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        else:
+            wq, ws = fp8.weight_quant(w)  # stacked experts [E, N, K] are quantised expert by expert
         cache[node] = (program.add_weight(f"{node.name}_e4m3", wq), program.add_weight(f"{node.name}_scale_inv", ws))
     return cache[node]
 

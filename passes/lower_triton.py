@@ -16,6 +16,7 @@ plan.json's "kernels" list, sorted by name.
 
 import sys
 from collections import Counter, defaultdict
+from pathlib import Path
 
 from dsv3c.ir import PassContext, Program
 from dsv3c.lowering import LOWERED_OPS, NO_KERNEL, get_spec, kernel_call_op, kernel_entry, kernel_uses, lower_graph
@@ -48,9 +49,7 @@ def lower_triton(program: Program, ctx: PassContext):
     records = {}
     out = ctx.options.get("out")
     if out and ctx.options.get("aot", True):
-        from pathlib import Path
-
-        from dsv3c.kernel_build import compile_kernels
+        from dsv3c.kernel_build import compile_kernels  # late: it starts worker processes only when asked
 
         progress = ctx.options.get("kernel_progress") or (_terminal_progress if sys.stderr.isatty() else None)
         records = compile_kernels(kernels, Path(out) / KERNEL_DIR, ctx.options.get("kernel_cache"),

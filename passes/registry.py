@@ -14,11 +14,22 @@ class Pass:
     adds: frozenset = field(default_factory=frozenset)
     removes: frozenset = field(default_factory=frozenset)
 
+    def legal_after(self, legal: frozenset) -> frozenset:
+        """The dsv3 ops legal after this pass, given those legal before it."""
+        return (legal | self.adds) - self.removes
+
 
 REGISTRY: dict[str, Pass] = {}
 
 # dsv3 ops the captured graph may contain; passes move this set forward.
 CAPTURED_OPS = frozenset({"rms_norm", "rope", "swiglu", "moe_gate", "moe_experts", "mla_attention"})
+
+
+def legal_after(names: list[str], legal: frozenset = CAPTURED_OPS) -> frozenset:
+    """The dsv3 ops legal after running the passes `names` on a graph where `legal` were."""
+    for name in names:
+        legal = REGISTRY[name].legal_after(legal)
+    return frozenset(legal)
 
 
 def register(name: str, contract: str, adds=(), removes=()):

@@ -42,14 +42,6 @@ ROUTER_BIAS_STD = 0.5
 LOWERING_RTOL = 0.12
 
 
-def legal_after(names) -> frozenset:
-    """The dsv3 ops legal after the passes `names`."""
-    legal = set(passes.CAPTURED_OPS)
-    for name in names:
-        legal = (legal | passes.REGISTRY[name].adds) - passes.REGISTRY[name].removes
-    return frozenset(legal)
-
-
 def transformed(mode: str, shapes: dict, cfg=TINY, seed: int = 0, names=None):
     """(program, legal ops): cfg captured with seeded BF16 weights, run through the passes before lower_triton.
 
@@ -64,7 +56,7 @@ def transformed(mode: str, shapes: dict, cfg=TINY, seed: int = 0, names=None):
     program = dsv3c.capture(cfg, mode, model=model, **shapes)
     names = names or passes.default_pipeline()[:-1]
     run_pipeline(program, names, PassContext(TARGET, mode, {"aot": False}), passes.REGISTRY, passes.CAPTURED_OPS)
-    return program, legal_after(names)
+    return program, passes.legal_after(names)
 
 
 def lower(program, legal, mode: str) -> dict:

@@ -26,7 +26,7 @@ def _cases():
     cos, sin = randn(2, 3, 4), randn(2, 3, 4)
     xq, xs = fp8.act_quant(randn(2, 3, 200))
     wq, ws = fp8.weight_quant(randn(130, 200))
-    packed = [p for w in (wg, wu, wd) for p in (lambda pair: (torch.stack([pair(w[i])[0] for i in range(e)]), torch.stack([pair(w[i])[1] for i in range(e)])))(lambda m: fp8.weight_quant(m.detach()))]
+    packed = [t for w in (wg, wu, wd) for t in fp8.weight_quant(w.detach())]  # stacked [E, N, K] experts
     return {
         "rms_norm": (dsv3.rms_norm, (randn(3, 5, 64, grad=True), randn(64, grad=True), 1e-6)),
         "rope": (dsv3.rope, (randn(2, 3, 4, 8, grad=True), cos, sin)),

@@ -63,11 +63,10 @@ def model_for(cfg: ModelConfig, seed: int, bias_std: float = 0.1) -> DeepseekV3:
 
 def run_passes(program, names, options=None):
     """Apply passes in order, verifying the IR after each like the pipeline does."""
-    legal = set(passes.CAPTURED_OPS)
-    stats = {}
+    legal, stats = passes.CAPTURED_OPS, {}
     for name in names:
         p = passes.REGISTRY[name]
-        legal = (legal | p.adds) - p.removes
+        legal = p.legal_after(legal)
         program, stats[name] = p.fn(program, PassContext(None, program.mode, dict(options or {})))
         verify(program, legal)
     return program, stats

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3c.kernels.common import interpreting, round_bf16
-from dsv3c.kernels.fp8_gemm import BLOCK_K
+from dsv3c.kernels.common import interpreting
+from dsv3c.kernels.fp8_gemm import BLOCK_K, block_scaled_dot, store_bf16
 
 
 @triton.jit
@@ -46,20 +46,8 @@ def grouped_fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offsets_ptr, N,
     b_ptrs = b_ptr + ex * N * K + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
     as_ptrs = as_ptr + offs_m.to(tl.int64) * nkb
     bs_ptrs = bs_ptr + (ex * tl.cdiv(N, BLOCK_K) + offs_n // BLOCK_K) * nkb
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, k_iters):
-        mask_k = offs_k < K - kb * BLOCK_K
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        a_s = tl.load(as_ptrs + kb, mask=mask_m, other=0.0)
-        b_s = tl.load(bs_ptrs + kb, mask=mask_n, other=0.0)
-        acc += tl.dot(a, tl.trans(b)) * (a_s[:, None] * b_s[None, :])
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-    if EXACT:
-        acc = round_bf16(acc)
-    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(tl.bfloat16), mask=mask_m[:, None] & mask_n[None, :])
+    acc = block_scaled_dot(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, mask_m, mask_n, K, k_iters, BLOCK_M, BLOCK_N, BLOCK_K)
+    store_bf16(c_ptr, acc, offs_m, offs_n, mask_m, mask_n, N, EXACT)
 
 
 def _tiles(t: int, e: int) -> tuple[int, int, int, int]:

@@ -13,17 +13,23 @@ import triton.language as tl
 from dsv3c.kernels.common import QUANT_BLOCK, TL_DTYPE, cast_out, interpreting, quant_tiles
 
 @triton.jit
+def weighted_norm_row(x_ptr, w_ptr, row, offs, mask, N, stride_x, eps, EXACT: tl.constexpr):
+    """float32 w ⊙ (x · rsqrt(mean(x²) + ε)) of one row, the normed value rounded to x's dtype first."""
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    x32 = x.to(tl.float32)
+    rstd = tl.math.div_rn(1.0, tl.sqrt_rn(tl.sum(x32 * x32, axis=0) / N + eps))
+    normed = cast_out(x32 * rstd, x.dtype, EXACT).to(tl.float32)
+    return tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32) * normed
+
+
+@triton.jit
 def rmsnorm_kernel(x_ptr, w_ptr, y_ptr, N, stride_x, stride_y, eps, BLOCK_N: tl.constexpr, EXACT: tl.constexpr):
     """One row of y = w ⊙ (x · rsqrt(mean(x²) + ε)), the normed value rounded to x's dtype before the weight."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     mask = offs < N
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
-    x32 = x.to(tl.float32)
-    rstd = tl.math.div_rn(1.0, tl.sqrt_rn(tl.sum(x32 * x32, axis=0) / N + eps))
-    normed = cast_out(x32 * rstd, x.dtype, EXACT).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + offs, cast_out(w * normed, y_ptr.dtype.element_ty, EXACT), mask=mask)
+    y = weighted_norm_row(x_ptr, w_ptr, row, offs, mask, N, stride_x, eps, EXACT)
+    tl.store(y_ptr + row * stride_y + offs, cast_out(y, y_ptr.dtype.element_ty, EXACT), mask=mask)
 
 
 @triton.jit
@@ -35,14 +41,9 @@ def rmsnorm_quant_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     mask = offs < N
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
-    x32 = x.to(tl.float32)
-    rstd = tl.math.div_rn(1.0, tl.sqrt_rn(tl.sum(x32 * x32, axis=0) / N + eps))
-    normed = cast_out(x32 * rstd, x.dtype, EXACT).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = w * normed
+    y = weighted_norm_row(x_ptr, w_ptr, row, offs, mask, N, stride_x, eps, EXACT)
     if w_ptr.dtype.element_ty == x_ptr.dtype.element_ty:  # else torch promotes the product to float32
-        y = cast_out(y, x.dtype, EXACT).to(tl.float32)
+        y = cast_out(y, x_ptr.dtype.element_ty, EXACT).to(tl.float32)
     q, scale = quant_tiles(tl.reshape(y, (1, BLOCK_N)), 1, BLOCK_N, POW2, EXACT)
     tl.store(q_ptr + row * stride_q + offs, tl.reshape(q, (BLOCK_N,)), mask=mask)
     t = tl.arange(0, BLOCK_N // 128)
