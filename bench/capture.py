@@ -41,7 +41,7 @@ def one(mode: str, kind: str) -> dict:
     from model_def import DeepseekV3, ModelConfig
 
     try:
-        from dsv3c.exporter import example_inputs
+        from dsv3c.frontend.exporter import example_inputs
     except ImportError:  # older layout
         from dsv3c.capture import example_inputs
 

@@ -68,7 +68,7 @@ def one_export(mode: str) -> dict:
     from model_def import DeepseekV3, ModelConfig
 
     try:
-        from dsv3c.exporter import example_inputs
+        from dsv3c.frontend.exporter import example_inputs
     except ImportError:  # older layout
         from dsv3c.capture import example_inputs
 

@@ -53,7 +53,7 @@ def _header() -> None:
 
 def _random_fp8_weights(experts: int, n: int, k: int, dev):
     """(wq [experts, n, k] e4m3, scales [experts, n/128, k/128]) of random N(0, 0.02²) bf16 weights."""
-    from dsv3c import fp8
+    from dsv3c.ops import fp8
 
     wq = torch.empty(experts, n, k, dtype=torch.float8_e4m3fn, device=dev)
     ws = torch.empty(experts, math.ceil(n / 128), math.ceil(k / 128), device=dev)
@@ -64,8 +64,8 @@ def _random_fp8_weights(experts: int, n: int, k: int, dev):
 
 def bench_gemm(dev) -> None:
     """FP8 block-scaled GEMM (Triton) vs torch._scaled_mm and vs cuBLAS BF16 at M=4096, N=7168, K=16384."""
-    from dsv3c import fp8
-    from dsv3c.kernels import fp8_gemm
+    from dsv3c.ops import fp8
+    from dsv3c.codegen.kernels import fp8_gemm
 
     m, n, k = 4096, HIDDEN, 16384
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
@@ -100,8 +100,8 @@ def bench_gemm(dev) -> None:
 
 def bench_grouped_gemm(dev) -> None:
     """Grouped FP8 GEMM over 256 experts (gate+up, 2·2048 x 7168) vs the dense FP8 GEMM of the same work."""
-    from dsv3c import fp8
-    from dsv3c.kernels import fp8_gemm, grouped_fp8_gemm
+    from dsv3c.ops import fp8
+    from dsv3c.codegen.kernels import fp8_gemm, grouped_fp8_gemm
 
     tokens, top_k = 4096, 8
     t_rows, n, k = tokens * top_k, 2 * EXPERT_WIDTH, HIDDEN
@@ -131,8 +131,8 @@ def _copy_bandwidth(dev) -> float:
 
 def bench_mla_decode(dev, block_h: int, block_n: int, num_warps: int) -> None:
     """Paged MLA decode attention (128 heads, 512 + 64 latent) vs the measured copy bandwidth."""
-    from dsv3c import ref
-    from dsv3c.kernels import mla_decode
+    from dsv3c.ops import ref
+    from dsv3c.codegen.kernels import mla_decode
 
     bw = _copy_bandwidth(dev)
     scale = mla_decode.softmax_scale()
@@ -163,7 +163,7 @@ def bench_prefill(dev) -> None:
     """Causal prefill attention (q/k 192, v 128, 128 heads, 4096 tokens) vs torch SDPA."""
     import torch.nn.functional as F
 
-    from dsv3c.kernels import attention_prefill
+    from dsv3c.codegen.kernels import attention_prefill
 
     bsz, s, dqk, dv = 1, 4096, 192, 128
     q = torch.randn(bsz, s, HEADS, dqk, device=dev, dtype=torch.bfloat16)
@@ -202,8 +202,8 @@ def _mem_row(kernel, shape, nbytes, triton_fn, base_label, base_fn, check) -> No
 
 def bench_rmsnorm(dev) -> None:
     """RMSNorm over 4096 x 7168 bf16 (and fused with 1x128 quantisation) vs torch eager."""
-    from dsv3c import fp8, ref
-    from dsv3c.kernels import rmsnorm
+    from dsv3c.ops import fp8, ref
+    from dsv3c.codegen.kernels import rmsnorm
 
     m, n = 4096, HIDDEN
     x = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
@@ -219,8 +219,8 @@ def bench_rmsnorm(dev) -> None:
 
 def bench_rope(dev) -> None:
     """Interleaved RoPE on q_pe [1, 4096, 128, 64] bf16 vs torch eager."""
-    from dsv3c import ref
-    from dsv3c.kernels import rope
+    from dsv3c.ops import ref
+    from dsv3c.codegen.kernels import rope
 
     s, d = 4096, ROPE_DIM
     x = torch.randn(1, s, HEADS, d, device=dev, dtype=torch.bfloat16)
@@ -233,8 +233,8 @@ def bench_rope(dev) -> None:
 
 def bench_swiglu(dev) -> None:
     """SwiGLU over the routed experts' rows [32768, 2048] bf16 (and fused with quantisation) vs torch eager."""
-    from dsv3c import fp8, ref
-    from dsv3c.kernels import swiglu
+    from dsv3c.ops import fp8, ref
+    from dsv3c.codegen.kernels import swiglu
 
     m, f = 4096 * 8, EXPERT_WIDTH
     gate_up = torch.randn(m, 2 * f, device=dev, dtype=torch.bfloat16)
@@ -250,8 +250,8 @@ def bench_swiglu(dev) -> None:
 
 def bench_router(dev) -> None:
     """Router (FP32 GEMM in torch + Triton selection) on 4096 tokens x 256 experts vs torch eager ref.moe_gate."""
-    from dsv3c import ref
-    from dsv3c.kernels import router
+    from dsv3c.ops import ref
+    from dsv3c.codegen.kernels import router
 
     t = 4096
     x = torch.randn(t, HIDDEN, device=dev, dtype=torch.bfloat16)

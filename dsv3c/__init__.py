@@ -6,8 +6,8 @@ from dsv3c import ops  # noqa: F401  (registers the dsv3 op vocabulary)
 
 
 def capture(cfg, mode: str = "train", batch: int = 1, seq: int = 4096, kv_len: int = 0, model=None):
-    """Export cfg's model (MTP included) for mode at the given shapes as a Program (see dsv3c.exporter)."""
-    from dsv3c.exporter import capture as _capture  # late: exporter imports model_def, which imports dsv3c.ops
+    """Export cfg's model (MTP included) for mode at the given shapes as a Program (see dsv3c.frontend.exporter)."""
+    from dsv3c.frontend.exporter import capture as _capture  # late: exporter imports model_def, which imports dsv3c.ops
 
     return _capture(cfg, mode, batch, seq, kv_len, model)
 

@@ -95,7 +95,7 @@ def _progress(index: int, total: int, name: str) -> None:
 
 def cmd_compile(args, argv) -> int:
     """dsv3c compile."""
-    import dsv3c.pipeline as pipeline
+    import dsv3c.passmgr.pipeline as pipeline
     import passes
     from dsv3c.driver import compile_model
 
@@ -158,7 +158,7 @@ def cmd_passes(args, argv) -> int:
 
 def cmd_inspect(args, argv) -> int:
     """dsv3c inspect."""
-    from dsv3c import dumpview
+    from dsv3c.passmgr import dumpview
 
     directory = Path(args.dir)
     if not directory.is_dir():
@@ -174,7 +174,7 @@ RUN_MAX_PARAMS = 2_000_000_000  # run holds real weights on one device
 
 
 def cmd_run(args, argv) -> int:
-    """dsv3c run: exit 0 when the lowered graph's logits are within the FP8 tolerance (dsv3c.executor), else 1."""
+    """dsv3c run: exit 0 when the lowered graph's logits are within the FP8 tolerance (dsv3c.runtime.executor), else 1."""
     import os
 
     import torch
@@ -183,7 +183,7 @@ def cmd_run(args, argv) -> int:
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             raise UsageError("no GPU and triton was imported before TRITON_INTERPRET=1 could be set")
         os.environ["TRITON_INTERPRET"] = "1"
-    from dsv3c.executor import run_model
+    from dsv3c.runtime.executor import run_model
     from model_def import DeepseekV3
     from model_def.counts import parameter_counts
 
@@ -202,10 +202,10 @@ COMMANDS = {"compile": cmd_compile, "targets": cmd_targets, "passes": cmd_passes
 
 def _user_errors() -> tuple:
     """The exception types that mean bad input (one line, exit 2), not a bug."""
-    from dsv3c.exporter import CaptureError
+    from dsv3c.frontend.exporter import CaptureError
     from dsv3c.driver import OptionError, OutputError
-    from dsv3c.dumpview import DumpError
-    from dsv3c.pipeline import UnknownPassError
+    from dsv3c.passmgr.dumpview import DumpError
+    from dsv3c.passmgr.pipeline import UnknownPassError
     from model_def import ConfigError
     from model_def.checkpoint import CheckpointError
     from targets import TargetError
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
         print("dsv3c: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        from dsv3c.pipeline import PipelineError
+        from dsv3c.passmgr.pipeline import PipelineError
 
         if isinstance(e, _user_errors()):
             print(f"dsv3c: error: {str(e).splitlines()[0]}", file=sys.stderr)

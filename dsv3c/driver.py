@@ -11,12 +11,12 @@ import torch
 import passes
 import targets
 from dsv3c import __version__
-from dsv3c.exporter import capture, check_shapes
-from dsv3c.dumps import Dumper
+from dsv3c.frontend.exporter import capture, check_shapes
+from dsv3c.passmgr.dumps import Dumper
 from dsv3c.ir import PassContext
-from dsv3c.pipeline import Printing, parse_pipeline, run_pipeline
+from dsv3c.passmgr.pipeline import Printing, parse_pipeline, run_pipeline
 from dsv3c.report import build_plan, write_report
-from dsv3c.summary import model_figures
+from dsv3c.cost.figures import model_figures
 from model_def import DeepseekV3, ModelConfig
 from model_def.counts import parameter_counts
 

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from dsv3c import fp8 as fp8q
+from dsv3c.ops import fp8 as fp8q
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

@@ -2,7 +2,7 @@
 
 from collections import defaultdict
 
-from dsv3c.costs import node_cost
+from dsv3c.cost.nodes import node_cost
 from dsv3c.ir import PassContext, Program, layer_of
 from passes.registry import register
 

@@ -13,7 +13,7 @@ import torch
 from torch import fx
 
 import dsv3c.ops  # noqa: F401  (registers torch.ops.dsv3)
-from dsv3c import fp8
+from dsv3c.ops import fp8
 from dsv3c.ir import PassContext, Program, module_path
 from passes.registry import register
 

@@ -2,10 +2,10 @@
 
 Each op node (rms_norm, rope, swiglu, moe_gate, act_quant, fp8_gemm, fp8_linear, moe_experts_fp8,
 moe_experts_fp8_train, latent_attention, mla_attention) is replaced by one kernel_call node whose
-specialisation (dsv3c.lowering.CallSpec) fixes its shapes and dtypes and lists the Triton kernels it launches,
+specialisation (dsv3c.codegen.lowering.CallSpec) fixes its shapes and dtypes and lists the Triton kernels it launches,
 with tile configs from targets.tile_config(gpu, family, mode) (and the target's compute SMs for MLA decode's
 split count). Specialisations are memoised by (op, input shapes/dtypes, attributes), so the 61 identical
-layers of the 671B model cost one specialisation each. Ops without a kernel stay (dsv3c.lowering.NO_KERNEL:
+layers of the 671B model cost one specialisation each. Ops without a kernel stay (dsv3c.codegen.lowering.NO_KERNEL:
 the BF16 `moe_experts`, which fp8_quant removes) and are counted under stats['unlowered'].
 
 With an output directory (options['out'], set by the driver to its staging dir) and options['aot'] not
@@ -19,7 +19,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from dsv3c.ir import PassContext, Program
-from dsv3c.lowering import LOWERED_OPS, NO_KERNEL, get_spec, kernel_call_op, kernel_entry, kernel_uses, lower_graph
+from dsv3c.codegen.lowering import LOWERED_OPS, NO_KERNEL, get_spec, kernel_call_op, kernel_entry, kernel_uses, lower_graph
 from passes.registry import register
 
 KERNEL_DIR = "kernels"
@@ -49,7 +49,7 @@ def lower_triton(program: Program, ctx: PassContext):
     records = {}
     out = ctx.options.get("out")
     if out and ctx.options.get("aot", True):
-        from dsv3c.kernel_build import compile_kernels  # late: it starts worker processes only when asked
+        from dsv3c.codegen.kernel_build import compile_kernels  # late: it starts worker processes only when asked
 
         progress = ctx.options.get("kernel_progress") or (_terminal_progress if sys.stderr.isatty() else None)
         records = compile_kernels(kernels, Path(out) / KERNEL_DIR, ctx.options.get("kernel_cache"),

@@ -16,7 +16,8 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 import targets
 import dsv3c.ops  # noqa: F401  (registers torch.ops.dsv3)
-from dsv3c.costs import nbytes
+from dsv3c.cost import roofline
+from dsv3c.cost.nodes import nbytes
 from dsv3c.ir import PassContext, Program, module_path
 from passes.registry import register
 
@@ -66,7 +67,7 @@ def form_costs(shape: dict, gpu) -> dict:
         "absorbed_flops": absorbed_flops, "absorbed_bytes": absorbed_bytes,
     }  # fmt: skip
     for form in ("plain", "absorbed"):
-        out[f"{form}_us"] = round(1e6 * targets.matmul_seconds(out[f"{form}_flops"], out[f"{form}_bytes"], gpu), 3)
+        out[f"{form}_us"] = round(1e6 * roofline.matmul_seconds(out[f"{form}_flops"], out[f"{form}_bytes"], gpu), 3)
     return out
 
 

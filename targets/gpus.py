@@ -71,3 +71,16 @@ def gpu_spec(name: str | GPUSpec) -> GPUSpec:
     if key not in GPUS:
         raise TargetError(f"unknown GPU {name!r} (known GPUs: {', '.join(sorted(GPUS))})")
     return GPUS[key]
+
+def as_gpu_spec(gpu) -> GPUSpec:
+    """The GPUSpec of a spec, a GPU name, or a Target."""
+    return gpu.gpu if hasattr(gpu, "gpu") and isinstance(gpu.gpu, GPUSpec) else gpu_spec(gpu)
+
+
+MODES = ("train", "prefill", "decode")
+
+def compute_sms(target, mode: str) -> int:
+    """SMs left to compute kernels: all SMs in decode, sms - comm_sms in train and prefill."""
+    if mode not in MODES:
+        raise TargetError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
+    return target.gpu.sms if mode == "decode" else target.gpu.sms - target.comm_sms

@@ -13,8 +13,8 @@ Hopper) and raises TargetError if even one stage does not.
 
 from __future__ import annotations
 
-from .cost_model import _gpu, compute_sms
 from .errors import TargetError
+from .gpus import as_gpu_spec, compute_sms
 
 FAMILIES = ("fp8_gemm", "grouped_fp8_gemm", "act_quant", "rmsnorm", "rope", "swiglu", "router",
             "mla_decode", "attention_prefill")
@@ -56,7 +56,7 @@ def shared_bytes(family: str, c: dict) -> int:
 
 def tile_config(gpu_name, family: str, mode: str = "train") -> dict:
     """The tile config (BLOCK_*, num_warps, num_stages, shared_bytes, arch) of a kernel family on a GPU."""
-    gpu = _gpu(gpu_name)
+    gpu = as_gpu_spec(gpu_name)
     if family not in FAMILIES:
         raise TargetError(f"unknown kernel family {family!r} (known: {', '.join(FAMILIES)})")
     if mode not in MODES:
@@ -76,5 +76,5 @@ def tile_config(gpu_name, family: str, mode: str = "train") -> dict:
 
 
 def grid_sms(target, mode: str) -> int:
-    """SMs a compute kernel's persistent grid may occupy in a mode (see cost_model.compute_sms)."""
+    """SMs a compute kernel's persistent grid may occupy in a mode (see targets.compute_sms)."""
     return compute_sms(target, mode)

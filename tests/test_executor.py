@@ -12,7 +12,7 @@ import torch
 
 import dsv3c  # noqa: F401  (first: registers the dsv3 ops)
 from dsv3c import cli
-from dsv3c.executor import REL_TOL, TOP1_MIN, RunResult
+from dsv3c.runtime.executor import REL_TOL, TOP1_MIN, RunResult
 from model_def import DeepseekV3, ModelConfig
 from model_def.checkpoint import save_checkpoint
 from model_def.config import TINY

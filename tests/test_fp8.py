@@ -1,4 +1,4 @@
-"""Properties of the reference FP8 math in dsv3c.fp8: quantisation error bounds, GEMM error bounds, promotion."""
+"""Properties of the reference FP8 math in dsv3c.ops.fp8: quantisation error bounds, GEMM error bounds, promotion."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dsv3c import fp8
+from dsv3c.ops import fp8
 
 U32 = 2.0**-24  # float32 unit roundoff
 

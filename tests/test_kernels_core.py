@@ -1,4 +1,4 @@
-"""Core Triton kernels (norm, rope, swiglu, router, MLA decode, prefill attention) against dsv3c.ref.
+"""Core Triton kernels (norm, rope, swiglu, router, MLA decode, prefill attention) against dsv3c.ops.ref.
 
 Kernels run on the CPU under TRITON_INTERPRET=1 (tests/conftest.py) on drawn small shapes, ragged ones
 included. Tolerances:
@@ -23,8 +23,8 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from dsv3c import fp8, ref
-from dsv3c.kernels import attention_prefill, mla_decode, rmsnorm, rope, router, swiglu
+from dsv3c.ops import fp8, ref
+from dsv3c.codegen.kernels import attention_prefill, mla_decode, rmsnorm, rope, router, swiglu
 
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16])
 
@@ -208,7 +208,7 @@ def _specs():
 _AOT_CHILD = """
 import json, sys
 from pathlib import Path
-from dsv3c.triton_aot import compile_aot
+from dsv3c.codegen.triton_aot import compile_aot
 from tests.test_kernels_core import _specs
 out = Path(sys.argv[1])
 records = {label: compile_aot(spec, out / label, out / "cache") for label, spec, _ in _specs()}

@@ -1,4 +1,4 @@
-"""The FP8 Triton kernels under the interpreter against dsv3c.fp8, and their sm_90a AOT compile."""
+"""The FP8 Triton kernels under the interpreter against dsv3c.ops.fp8, and their sm_90a AOT compile."""
 
 import re
 import time
@@ -8,9 +8,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dsv3c import fp8
-from dsv3c.kernels import act_quant, fp8_gemm, grouped_fp8_gemm
-from dsv3c.triton_aot import compile_aot
+from dsv3c.ops import fp8
+from dsv3c.codegen.kernels import act_quant, fp8_gemm, grouped_fp8_gemm
+from dsv3c.codegen.triton_aot import compile_aot
 
 
 def randn(seed: int, *shape: int, scale: float = 1.0) -> torch.Tensor:

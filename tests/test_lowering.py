@@ -18,11 +18,12 @@ from hypothesis import strategies as st
 import dsv3c  # noqa: F401  (first: registers the dsv3 ops)
 import passes
 import targets
-from dsv3c import fp8, lowering
+from dsv3c.ops import fp8
+from dsv3c.codegen import lowering
 from dsv3c.driver import compile_model
 from dsv3c.ir import PassContext, layer_of
 from dsv3c.ops import op_name
-from dsv3c.pipeline import run_pipeline
+from dsv3c.passmgr.pipeline import run_pipeline
 from model_def import DeepseekV3, ModelConfig
 
 TINY = ModelConfig.preset("tiny")

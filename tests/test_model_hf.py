@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dsv3c import fp8
+from dsv3c.ops import fp8
 from model_def import DeepseekV3, ModelConfig
 from model_def.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 

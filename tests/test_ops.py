@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dsv3c  # noqa: F401  (registers the dsv3 ops)
-from dsv3c import fp8, ref
+from dsv3c.ops import fp8, ref
 
 dsv3 = torch.ops.dsv3
 g = torch.Generator().manual_seed(0)

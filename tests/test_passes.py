@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import dsv3c
 import passes
 from dsv3c.ir import PassContext
-from dsv3c.verify import verify
+from dsv3c.passmgr.verify import verify
 from model_def import DeepseekV3, ModelConfig
 
 TINY = ModelConfig.preset("tiny")

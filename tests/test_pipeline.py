@@ -19,9 +19,9 @@ import passes
 import targets
 from dsv3c.ir import PassContext
 from dsv3c.ops import op_name
-from dsv3c.pipeline import PipelineError, run_pipeline
-from dsv3c.summary import mode_figures, reduced_config
-from dsv3c.verify import VerificationError, verify
+from dsv3c.passmgr.pipeline import PipelineError, run_pipeline
+from dsv3c.cost.figures import mode_figures, reduced_config
+from dsv3c.passmgr.verify import VerificationError, verify
 from model_def import ModelConfig
 
 TINY = ModelConfig.preset("tiny")

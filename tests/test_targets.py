@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from targets import (DESCRIBE_HEADERS, FAMILIES, GPUS, Target, TargetError, all_to_all_seconds, build_topology,
-                     compute_sms, describe_targets, get_target, gpu_spec, grid_sms, list_targets, matmul_seconds,
-                     tile_config, transfer_seconds)
+from dsv3c.cost.roofline import all_to_all_seconds, matmul_seconds, transfer_seconds
+from targets import (DESCRIBE_HEADERS, FAMILIES, GPUS, Target, TargetError, build_topology, compute_sms,
+                     describe_targets, get_target, gpu_spec, grid_sms, list_targets, tile_config)
 
 BIG = get_target("h800x2048")
 MID = get_target("h800x320")

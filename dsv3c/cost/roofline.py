@@ -16,16 +16,10 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from .errors import TargetError
-from .gpus import GPUSpec, gpu_spec
+from targets import TargetError
+from targets.gpus import as_gpu_spec
 
 DTYPE_BYTES = {"fp8": 1, "bf16": 2, "fp32": 4}
-MODES = ("train", "prefill", "decode")
-
-
-def _gpu(gpu) -> GPUSpec:
-    """The GPUSpec of a spec, a GPU name, or a Target."""
-    return gpu.gpu if hasattr(gpu, "gpu") and isinstance(gpu.gpu, GPUSpec) else gpu_spec(gpu)
 
 
 def gemm_cost(m: int, n: int, k: int, dtype: str = "bf16", out_dtype: str = "bf16") -> tuple[int, int]:
@@ -35,7 +29,7 @@ def gemm_cost(m: int, n: int, k: int, dtype: str = "bf16", out_dtype: str = "bf1
 
 def matmul_seconds(flops: float, bytes: float, gpu, dtype: str = "bf16", sms: int | None = None) -> float:
     """Roofline time of a GEMM: max(flops / peak(dtype) scaled to `sms` SMs, bytes / HBM bandwidth)."""
-    spec = _gpu(gpu)
+    spec = as_gpu_spec(gpu)
     frac = 1.0 if sms is None else sms / spec.sms
     if not 0 < frac <= 1:
         raise TargetError(f"sms {sms} must be in 1..{spec.sms}")
@@ -90,10 +84,3 @@ def _peer(g: int, same_node: bool, same_plane: bool, node: dict, plane: dict, by
                 if h != g and (node[h] == node[g]) == same_node:
                     return h
     raise AssertionError("no peer with a relation whose count is positive")
-
-
-def compute_sms(target, mode: str) -> int:
-    """SMs left to compute kernels: all SMs in decode, sms - comm_sms in train and prefill."""
-    if mode not in MODES:
-        raise TargetError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
-    return target.gpu.sms if mode == "decode" else target.gpu.sms - target.comm_sms

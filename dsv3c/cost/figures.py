@@ -7,8 +7,8 @@ block of each kind (plus MTP) and the per-block costs are multiplied by the bloc
 
 import dataclasses
 
-from dsv3c.exporter import capture
-from dsv3c.costs import nbytes
+from dsv3c.frontend.exporter import capture
+from dsv3c.cost.nodes import nbytes
 from dsv3c.ir import PassContext
 from model_def import ModelConfig
 

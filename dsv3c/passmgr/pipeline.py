@@ -4,9 +4,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from dsv3c.dumps import Dumper, graph_text
+from dsv3c.passmgr.dumps import Dumper, graph_text
 from dsv3c.ir import PassContext, Program
-from dsv3c.verify import Propagator, VerificationError, verify
+from dsv3c.passmgr.verify import Propagator, VerificationError, verify
 
 
 class PipelineError(Exception):

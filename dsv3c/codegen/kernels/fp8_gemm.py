@@ -1,4 +1,4 @@
-"""Block-scaled FP8 GEMM y = x·wᵀ (the `dsv3c.fp8.fp8_gemm` op) as a Triton kernel.
+"""Block-scaled FP8 GEMM y = x·wᵀ (the `dsv3c.ops.fp8.fp8_gemm` op) as a Triton kernel.
 
 x [M, K] e4m3 with 1x128 scales [M, ceil(K/128)], w [N, K] e4m3 with 128x128 scales
 [ceil(N/128), ceil(K/128)], y [M, N] bf16. Tile BLOCK_M x BLOCK_N (64 or 128 x 128), BLOCK_K =
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3c.kernels.common import interpreting, round_bf16
+from dsv3c.codegen.kernels.common import interpreting, round_bf16
 
 BLOCK_K = 128
 
@@ -94,7 +94,7 @@ def launch(xq, xs, wq, ws, block_m: int | None = None, block_n: int | None = Non
 
 def aot_spec(m: int = 4096, n: int = 7168, k: int = 2048):
     """AOTSpec of the FP8 GEMM [m, k]·[n, k]ᵀ -> [m, n] bf16 (an expert's down-projection shape by default)."""
-    from dsv3c.triton_aot import AOTSpec
+    from dsv3c.codegen.triton_aot import AOTSpec
 
     bm, bn, warps, stages = _tiles(m)
     sig = {"a_ptr": "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv", "bs_ptr": "*fp32", "c_ptr": "*bf16",

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3c.kernels.common import TL_DTYPE, cast_out, interpreting, mma_operand
+from dsv3c.codegen.kernels.common import TL_DTYPE, cast_out, interpreting, mma_operand
 
 
 
@@ -138,7 +138,7 @@ def aot_spec(batch: int = 1, seq: int = 4096, heads: int = 128, dqk: int = 192, 
              dtype: torch.dtype = torch.bfloat16, block_m: int | None = None, block_n: int | None = None,
              num_warps: int | None = None, num_stages: int | None = None):
     """AOTSpec of causal prefill attention for [batch, seq, heads] with the 671B head dims (192 / 128)."""
-    from dsv3c.triton_aot import AOTSpec
+    from dsv3c.codegen.triton_aot import AOTSpec
 
     t = TL_DTYPE[dtype]
     cfg = default_config(dqk)

@@ -12,7 +12,7 @@ grid). Spec ids are content hashes, so equal shapes give equal ids in every run 
 - real impl (CPU and CUDA): runs the op's runner, which launches exactly the spec's kernels with the spec's
   constexprs, options and grid (`KernelSpec.launch`): on CPU under Triton's interpreter (TRITON_INTERPRET=1,
   constexpr EXACT on), on CUDA through the normal Triton launch. The compiled artifacts of the same
-  KernelSpecs are what `dsv3c.kernel_build` writes under <out>/kernels/.
+  KernelSpecs are what `dsv3c.codegen.kernel_build` writes under <out>/kernels/.
 
 Some steps of an op have no kernel in the library and run as torch inside the runner; each CallSpec lists
 them in `torch_parts` and the pass reports them: the router's FP32 logits GEMM (the router kernel takes
@@ -41,7 +41,7 @@ from torch import Tensor, fx
 
 import dsv3c.ops  # noqa: F401  (registers torch.ops.dsv3)
 import targets
-from dsv3c import fp8
+from dsv3c.ops import fp8
 from dsv3c.ops import op_name
 
 QUANT_BLOCK = 128
@@ -73,7 +73,7 @@ def _clamp_block(cfg_block: int, dim: int, lo: int = 16) -> int:
 
 def interpreting() -> bool:
     """Whether Triton runs on its CPU interpreter."""
-    from dsv3c.kernels.common import interpreting as interp
+    from dsv3c.codegen.kernels.common import interpreting as interp
 
     return interp()
 
@@ -117,7 +117,7 @@ class KernelSpec:
 
     def aot(self):
         """The AOTSpec the ahead-of-time compiler takes (EXACT off: compiled kernels round in hardware)."""
-        from dsv3c.triton_aot import AOTSpec
+        from dsv3c.codegen.triton_aot import AOTSpec
 
         return AOTSpec(fn=self.fn(), signature=self.signature(), constexprs=dict(self.constexprs),
                        num_warps=self.num_warps, num_stages=self.num_stages, grid=tuple(self.grid),
@@ -260,7 +260,7 @@ def _rows(shape) -> int:
 def k_rmsnorm(rows: int, n: int, xd, wd, yd, tiles: Tiles) -> KernelSpec:
     cfg = tiles("rmsnorm")
     block = max(16, _p2(n))
-    return _kspec("dsv3c.kernels.rmsnorm:rmsnorm_kernel", ptrs={"x_ptr": xd, "w_ptr": wd, "y_ptr": yd},
+    return _kspec("dsv3c.codegen.kernels.rmsnorm:rmsnorm_kernel", ptrs={"x_ptr": xd, "w_ptr": wd, "y_ptr": yd},
                   floats=("eps",), ints={"N": n, "stride_x": n, "stride_y": n},
                   consts={"BLOCK_N": block, "EXACT": False}, cfg=cfg, grid=(rows,),
                   num_warps=max(1, min(cfg["num_warps"], block // 256)), shapes={"rows": rows, "N": n},
@@ -270,7 +270,7 @@ def k_rmsnorm(rows: int, n: int, xd, wd, yd, tiles: Tiles) -> KernelSpec:
 def k_act_quant(m: int, k: int, xd, pow2: bool, tiles: Tiles) -> KernelSpec:
     cfg = tiles("act_quant")
     bm = max(1, min(cfg["BLOCK_M"], _p2(m)))
-    return _kspec("dsv3c.kernels.act_quant:act_quant_kernel",
+    return _kspec("dsv3c.codegen.kernels.act_quant:act_quant_kernel",
                   ptrs={"x_ptr": xd, "y_ptr": fp8.FP8, "s_ptr": torch.float32}, ints={"M": m, "K": k},
                   consts={"BLOCK_M": bm, "BLOCK_K": QUANT_BLOCK, "POW2": bool(pow2), "EXACT": False}, cfg=cfg,
                   grid=(_cdiv(m, bm), _cdiv(k, QUANT_BLOCK)), shapes={"M": m, "K": k},
@@ -282,7 +282,7 @@ def k_fp8_gemm(m: int, n: int, k: int, tiles: Tiles) -> KernelSpec:
     bm, bn = _clamp_block(cfg["BLOCK_M"], m, GEMM_MIN_M), _clamp_block(cfg["BLOCK_N"], n)
     ptrs = {"a_ptr": fp8.FP8, "as_ptr": torch.float32, "b_ptr": fp8.FP8, "bs_ptr": torch.float32,
             "c_ptr": torch.bfloat16}
-    return _kspec("dsv3c.kernels.fp8_gemm:fp8_gemm_kernel", ptrs=ptrs, ints={"M": m, "N": n, "K": k},
+    return _kspec("dsv3c.codegen.kernels.fp8_gemm:fp8_gemm_kernel", ptrs=ptrs, ints={"M": m, "N": n, "K": k},
                   consts={"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": cfg["BLOCK_K"], "EXACT": False}, cfg=cfg,
                   grid=(_cdiv(m, bm), _cdiv(n, bn)), shapes={"M": m, "N": n, "K": k}, tag=f"fp8_gemm_{m}x{n}x{k}")
 
@@ -293,7 +293,7 @@ def k_grouped(t: int, e: int, n: int, k: int, tiles: Tiles) -> KernelSpec:
     bn = _clamp_block(cfg["BLOCK_N"], n)
     ptrs = {"a_ptr": fp8.FP8, "as_ptr": torch.float32, "b_ptr": fp8.FP8, "bs_ptr": torch.float32,
             "c_ptr": torch.bfloat16, "offsets_ptr": torch.int32}
-    return _kspec("dsv3c.kernels.grouped_fp8_gemm:grouped_fp8_gemm_kernel", ptrs=ptrs, ints={"N": n, "K": k, "E": e},
+    return _kspec("dsv3c.codegen.kernels.grouped_fp8_gemm:grouped_fp8_gemm_kernel", ptrs=ptrs, ints={"N": n, "K": k, "E": e},
                   consts={"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": cfg["BLOCK_K"], "E_POW2": _p2(e), "EXACT": False},
                   cfg=cfg, grid=(_cdiv(t, bm) + min(e, t), _cdiv(n, bn)), shapes={"T": t, "E": e, "N": n, "K": k},
                   tag=f"grouped_fp8_gemm_{t}x{e}x{n}x{k}")
@@ -307,7 +307,7 @@ def _swiglu_blocks(m: int, f: int, quant: bool, cfg: dict) -> tuple[int, int]:
 def k_swiglu(m: int, f: int, dt, tiles: Tiles) -> KernelSpec:
     cfg = tiles("swiglu")
     bm, bf = _swiglu_blocks(m, f, False, cfg)
-    return _kspec("dsv3c.kernels.swiglu:swiglu_kernel", ptrs={"g_ptr": dt, "u_ptr": dt, "h_ptr": dt},
+    return _kspec("dsv3c.codegen.kernels.swiglu:swiglu_kernel", ptrs={"g_ptr": dt, "u_ptr": dt, "h_ptr": dt},
                   ints={"M": m, "F": f, "sg": f, "su": f, "sh": f},
                   consts={"BLOCK_M": bm, "BLOCK_F": bf, "EXACT": False}, cfg=cfg, grid=(_cdiv(m, bm), _cdiv(f, bf)),
                   shapes={"M": m, "F": f}, tag=f"swiglu_{m}x{f}")
@@ -317,7 +317,7 @@ def k_swiglu_quant(m: int, f: int, dt, tiles: Tiles) -> KernelSpec:
     cfg = tiles("swiglu")
     bm, bf = _swiglu_blocks(m, f, True, cfg)
     ptrs = {"g_ptr": dt, "u_ptr": dt, "q_ptr": fp8.FP8, "s_ptr": torch.float32}
-    return _kspec("dsv3c.kernels.swiglu:swiglu_quant_kernel", ptrs=ptrs,
+    return _kspec("dsv3c.codegen.kernels.swiglu:swiglu_quant_kernel", ptrs=ptrs,
                   ints={"M": m, "F": f, "sg": f, "su": f, "sq": f, "ss": _cdiv(f, QUANT_BLOCK)},
                   consts={"BLOCK_M": bm, "BLOCK_F": bf, "POW2": False, "EXACT": False}, cfg=cfg,
                   grid=(_cdiv(m, bm), _cdiv(f, bf)), shapes={"M": m, "F": f}, tag=f"swiglu_quant_{m}x{f}")
@@ -339,7 +339,7 @@ def build_rope(ins, outs, attrs, tiles):
     bh = max(1, min(cfg["BLOCK_M"], _p2(h)))
     ints = {"S": s, "H": h, "HALF": half, "sxb": s * h * d, "sxs": h * d, "sxh": d, "scb": s * half, "scs": half,
             "ssb": s * half, "sss": half, "syb": s * h * d, "sys": h * d, "syh": d}
-    k = _kspec("dsv3c.kernels.rope:rope_kernel", ptrs={"x_ptr": xd, "cos_ptr": cd, "sin_ptr": sd, "y_ptr": xd},
+    k = _kspec("dsv3c.codegen.kernels.rope:rope_kernel", ptrs={"x_ptr": xd, "cos_ptr": cd, "sin_ptr": sd, "y_ptr": xd},
                ints=ints, consts={"BLOCK_H": bh, "BLOCK_HALF": _p2(half), "EXACT": False}, cfg=cfg,
                grid=(b * s, _cdiv(h, bh)), shapes={"B": b, "S": s, "H": h, "D": d}, tag=f"rope_{b}x{s}x{h}x{d}")
     return (k,), ()
@@ -376,7 +376,7 @@ def build_moe_gate(ins, outs, attrs, tiles):
                   NORM=bool(attrs["norm_topk_prob"]), BLOCK_T=block_t, BLOCK_E=_p2(e), BLOCK_G=_p2(n_group),
                   BLOCK_K=_p2(top_k))
     ptrs = {"logits_ptr": torch.float32, "bias_ptr": bd, "w_ptr": torch.float32, "id_ptr": torch.int64}
-    k = _kspec("dsv3c.kernels.router:router_kernel", ptrs=ptrs, floats=("scaling",),
+    k = _kspec("dsv3c.codegen.kernels.router:router_kernel", ptrs=ptrs, floats=("scaling",),
                ints={"T": t, "E": e, "stride_l": e, "stride_w": top_k, "stride_i": top_k}, consts=consts, cfg=cfg,
                grid=(_cdiv(t, block_t),), shapes={"T": t, "E": e, "k": top_k}, tag=f"router_{t}x{e}_top{top_k}")
     return (k,), ("router_logits_gemm",)
@@ -401,7 +401,7 @@ def build_moe_experts_fp8_train(ins, outs, attrs, tiles):
 
 
 def build_mla_attention(ins, outs, attrs, tiles):
-    from dsv3c.kernels.attention_prefill import head_split
+    from dsv3c.codegen.kernels.attention_prefill import head_split
 
     (qs, qd), (ks, _), (vs, _) = ins
     b, s, h, dqk = qs
@@ -413,7 +413,7 @@ def build_mla_attention(ins, outs, attrs, tiles):
             "skt": h * dqk, "skh": dqk, "svb": t * h * dv, "svt": h * dv, "svh": dv, "sob": s * h * dv, "sos": h * dv,
             "soh": dv}
     consts = dict(DQK=dqk, DV=dv, DA=da, DB=db, BLOCK_DV=max(16, _p2(dv)), BLOCK_M=bm, BLOCK_N=bn, EXACT=False)
-    k = _kspec("dsv3c.kernels.attention_prefill:prefill_attention_kernel",
+    k = _kspec("dsv3c.codegen.kernels.attention_prefill:prefill_attention_kernel",
                ptrs={"q_ptr": qd, "k_ptr": qd, "v_ptr": qd, "o_ptr": qd}, floats=("sm_scale",), ints=ints,
                consts=consts, cfg=cfg, grid=(_cdiv(s, bm), b * h), shapes={"B": b, "S": s, "T": t, "H": h, "Dqk": dqk,
                                                                             "Dv": dv},
@@ -427,7 +427,7 @@ def _latent_dims(r: int, dr: int) -> tuple[int, int]:
 
 
 def build_latent_attention(ins, outs, attrs, tiles):
-    from dsv3c.kernels.mla_decode import default_splits
+    from dsv3c.codegen.kernels.mla_decode import default_splits
 
     (qs, qd), _, (cs, cd), _ = ins
     b, s, h, r = qs
@@ -444,12 +444,12 @@ def build_latent_attention(ins, outs, attrs, tiles):
     ints = {"H": h, "sql_b": h * rp, "sql_h": rp, "sqp_b": h * drp, "sqp_h": drp, "s_page": PAGE * (rp + drp),
             "s_tok": rp + drp, "sbt_b": pps, "so_b": h * rp, "so_h": rp}
     shapes = {"B": b, "S": s, "T": t, "H": h, "R": r, "Dr": dr}
-    main = _kspec("dsv3c.kernels.mla_decode:mla_decode_kernel", ptrs=ptrs, floats=("sm_scale",), ints=ints,
+    main = _kspec("dsv3c.codegen.kernels.mla_decode:mla_decode_kernel", ptrs=ptrs, floats=("sm_scale",), ints=ints,
                   consts=dict(R=rp, DR=drp, PAGE_SIZE=PAGE, BLOCK_H=bh, BLOCK_N=bn, NUM_SPLITS=splits, EXACT=False),
                   cfg=cfg, grid=(rows, _cdiv(h, bh), splits), shapes=shapes, tag=f"mla_decode_{b}x{s}x{t}x{h}")
     kernels = (main,)
     if splits > 1:
-        kernels += (_kspec("dsv3c.kernels.mla_decode:mla_combine_kernel",
+        kernels += (_kspec("dsv3c.codegen.kernels.mla_decode:mla_combine_kernel",
                            ptrs={"part_ptr": torch.float32, "lse_ptr": torch.float32, "o_ptr": qd},
                            ints={"H": h, "so_b": h * rp, "so_h": rp},
                            consts=dict(R=rp, NUM_SPLITS=splits, BLOCK_S=_p2(splits), EXACT=False), cfg=cfg,

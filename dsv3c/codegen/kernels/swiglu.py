@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3c.kernels.common import TL_DTYPE, cast_out, interpreting, quant_tiles
+from dsv3c.codegen.kernels.common import TL_DTYPE, cast_out, interpreting, quant_tiles
 
 
 
@@ -101,7 +101,7 @@ def launch_quant(gate: torch.Tensor, up: torch.Tensor, pow2_scale: bool = False)
 def aot_spec(m: int = 4096, f: int = 2048, dtype: torch.dtype = torch.bfloat16, quant: bool = False,
              pow2_scale: bool = False):
     """AOTSpec of (quant-fused) SwiGLU on [m, f] (an expert's width 2048 by default)."""
-    from dsv3c.triton_aot import AOTSpec
+    from dsv3c.codegen.triton_aot import AOTSpec
 
     t = TL_DTYPE[dtype]
     bm, bf = _blocks(m, f, quant)

@@ -1,16 +1,16 @@
 """RMSNorm kernels: y = w ⊙ x / sqrt(mean(x²) + ε) over the last dim, plus a variant fused with 1x128 FP8 quant.
 
 One program normalises one row (the whole hidden dim lives in registers, padded to a power of two).
-The fused variant quantises the normed row in 1x128 tiles exactly as `dsv3c.fp8.act_quant` does:
+The fused variant quantises the normed row in 1x128 tiles exactly as `dsv3c.ops.fp8.act_quant` does:
 scale = max(amax, 1e-4) / 448 per tile (optionally rounded up to a power of two), xq = e4m3(y / scale).
-Interpreter rounding (EXACT) is explained in `dsv3c.kernels.common`.
+Interpreter rounding (EXACT) is explained in `dsv3c.codegen.kernels.common`.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from dsv3c.kernels.common import QUANT_BLOCK, TL_DTYPE, cast_out, interpreting, quant_tiles
+from dsv3c.codegen.kernels.common import QUANT_BLOCK, TL_DTYPE, cast_out, interpreting, quant_tiles
 
 @triton.jit
 def weighted_norm_row(x_ptr, w_ptr, row, offs, mask, N, stride_x, eps, EXACT: tl.constexpr):
@@ -99,7 +99,7 @@ def launch_quant(
 def aot_spec(rows: int = 4096, n: int = 7168, dtype: torch.dtype = torch.bfloat16, quant: bool = False,
              pow2_scale: bool = False):
     """AOTSpec of the (quant-fused) RMSNorm of `rows` rows of n `dtype` values (the 671B hidden size by default)."""
-    from dsv3c.triton_aot import AOTSpec
+    from dsv3c.codegen.triton_aot import AOTSpec
 
     t = TL_DTYPE[dtype]
     block = _block_n(n, quant)

@@ -1,14 +1,14 @@
 """The dsv3 op vocabulary: every custom op of the IR, its reference semantics, fake shapes and autograd.
 
 Each op is a `torch.library.custom_op` that stays one node through torch.export. The reference
-implementation lives in `dsv3c.ref` (or `dsv3c.fp8` for the FP8 ops); the fake implementation gives
+implementation lives in `dsv3c.ops.ref` (or `dsv3c.ops.fp8` for the FP8 ops); the fake implementation gives
 shapes and dtypes only, so the 671B model can be captured on meta tensors.
 """
 
 import torch
 from torch import Tensor
 
-from dsv3c import fp8, ref
+from dsv3c.ops import fp8, ref
 
 NAMESPACE = "dsv3"
 

@@ -1,4 +1,4 @@
-"""Grouped block-scaled FP8 GEMM of the routed experts (the `dsv3c.fp8.grouped_fp8_gemm` op) as a Triton kernel.
+"""Grouped block-scaled FP8 GEMM of the routed experts (the `dsv3c.ops.fp8.grouped_fp8_gemm` op) as a Triton kernel.
 
 Tokens are sorted by expert: rows offsets[e]:offsets[e+1] of x [T, K] (e4m3, 1x128 scales
 [T, ceil(K/128)]) go through expert e's weight w[e] [N, K] (e4m3, 128x128 scales [E, ceil(N/128),
@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3c.kernels.common import interpreting
-from dsv3c.kernels.fp8_gemm import BLOCK_K, block_scaled_dot, store_bf16
+from dsv3c.codegen.kernels.common import interpreting
+from dsv3c.codegen.kernels.fp8_gemm import BLOCK_K, block_scaled_dot, store_bf16
 
 
 @triton.jit
@@ -74,7 +74,7 @@ def launch(aq, a_scale, wq, ws, offsets, block_m: int | None = None, block_n: in
 
 def aot_spec(t: int = 4096 * 8, experts: int = 256, n: int = 4096, k: int = 7168):
     """AOTSpec of the grouped FP8 GEMM of t sorted tokens over `experts` weights [n, k] (671B gate_up by default)."""
-    from dsv3c.triton_aot import AOTSpec
+    from dsv3c.codegen.triton_aot import AOTSpec
 
     bm, bn, warps, stages = _tiles(t, experts)
     sig = {"a_ptr": "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv", "bs_ptr": "*fp32", "c_ptr": "*bf16",

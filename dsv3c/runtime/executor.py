@@ -113,10 +113,10 @@ def run_model(cfg, mode: str = "prefill", seed: int = 0, checkpoint=None, batch:
     """Capture cfg with real weights, lower it to Triton kernel calls, run it and compare with the eager model."""
     import passes
     import targets as targets_mod
-    from dsv3c.exporter import capture
+    from dsv3c.frontend.exporter import capture
     from dsv3c.ir import PassContext
-    from dsv3c.lowering import kernel_call_op
-    from dsv3c.pipeline import run_pipeline
+    from dsv3c.codegen.lowering import kernel_call_op
+    from dsv3c.passmgr.pipeline import run_pipeline
     from model_def import DeepseekV3
 
     if mode not in DEFAULT_SHAPES:

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3c.kernels.common import TL_DTYPE, cast_out, interpreting
+from dsv3c.codegen.kernels.common import TL_DTYPE, cast_out, interpreting
 
 
 
@@ -69,7 +69,7 @@ def launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def aot_spec(tokens: int = 4096, heads: int = 128, d: int = 64, dtype: torch.dtype = torch.bfloat16):
     """AOTSpec of RoPE on q_pe [1, tokens, heads, d] (the 671B query's rope part by default), contiguous."""
-    from dsv3c.triton_aot import AOTSpec
+    from dsv3c.codegen.triton_aot import AOTSpec
 
     t = TL_DTYPE[dtype]
     block_h, block_half = _blocks(heads, d // 2)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from dsv3c.dumps import layer_lines, unified_diff
+from dsv3c.passmgr.dumps import layer_lines, unified_diff
 
 
 class DumpError(ValueError):

@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of a lowered graph's kernel specialisations, through the on-disk cache, in parallel.
 
-Each distinct KernelSpec is compiled by `dsv3c.triton_aot.compile_aot` for sm_90a. Specialisations whose
+Each distinct KernelSpec is compiled by `dsv3c.codegen.triton_aot.compile_aot` for sm_90a. Specialisations whose
 compiled code is identical (same source, types, constexprs, divisibility and options: the same cache key)
 share one set of files. Cache misses are compiled first by worker processes (one per core, at most `jobs`),
 each a clean Python without TRITON_INTERPRET that takes specs one at a time from this process, so the
@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from dsv3c.lowering import KernelSpec, interpreting
+from dsv3c.codegen.lowering import KernelSpec, interpreting
 
 
 def default_cache_dir() -> Path:
@@ -32,7 +32,7 @@ def default_cache_dir() -> Path:
 
 def stem_of(k: KernelSpec) -> str:
     """The compiled files' stem (and cache entry name) of a spec, as compile_aot names them."""
-    from dsv3c.triton_aot import spec_stem
+    from dsv3c.codegen.triton_aot import spec_stem
 
     return spec_stem(k.aot())
 
@@ -42,7 +42,7 @@ def compile_kernels(kernels, out_dir, cache_dir=None, jobs: int | None = None, p
 
     progress(done, total, name, seconds) is called once per kernel actually compiled (cache misses).
     """
-    from dsv3c.triton_aot import compile_aot
+    from dsv3c.codegen.triton_aot import compile_aot
 
     out_dir, cache = Path(out_dir), Path(cache_dir) if cache_dir else default_cache_dir()
     stems = {k: stem_of(k) for k in kernels}
@@ -60,7 +60,7 @@ def _compile_misses(misses: list[KernelSpec], cache: Path, jobs: int | None, pro
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(misses)))
     total = len(misses)
     if jobs == 1 and not interpreting():  # in-process: no worker start-up cost
-        from dsv3c.triton_aot import compile_aot
+        from dsv3c.codegen.triton_aot import compile_aot
 
         with tempfile.TemporaryDirectory() as tmp:
             for i, k in enumerate(misses, 1):
@@ -78,7 +78,7 @@ def _compile_misses(misses: list[KernelSpec], cache: Path, jobs: int | None, pro
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-        proc = subprocess.Popen([sys.executable, "-m", "dsv3c.kernel_build", str(cache)], stdin=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-m", "dsv3c.codegen.kernel_build", str(cache)], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
         try:
             while not errors:
@@ -117,7 +117,7 @@ def _worker_main(cache: str) -> None:
     """Worker: compile each JSON KernelSpec line of stdin into the cache; reply one JSON line per spec."""
     import traceback
 
-    from dsv3c.triton_aot import compile_aot
+    from dsv3c.codegen.triton_aot import compile_aot
 
     with tempfile.TemporaryDirectory() as tmp:
         for line in sys.stdin:

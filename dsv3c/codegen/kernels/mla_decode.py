@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3c.kernels.common import TL_DTYPE, cast_out, interpreting, mma_operand
+from dsv3c.codegen.kernels.common import TL_DTYPE, cast_out, interpreting, mma_operand
 
 PAGE = 64
 LOG2E = 1.4426950408889634
@@ -159,7 +159,7 @@ def aot_spec(batch: int = 128, heads: int = 128, max_len: int = 4096, dtype: tor
              num_splits: int = 1, block_h: int = 32, block_n: int = 32, num_warps: int = 8, num_stages: int = 2,
              rank: int = 512, rope_dim: int = 64):
     """AOTSpec of the paged MLA decode kernel (the 671B latent shapes: 128 heads, 512 + 64) for one batch size."""
-    from dsv3c.triton_aot import AOTSpec
+    from dsv3c.codegen.triton_aot import AOTSpec
 
     t = TL_DTYPE[dtype]
     sig = {"ql_ptr": f"*{t}", "qp_ptr": f"*{t}", "kv_ptr": f"*{t}", "bt_ptr": "*i32", "len_ptr": "*i32",

@@ -1,4 +1,4 @@
-"""1x128 activation quantisation to E4M3 (the `dsv3c.fp8.act_quant` op) as a Triton kernel.
+"""1x128 activation quantisation to E4M3 (the `dsv3c.ops.fp8.act_quant` op) as a Triton kernel.
 
 Tile: BLOCK_M rows x 128 channels per program; one float32 scale per row per 128 channels,
 scale = max(amax, 1e-4) / 448 (POW2: rounded up to a power of two), xq = e4m3(clamp(x / scale, ±448)).
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3c.kernels.common import QUANT_BLOCK, TL_DTYPE, interpreting, round_e4m3
+from dsv3c.codegen.kernels.common import QUANT_BLOCK, TL_DTYPE, interpreting, round_e4m3
 
 
 @triton.jit
@@ -62,7 +62,7 @@ def launch(x: torch.Tensor, pow2_scale: bool = False, block_m: int | None = None
 
 def aot_spec(m: int = 4096, k: int = 7168, dtype: torch.dtype = torch.bfloat16, pow2_scale: bool = False):
     """AOTSpec of act_quant on x [m, k] of `dtype` (the 671B hidden size by default), contiguous."""
-    from dsv3c.triton_aot import AOTSpec
+    from dsv3c.codegen.triton_aot import AOTSpec
 
     bm = _block_m(m)
     sig = {"x_ptr": f"*{TL_DTYPE[dtype]}", "y_ptr": "*fp8e4nv", "s_ptr": "*fp32", "M": "i32", "K": "i32"}

@@ -115,7 +115,7 @@ def moe_gate(
 def aot_spec(tokens: int = 4096, experts: int = 256, n_group: int = 8, topk_group: int = 4, top_k: int = 8,
              norm_topk_prob: bool = True):
     """AOTSpec of the router selection for [tokens, experts] float32 logits (the 671B routing by default)."""
-    from dsv3c.triton_aot import AOTSpec
+    from dsv3c.codegen.triton_aot import AOTSpec
 
     meta = _meta(experts, n_group, top_k)
     sig = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "w_ptr": "*fp32", "id_ptr": "*i64", "T": "i32", "E": "i32",

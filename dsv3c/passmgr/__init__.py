@@ -1,0 +1,1 @@
+"""The pass manager and its instrumentation: run, verify, time, dump, print and reproduce."""

@@ -1,0 +1,1 @@
+"""The runtime: run compiled programs in one process or on torch.distributed ranks."""
