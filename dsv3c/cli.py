@@ -102,7 +102,7 @@ def cmd_compile(args, argv) -> int:
     cfg = _load_config(args)
     options = {"precision": _precision(args.precision)} if args.precision else {}
     for name in args.print_after:
-        pipeline.parse_pipeline(name, passes.REGISTRY)
+        passes.parse_pipeline(name)
     wanted = args.print_after_all or args.print_after or args.print_after_change
     printing = pipeline.Printing(args.print_after_all, tuple(args.print_after), args.print_after_change) if wanted else None
     tty = sys.stderr.isatty()
@@ -120,7 +120,7 @@ def cmd_compile(args, argv) -> int:
 
 def _precision(text: str) -> dict:
     """--precision 'a=bf16,b=fp8' as a checked policy override."""
-    from passes.fp8_quant import PolicyError, resolve_policy
+    from dsv3c.ir.precision import PolicyError, resolve_policy
 
     try:
         pairs = dict(item.split("=", 1) for item in text.split(",") if item)
@@ -205,12 +205,12 @@ def _user_errors() -> tuple:
     from dsv3c.frontend.exporter import CaptureError
     from dsv3c.driver import OptionError, OutputError
     from dsv3c.passmgr.dumpview import DumpError
-    from dsv3c.passmgr.pipeline import UnknownPassError
+    from passes import PassSpecError
     from model_def import ConfigError
     from model_def.checkpoint import CheckpointError
     from targets import TargetError
 
-    return (UsageError, ConfigError, TargetError, CaptureError, CheckpointError, OutputError, OptionError, UnknownPassError, DumpError)
+    return (UsageError, ConfigError, TargetError, CaptureError, CheckpointError, OutputError, OptionError, PassSpecError, DumpError)
 
 
 def main(argv=None) -> int:

@@ -12,11 +12,12 @@ import passes
 import targets
 from dsv3c import __version__
 from dsv3c.frontend.exporter import capture, check_shapes
-from dsv3c.passmgr.dumps import Dumper
-from dsv3c.ir import PassContext
-from dsv3c.passmgr.pipeline import Printing, parse_pipeline, run_pipeline
-from dsv3c.report import build_plan, write_report
 from dsv3c.cost.figures import model_figures
+from dsv3c.ir import Plan
+from dsv3c.passmgr.dumps import Dumper
+from dsv3c.passmgr.pipeline import Printing, run_pipeline
+from dsv3c.report import build_plan, write_report
+from dsv3c.runtime.artifact import PROGRAM_DIR, save_program
 from model_def import DeepseekV3, ModelConfig
 from model_def.counts import parameter_counts
 
@@ -74,7 +75,7 @@ def publish(staging: Path, out: Path) -> None:
 
 def compile_model(
     cfg: ModelConfig,
-    target="h800x2048",
+    target: str,
     mode: str | None = None,
     out=None,
     batch: int | None = None,
@@ -93,7 +94,7 @@ def compile_model(
     mode = mode or default_mode(tgt)
     shapes = dict(DEFAULT_SHAPES.get(mode, DEFAULT_SHAPES["train"]))
     shapes.update({k: v for k, v in dict(batch=batch, seq=seq, kv_len=kv_len).items() if v is not None})
-    names = parse_pipeline(pipeline, passes.REGISTRY) if pipeline else passes.default_pipeline()
+    items = passes.parse_pipeline(pipeline) if pipeline is not None else [(n, {}) for n in passes.default_pipeline()]
     if dump_mlir is not None and not 0 <= dump_mlir < cfg.num_hidden_layers:
         raise OptionError(f"--dump-mlir layer {dump_mlir} is out of range 0..{cfg.num_hidden_layers - 1}")
     check_shapes(cfg, mode, **shapes)  # reject impossible shapes before anything is written
@@ -106,17 +107,20 @@ def compile_model(
         model = DeepseekV3(cfg, device="meta", dtype=torch.bfloat16)
         program = capture(cfg, mode, model=model, **shapes)
         stages["capture"] = time.perf_counter() - t0
-        ctx = PassContext(target=tgt, mode=mode, options={**(options or {}), "out": str(staging)})
+        ir_plan = Plan(program, tgt, options={**(options or {}), "out": str(staging)})
         dumper = Dumper(dump_dir, dump_mlir) if dump_dir else None
         if dumper:
-            dumper.write_pipeline(names, {"mode": mode, "target": tgt.name, **{k: v for k, v in shapes.items() if v}})
+            settings = {"mode": mode, "target": tgt.name, **{k: v for k, v in shapes.items() if v}}
+            dumper.write_pipeline(passes.format_pipeline(items), settings)
         t1 = time.perf_counter()
-        records = run_pipeline(program, names, ctx, passes.REGISTRY, passes.CAPTURED_OPS, dumper, printing, progress, repro)
+        records = run_pipeline(ir_plan, items, passes.REGISTRY, passes.CAPTURED_OPS, dumper, printing, progress, repro)
         stages["passes"] = time.perf_counter() - t1
         t2 = time.perf_counter()
-        figures = model_figures(cfg, passes.REGISTRY)
+        figures = model_figures(cfg, tgt, passes.REGISTRY)
         stages["model_figures"] = time.perf_counter() - t2
-        plan = build_plan(__version__, cfg, parameter_counts(model), figures, tgt, mode, shapes, records, program)
+        plan = build_plan(__version__, parameter_counts(model), figures, ir_plan, records)
+        if ir_plan.analyses.call_specs is not None:
+            plan["program"] = save_program(ir_plan.program, ir_plan.analyses.call_specs, staging / PROGRAM_DIR)
         write_report(plan, staging)
         publish(staging, out)
     except BaseException:

@@ -6,9 +6,9 @@ from pathlib import Path
 from tabulate import tabulate
 
 
-
-def build_plan(version, cfg, params, figures, target, mode, shapes, records, program) -> dict:
+def build_plan(version, params, figures, ir_plan, records) -> dict:
     """The plan.json dict, in the key order of DESIGN.md; only passes[*].seconds depends on the run."""
+    cfg, program, analyses = ir_plan.cfg, ir_plan.program, ir_plan.analyses
     plan = {
         "dsv3c_version": version,
         "model": {
@@ -16,20 +16,37 @@ def build_plan(version, cfg, params, figures, target, mode, shapes, records, pro
             "config": cfg.to_dict(),
             "params": params,
             "flops_per_token": figures["flops_per_token"],
+            "flops_per_token_main": figures["flops_per_token_main"],
+            "hardware_flops_per_token": figures["hardware_flops_per_token"],
             "kv_cache_bytes_per_token": figures["kv_cache_bytes_per_token"],
             "reference_shapes": figures["reference_shapes"],
         },
-        "target": target.to_dict(),
-        "mode": mode,
-        "shapes": shapes,
+        "target": ir_plan.target.to_dict(),
+        "mode": ir_plan.mode,
+        "shapes": ir_plan.shapes,
         "passes": [r.to_dict() for r in records],
         "weights": {"bytes_by_dtype": program.weight_bytes_by_dtype(), "count": len(program.weights)},
-        "kernels": program.meta.get("kernels", []),
+        "kernels": analyses.kernels or [],
     }
-    for key in ("precision_policy", "memory_per_gpu", "schedule", "cost_summary"):
-        if key in program.meta:
-            plan[key] = program.meta[key]
+    if analyses.precision_policy is not None:
+        plan["precision_policy"] = analyses.precision_policy
+    if analyses.costs is not None:
+        plan["graph_cost"] = graph_cost(analyses.costs, ir_plan.mode)
     return plan
+
+
+def graph_cost(costs: dict, mode: str) -> dict:
+    """The cost pass's totals over the compiled graph, and per token in each FLOP convention."""
+    from dsv3c.cost.nodes import hardware_flops, model_flops
+
+    totals, tokens = costs["total"], costs["tokens"]
+    return {
+        "totals": totals,
+        "tokens": tokens,
+        "model_flops_per_token": model_flops(totals, mode == "train") // tokens,
+        "hardware_flops_per_token": hardware_flops(totals) // tokens,
+        "bytes_per_token": totals["bytes"] // tokens,
+    }
 
 
 def _n(x) -> str:
@@ -45,7 +62,13 @@ def report_text(plan: dict) -> str:
         ("Model", [["name", m["name"]], ["mode", plan["mode"]], ["shapes", json.dumps(plan["shapes"])]]),
         ("Parameters", [[k, _n(p[k])] for k in ("total", "main", "mtp", "activated_per_token")]),
         ("Parameters by component", [[k, _n(v)] for k, v in p["by_component"].items()]),
-        ("FLOPs per token (MTP included; train = forward + backward)", [[k, _n(v)] for k, v in m["flops_per_token"].items()]),
+        (
+            "FLOPs per token (model: train = 3 x forward, MTP included; main: without MTP; hardware: as executed, "
+            "with recomputation)",
+            [[k, _n(m["flops_per_token"][k]), _n(m["flops_per_token_main"][k]), _n(m["hardware_flops_per_token"][k])]
+             for k in m["flops_per_token"]],
+            ["mode", "model", "main", "hardware"],
+        ),
         ("KV cache bytes per token (all layers)", [[k, _n(v)] for k, v in m["kv_cache_bytes_per_token"].items()]),
         ("Target", [[k, v] for k, v in plan["target"].items()]),
         (
@@ -55,6 +78,12 @@ def report_text(plan: dict) -> str:
         ),
         ("Weight bytes by dtype", [[k, _n(v)] for k, v in plan["weights"]["bytes_by_dtype"].items()]),
     ]
+    if "graph_cost" in plan:
+        g = plan["graph_cost"]
+        rows = [["model FLOPs per token", _n(g["model_flops_per_token"])],
+                ["hardware FLOPs per token", _n(g["hardware_flops_per_token"])],
+                ["HBM bytes per token", _n(g["bytes_per_token"])], ["tokens", _n(g["tokens"])]]
+        sections.append((f"Cost of the compiled graph ({plan['mode']}, cost pass)", rows))
     if "precision_policy" in plan:
         sections.append(("Precision policy", [[k, v] for k, v in plan["precision_policy"].items()]))
     if plan["kernels"]:

@@ -14,43 +14,11 @@ from torch import fx
 
 import dsv3c.ops  # noqa: F401  (registers torch.ops.dsv3)
 from dsv3c.ops import fp8
-from dsv3c.ir import PassContext, Program, module_path
+from dsv3c.ir import Plan, Program, module_path
+from dsv3c.ir.precision import resolve_policy
 from passes.registry import register
 
 aten, dsv3 = torch.ops.aten, torch.ops.dsv3
-
-# The DeepSeek-V3 recipe: FP8 for the big linear GEMMs; embedding, head, router, norms, attention core
-# and the MTP projection stay in BF16/FP32. Override per component with options['precision'].
-DEFAULT_POLICY = {
-    "attention_proj": "fp8",
-    "dense_mlp": "fp8",
-    "shared_experts": "fp8",
-    "routed_experts": "fp8",
-    "embedding": "bf16",
-    "lm_head": "bf16",
-    "router": "fp32",
-    "norms": "fp32",
-    "attention_core": "bf16",
-    "mtp_eh_proj": "bf16",
-}
-
-
-class PolicyError(ValueError):
-    """A precision override names an unknown component or a dtype the component cannot take."""
-
-
-def resolve_policy(overrides: dict | None) -> dict:
-    """The default policy with user overrides applied (only GEMM components may switch to/from fp8)."""
-    policy = dict(DEFAULT_POLICY)
-    for component, dtype in (overrides or {}).items():
-        if component not in policy:
-            raise PolicyError(f"unknown precision component '{component}' (known: {', '.join(policy)})")
-        switchable = component in ("attention_proj", "dense_mlp", "shared_experts", "routed_experts", "lm_head", "mtp_eh_proj")
-        if dtype not in ("fp8", "bf16") or (dtype == "fp8" and not switchable):
-            raise PolicyError(f"precision '{component}={dtype}' is not supported")
-        policy[component] = dtype
-    return policy
-
 
 def component_of(node: fx.Node) -> str | None:
     """The precision-policy component of a linear node, from its module path."""
@@ -118,10 +86,12 @@ def _lower_experts(program: Program, node: fx.Node, cache: dict) -> None:
     "puts the GEMMs the precision policy names in FP8: 1x128 activation tiles, 128x128 E4M3 weight blocks, "
     "FP32 accumulation; the function changes within FP8 rounding",
     adds=["act_quant", "fp8_gemm", "fp8_linear", "moe_experts_fp8", "moe_experts_fp8_train"],
+    writes=["precision_policy"],
 )
-def fp8_quant(program: Program, ctx: PassContext):
+def fp8_quant(plan: Plan, opts: dict):
     """Rewrite every GEMM of an FP8 component; report the policy, counts and weight bytes before/after."""
-    policy = resolve_policy(ctx.options.get("precision"))
+    program = plan.program
+    policy = resolve_policy(plan.options.get("precision"))
     before = program.weight_bytes_by_dtype()
     converted, cache = Counter(), {}
     for node in list(program.graph.nodes):
@@ -137,9 +107,9 @@ def fp8_quant(program: Program, ctx: PassContext):
             converted["routed_experts"] += 1
     program.drop_unused_weights()
     program.recompile()
-    program.meta["precision_policy"] = policy
+    plan.analyses.precision_policy = policy
     after = program.weight_bytes_by_dtype()
-    return program, {
+    return {
         "fp8_gemms": sum(converted.values()),
         "weight_bytes_before": sum(before.values()),
         "weight_bytes_after": sum(after.values()),

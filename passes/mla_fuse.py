@@ -14,12 +14,12 @@ import torch
 from torch import fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-import targets
 import dsv3c.ops  # noqa: F401  (registers torch.ops.dsv3)
-from dsv3c.cost import roofline
-from dsv3c.cost.nodes import nbytes
-from dsv3c.ir import PassContext, Program, module_path
-from passes.registry import register
+from dsv3c.cost.mla import attention_form_costs, cheapest_buildable
+from dsv3c.ir import Plan, Program, module_path
+from dsv3c.ir.precision import resolve_policy
+from dsv3c.ops.record import nbytes
+from passes.registry import Option, register
 
 aten = torch.ops.aten
 dsv3 = torch.ops.dsv3
@@ -49,26 +49,8 @@ def attention_blocks(program: Program) -> dict[str, dict[str, fx.Node]]:
 def cache_index(program: Program, block: str) -> int:
     """The cache slot of an attention block: its layer index, MTP blocks after the main layers."""
     parts = block.split(".")
-    n = program.meta["cfg"].num_hidden_layers
+    n = program.cfg.num_hidden_layers
     return int(parts[1]) if parts[0] == "layers" else n + int(parts[1])
-
-
-def form_costs(shape: dict, gpu) -> dict:
-    """FLOPs, bytes and roofline seconds of plain and absorbed MLA attention for one block."""
-    b, s, t, h = shape["b"], shape["s"], shape["t"], shape["h"]
-    dn, dr, dv, r, e = shape["dn"], shape["dr"], shape["dv"], shape["r"], shape["elt"]
-    pairs = s * (t - s) + s * (s + 1) // 2
-    plain_flops = 2 * b * t * r * h * (dn + dv) + 2 * b * h * pairs * (dn + dr + dv)
-    plain_bytes = e * (r * h * (dn + dv) + b * t * (r + dr) + b * t * h * (dn + dr + dv) + b * s * h * (dn + dr + dv))
-    absorbed_flops = 2 * b * s * h * dn * r + 2 * b * h * pairs * (2 * r + dr) + 2 * b * s * h * r * dv
-    absorbed_bytes = e * (h * r * (dn + dv) + b * t * (r + dr) + b * s * h * (dn + dr + 2 * r + dv))
-    out = {
-        "plain_flops": plain_flops, "plain_bytes": plain_bytes,
-        "absorbed_flops": absorbed_flops, "absorbed_bytes": absorbed_bytes,
-    }  # fmt: skip
-    for form in ("plain", "absorbed"):
-        out[f"{form}_us"] = round(1e6 * roofline.matmul_seconds(out[f"{form}_flops"], out[f"{form}_bytes"], gpu), 3)
-    return out
 
 
 @register(
@@ -76,14 +58,17 @@ def form_costs(shape: dict, gpu) -> dict:
     "fuses the MLA down-projections, makes the KV cache latent (576 values/token/layer for V3), absorbs "
     "W_UK/W_UV where the cost model says so, marks norms and up-projections for recompute (train)",
     adds=["latent_attention"],
+    writes=["mla", "recompute"],
+    options={"form": Option("attention form: auto (cheaper by the cost package), plain or absorbed",
+                            ("auto", "plain", "absorbed"))},
 )
-def mla_fuse(program: Program, ctx: PassContext):
+def mla_fuse(plan: Plan, opts: dict):
     """The MLA rewrite of every attention block; the function is unchanged."""
-    cfg = program.meta["cfg"]
+    program = plan.program
+    cfg = program.cfg
     blocks = attention_blocks(program)
     if not blocks:
-        return program, {"blocks": 0}
-    gpu = ctx.target.gpu if ctx.target is not None else targets.gpu_spec("h800")
+        return {"blocks": 0}
     first = next(iter(blocks.values()))
     q = first["attention"].args[0].meta["val"]
     k = first["attention"].args[1].meta["val"]
@@ -91,8 +76,10 @@ def mla_fuse(program: Program, ctx: PassContext):
         b=q.shape[0], s=q.shape[1], t=k.shape[1], h=q.shape[2], dn=cfg.qk_nope_head_dim, dr=cfg.qk_rope_head_dim,
         dv=cfg.v_head_dim, r=cfg.kv_lora_rank, elt=q.element_size(),
     )  # fmt: skip
-    costs = form_costs(shape, gpu)
-    form = ctx.options.get("mla_form") or ("absorbed" if costs["absorbed_us"] < costs["plain_us"] else "plain")
+    proj_dtype = resolve_policy(plan.options.get("precision"))["attention_proj"]
+    costs = attention_form_costs(shape, plan.target, program.mode, proj_dtype)
+    form = opts.get("form", "auto")
+    form = cheapest_buildable(costs) if form == "auto" else form
     fused, stale_inputs = 0, []
     for block, roles in blocks.items():
         fused += _fuse_down_projections(program, block, roles)
@@ -104,13 +91,17 @@ def mla_fuse(program: Program, ctx: PassContext):
     for name in stale_inputs:
         program.remove_input(name)
     program.drop_unused_weights()
-    stats = {"blocks": len(blocks), "fused_down_projections": fused, "form": form, **costs}
+    stats = {"blocks": len(blocks), "fused_down_projections": fused, "form": form,
+             **{f"{f}_us": costs[f]["us"] for f in ("plain", "plain_kv_cache", "absorbed")}}
+    plan.analyses.mla = {"form": form, "shape": shape, **costs}
     if program.mode == "train":
-        stats["recompute_bytes_per_token_per_layer"] = _mark_recompute(program, len(blocks))
+        saved, marked = _mark_recompute(program, len(blocks))
+        stats["recompute_bytes_per_token_per_layer"] = saved
+        plan.analyses.recompute = {"nodes": marked, "bytes_per_token_per_layer": saved}
     else:
         stats["kv_cache_values_per_token_per_layer"] = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     program.recompile()
-    return program, stats
+    return stats
 
 
 def _weight(program: Program, node: fx.Node) -> torch.Tensor:
@@ -214,9 +205,9 @@ def _absorb(program: Program, roles: dict, past: list[fx.Node] | None) -> None:
     program.graph.erase_node(attn)
 
 
-def _mark_recompute(program: Program, blocks: int) -> int:
-    """Mark RMSNorms and MLA up-projections for recompute; activation bytes this saves per token per block."""
-    saved = 0
+def _mark_recompute(program: Program, blocks: int) -> tuple[int, int]:
+    """Mark RMSNorms and MLA up-projections for recompute: (activation bytes saved per token per block, nodes)."""
+    saved = marked = 0
     for node in program.graph.nodes:
         path = module_path(node)
         recompute = node.target is dsv3.rms_norm.default or (
@@ -225,5 +216,6 @@ def _mark_recompute(program: Program, blocks: int) -> int:
         if recompute and (path.startswith("layers.") or path.startswith("mtp.")):
             node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE  # the key torch's partitioner reads
             saved += nbytes(node.meta["val"])
-    shapes = program.meta["shapes"]
-    return saved // (shapes["batch"] * shapes["seq"] * blocks)
+            marked += 1
+    shapes = program.shapes
+    return saved // (shapes["batch"] * shapes["seq"] * blocks), marked

@@ -1,18 +1,43 @@
-"""The pass registry: every pass by name with its one-line contract, and the default order."""
+"""The pass registry: every pass by name with its contract, what it reads and writes, its options, and the default order.
+
+A pass is a function (plan, options) → stats that rewrites `plan.program` and fills the analyses it
+declares. Pipeline strings name passes with their options MLIR style: `dce,mla_fuse{form=absorbed},cost`.
+"""
 
 from dataclasses import dataclass, field
 from typing import Callable
 
 
+class PassSpecError(ValueError):
+    """A pipeline string names an unknown pass or option, or gives an option a value it does not take."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One pass option: its allowed values (None: any string) and what it means."""
+
+    help: str
+    choices: tuple | None = None
+
+    def check(self, pass_name: str, name: str, value: str) -> str:
+        """value if the option takes it, else PassSpecError."""
+        if self.choices is not None and value not in self.choices:
+            raise PassSpecError(f"pass {pass_name}: option {name}={value!r} is not one of {', '.join(self.choices)}")
+        return value
+
+
 @dataclass(frozen=True)
 class Pass:
-    """A named rewrite (program, context) → (program, stats) and the dsv3 ops it adds or removes."""
+    """A named rewrite (plan, options) → stats, the dsv3 ops it adds or removes and the analyses it touches."""
 
     name: str
     fn: Callable
     contract: str
     adds: frozenset = field(default_factory=frozenset)
     removes: frozenset = field(default_factory=frozenset)
+    reads: frozenset = field(default_factory=frozenset)
+    writes: frozenset = field(default_factory=frozenset)
+    options: dict = field(default_factory=dict)  # name -> Option
 
     def legal_after(self, legal: frozenset) -> frozenset:
         """The dsv3 ops legal after this pass, given those legal before it."""
@@ -32,17 +57,75 @@ def legal_after(names: list[str], legal: frozenset = CAPTURED_OPS) -> frozenset:
     return frozenset(legal)
 
 
-def register(name: str, contract: str, adds=(), removes=()):
+def register(name: str, contract: str, adds=(), removes=(), reads=(), writes=(), options=None):
     """Decorator: register fn as pass `name`."""
 
     def wrap(fn):
-        REGISTRY[name] = Pass(name, fn, contract, frozenset(adds), frozenset(removes))
+        REGISTRY[name] = Pass(name, fn, contract, frozenset(adds), frozenset(removes), frozenset(reads),
+                              frozenset(writes), dict(options or {}))
         return fn
 
     return wrap
 
 
+DEFAULT_ORDER = ["dce", "mla_fuse", "fp8_quant", "cost", "lower_triton"]
+
+
 def default_pipeline() -> list[str]:
-    """The default pass order for a compile, limited to the passes that exist."""
-    order = ["dce", "mla_fuse", "fp8_quant", "cost", "lower_triton"]
-    return [name for name in order if name in REGISTRY]
+    """The default pass order for a compile (each pass with its default options), limited to the passes that exist."""
+    return [name for name in DEFAULT_ORDER if name in REGISTRY]
+
+
+def _split_top_level(text: str) -> list[str]:
+    """text split at commas outside braces."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth < 0:
+                raise PassSpecError(f"unbalanced '}}' in pass list {text!r}")
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise PassSpecError(f"unbalanced '{{' in pass list {text!r}")
+    return parts + [text[start:]]
+
+
+def parse_pipeline(text: str) -> list[tuple[str, dict]]:
+    """The (pass, options) list of a pipeline string 'a,b{k=v,k2=v2}', checked against the registry."""
+    items = [p.strip() for p in _split_top_level(text)]
+    if not any(items):
+        raise PassSpecError("the pass list is empty")
+    out = []
+    for item in items:
+        if not item:
+            raise PassSpecError(f"empty pass name in pass list {text!r}")
+        name, _, rest = item.partition("{")
+        name = name.strip()
+        if name not in REGISTRY:
+            raise PassSpecError(f"unknown pass '{name}' (known: {', '.join(sorted(REGISTRY))})")
+        opts = {}
+        if rest:
+            if not rest.endswith("}"):
+                raise PassSpecError(f"pass {name}: options must end with '}}' in {item!r}")
+            for pair in filter(None, (p.strip() for p in rest[:-1].split(","))):
+                key, eq, value = pair.partition("=")
+                key, value = key.strip(), value.strip()
+                known = REGISTRY[name].options
+                if not eq or key not in known:
+                    names = ", ".join(sorted(known)) or "none"
+                    raise PassSpecError(f"pass {name}: unknown option {pair!r} (options: {names})")
+                opts[key] = known[key].check(name, key, value)
+        out.append((name, opts))
+    return out
+
+
+def format_pipeline(items: list[tuple[str, dict]]) -> str:
+    """The pipeline string of (pass, options) pairs; parse_pipeline reads it back to the same list."""
+    parts = []
+    for name, opts in items:
+        parts.append(name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(opts.items())) + "}" if opts else ""))
+    return ",".join(parts)

@@ -32,23 +32,18 @@ import hashlib
 import importlib
 import inspect
 import math
-import operator
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, fx
+from torch import Tensor
 
-import dsv3c.ops  # noqa: F401  (registers torch.ops.dsv3)
 import targets
-from dsv3c.ops import fp8
-from dsv3c.ops import op_name
+from dsv3c.ops import RECORDS, Cost, NotLowered, fp8, record_of
+from dsv3c.ops.record import define
 
 QUANT_BLOCK = 128
 PAGE = 64
 
-# dsv3 ops that have no kernel and stay in the graph (run by their torch reference), with the reason.
-NO_KERNEL = {"moe_experts": "no BF16 grouped-GEMM kernel; fp8_quant turns it into moe_experts_fp8"}
 
 _TL = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float8_e4m3fn: "fp8e4nv",
        torch.int64: "i64", torch.int32: "i32"}
@@ -193,6 +188,19 @@ class CallSpec:
     def attr(self, name: str):
         return dict(self.attrs)[name]
 
+    def to_json(self) -> dict:
+        """A JSON form that `from_json` rebuilds (lowered-program artifacts)."""
+        spec = lambda specs: [[list(shape), str(dtype).replace("torch.", "")] for shape, dtype in specs]  # noqa: E731
+        return {"id": self.id, "op": self.op, "attrs": [[n, _attr_json(v)] for n, v in self.attrs],
+                "inputs": spec(self.inputs), "outputs": spec(self.outputs),
+                "kernels": [k.to_json() for k in self.kernels], "torch_parts": list(self.torch_parts)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CallSpec":
+        spec = lambda specs: tuple((tuple(s), getattr(torch, dt)) for s, dt in specs)  # noqa: E731
+        return cls(d["id"], d["op"], tuple((n, _attr_from_json(v)) for n, v in d["attrs"]), spec(d["inputs"]),
+                   spec(d["outputs"]), tuple(KernelSpec.from_json(k) for k in d["kernels"]), tuple(d["torch_parts"]))
+
     def check(self, args) -> None:
         """Raise ValueError unless args have the shapes and dtypes this specialisation was made for."""
         got = tuple((tuple(a.shape), a.dtype) for a in args)
@@ -201,6 +209,22 @@ class CallSpec:
 
 
 SPECS: dict[str, CallSpec] = {}
+
+
+def _attr_json(value):
+    """A call attribute as JSON (dtypes as {'dtype': name})."""
+    return {"dtype": str(value).replace("torch.", "")} if isinstance(value, torch.dtype) else value
+
+
+def _attr_from_json(value):
+    """The call attribute of its JSON form."""
+    return getattr(torch, value["dtype"]) if isinstance(value, dict) else value
+
+
+def register_specs(specs) -> None:
+    """Make specialisations loaded from an artifact callable by kernel_call in this process."""
+    for spec in specs:
+        SPECS.setdefault(spec.id, spec)
 
 
 def get_spec(spec_id: str) -> CallSpec:
@@ -217,7 +241,7 @@ def kernel_call(spec: str, args: list[Tensor]) -> list[Tensor]:
     call = get_spec(spec)
     call.check(args)
     with torch.no_grad():
-        outs = RUNNERS[call.op](call, *args)
+        outs = record_of(call.op).lowering.resolve("runner")(call, *args)
     for o, (shape, dtype) in zip(outs, call.outputs, strict=True):
         assert tuple(o.shape) == shape and o.dtype == dtype, (call.id, o.shape, o.dtype, shape, dtype)
     return [o.contiguous() for o in outs]
@@ -229,6 +253,29 @@ def _(spec, args):
     call.check(args)
     device = args[0].device if args else "meta"
     return [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in call.outputs]
+
+
+def kernel_call_cost(spec, args, out) -> Cost:
+    """The cost of the op the specialisation lowers, at the specialisation's shapes."""
+    call = get_spec(spec)
+    values = iter(args)
+    attrs = dict(call.attrs)
+    schema = getattr(torch.ops.dsv3, call.op).default._schema
+    full = [attrs[a.name] if a.name in attrs else next(values) for a in schema.arguments]
+    return record_of(call.op).cost(*full, out if len(out) > 1 else out[0])
+
+
+define(kernel_call, cost=kernel_call_cost, lowering=NotLowered("is the lowered form: a Triton kernel launch"))
+
+
+def lowered_ops() -> frozenset:
+    """The dsv3 ops lower_triton replaces by kernel calls."""
+    return frozenset(name for name, r in RECORDS.items() if r.lowered)
+
+
+def unlowered_reasons() -> dict:
+    """The dsv3 ops that stay torch ops after lowering, with the reason (the kernel call itself excluded)."""
+    return {n: r.lowering.reason for n, r in RECORDS.items() if not r.lowered and n != "kernel_call"}
 
 
 # ---- per-op specialisation (builders) ----------------------------------------------------------------
@@ -458,13 +505,6 @@ def build_latent_attention(ins, outs, attrs, tiles):
     return kernels, ("paged_cache_copy",)
 
 
-BUILDERS = {
-    "rms_norm": build_rms_norm, "rope": build_rope, "swiglu": build_swiglu, "moe_gate": build_moe_gate,
-    "act_quant": build_act_quant, "fp8_gemm": build_fp8_gemm, "fp8_linear": build_fp8_linear,
-    "moe_experts_fp8": build_moe_experts_fp8, "moe_experts_fp8_train": build_moe_experts_fp8_train,
-    "mla_attention": build_mla_attention, "latent_attention": build_latent_attention,
-}  # fmt: skip
-LOWERED_OPS = frozenset(BUILDERS)
 
 
 # ---- runners: run a specialisation's kernels on real tensors -----------------------------------------
@@ -630,94 +670,16 @@ def run_latent_attention(call, q_lat, q_pe, ckv, kpe):
     return [o[..., :r].reshape(b, s, h, r)]
 
 
-RUNNERS = {
-    "rms_norm": run_rms_norm, "rope": run_rope, "swiglu": run_swiglu, "moe_gate": run_moe_gate,
-    "act_quant": run_act_quant, "fp8_gemm": run_fp8_gemm, "fp8_linear": run_fp8_linear,
-    "moe_experts_fp8": run_moe_experts_fp8, "moe_experts_fp8_train": run_moe_experts_fp8_train,
-    "mla_attention": run_mla_attention, "latent_attention": run_latent_attention,
-}  # fmt: skip
-
-
-# ---- the graph rewrite -------------------------------------------------------------------------------
-
-
-def _normalised(node: fx.Node):
-    """(tensor arg nodes, non-tensor attrs as ((name, value), ...)) of a dsv3 op node, defaults filled in."""
-    schema = node.target._schema
-    tensors, attrs = [], []
-    for i, arg in enumerate(schema.arguments):
-        if i < len(node.args):
-            value = node.args[i]
-        elif arg.name in node.kwargs:
-            value = node.kwargs[arg.name]
-        else:
-            value = arg.default_value
-        if isinstance(value, fx.Node):
-            tensors.append(value)
-        else:
-            attrs.append((arg.name, value))
-    return tensors, tuple(attrs)
-
-
-def _spec_of(val) -> tuple:
-    return tuple(val.shape), val.dtype
 
 
 def specialise(op: str, ins: tuple, outs: tuple, attrs: tuple, tiles: Tiles) -> CallSpec:
     """The CallSpec of op at these input/output specs and attrs, registered under its content-hash id."""
-    kernels, torch_parts = BUILDERS[op](ins, outs, dict(attrs), tiles)
+    kernels, torch_parts = record_of(op).lowering.resolve("builder")(ins, outs, dict(attrs), tiles)
     material = repr((op, ins, outs, attrs, tiles.key(), kernels))
     spec_id = f"{op}_{hashlib.sha1(material.encode()).hexdigest()[:12]}"
     if spec_id not in SPECS:
         SPECS[spec_id] = CallSpec(spec_id, op, attrs, ins, outs, tuple(kernels), tuple(torch_parts))
     return SPECS[spec_id]
-
-
-_META_SKIP = ("val", "cost", "tensor_meta", "example_value")
-
-
-def lower_graph(program, target, mode: str) -> dict:
-    """Replace every lowerable dsv3 op node by a kernel_call node; returns the call specs used and counters."""
-    graph = program.graph
-    tiles = Tiles(target, mode)
-    memo: dict = {}
-    calls: Counter = Counter()
-    by_op: Counter = Counter()
-    unlowered: Counter = Counter()
-    for node in list(graph.nodes):
-        if node.op != "call_function":
-            continue
-        name = op_name(node.target)
-        if name is None or name == "kernel_call":
-            continue
-        if name not in BUILDERS:
-            unlowered[name] += 1
-            continue
-        tensors, attrs = _normalised(node)
-        val = node.meta["val"]
-        multi = isinstance(val, (tuple, list))
-        outs = tuple(_spec_of(v) for v in (val if multi else (val,)))
-        ins = tuple(_spec_of(t.meta["val"]) for t in tensors)
-        key = (name, ins, attrs)
-        if key not in memo:
-            memo[key] = specialise(name, ins, outs, attrs, tiles)
-        spec = memo[key]
-        with graph.inserting_before(node):
-            kc = graph.call_function(kernel_call_op(), (spec.id, list(tensors)))
-            kc.meta.update({k: v for k, v in node.meta.items() if k not in _META_SKIP})
-            kc.meta["val"] = list(val) if multi else [val]
-            if multi:
-                new = kc
-            else:
-                new = graph.call_function(operator.getitem, (kc, 0))
-                new.meta.update({k: v for k, v in node.meta.items() if k not in _META_SKIP})
-                new.meta["val"] = val
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        calls[spec.id] += 1
-        by_op[name] += 1
-    program.recompile()
-    return {"calls": calls, "by_op": by_op, "unlowered": unlowered, "specs": [SPECS[i] for i in calls]}
 
 
 def kernel_call_op():

@@ -1,15 +1,21 @@
-"""Model-level figures computed from captured graphs: FLOPs per token per mode, KV cache bytes per token.
+"""Model-level figures computed from captured graphs: FLOPs per token per mode (model, main, hardware), KV bytes.
 
 Every dense block has the same shapes, and so has every MoE block; so each mode is captured with one
-block of each kind (plus MTP) and the per-block costs are multiplied by the block counts of the config.
-`tests/test_summary.py` checks this equals the cost of the full-depth graph.
+block of each kind (plus MTP), run through dce, mla_fuse and cost, and the per-block costs are multiplied
+by the block counts of the config. `tests/test_pipeline.py` checks this equals the full-depth graph's cost.
+
+Conventions: `flops_per_token` are model FLOPs (train = 3 x forward, causal attention, no recomputation;
+MTP included), `flops_per_token_main` the same without the MTP module, `hardware_flops_per_token` what the
+hardware executes (backward as executed — attention's backward recomputes its scores — plus the forward
+of the RMSNorms and up-projections recomputed in backward).
 """
 
 import dataclasses
 
+from dsv3c.cost.nodes import hardware_flops, model_flops
 from dsv3c.frontend.exporter import capture
-from dsv3c.cost.nodes import nbytes
-from dsv3c.ir import PassContext
+from dsv3c.ir import Plan
+from dsv3c.ops.record import nbytes
 from model_def import ModelConfig
 
 # the shapes the per-token figures refer to: DeepSeek-V3's 4K training/prefill length, decode at 4K context
@@ -18,6 +24,7 @@ REFERENCE_SHAPES = {
     "prefill": {"batch": 1, "seq": 4096, "kv_len": 0},
     "decode": {"batch": 1, "seq": 1, "kv_len": 4096},
 }
+FIGURE_PASSES = ("dce", "mla_fuse", "cost")
 
 
 def reduced_config(cfg: ModelConfig) -> ModelConfig:
@@ -36,32 +43,37 @@ def block_multiplicity(cfg: ModelConfig, reduced: ModelConfig) -> dict[str, int]
     return mult
 
 
-def scaled_total(per_layer: dict, mult: dict, key: str) -> int:
-    """A cost summed over blocks, each reduced block counted as many times as it stands for."""
-    return sum(c[key] * mult.get(layer, 1) for layer, c in per_layer.items())
+def scaled_totals(per_layer: dict, mult: dict, main_only: bool = False) -> dict:
+    """Costs summed over blocks, each reduced block counted as many times as it stands for."""
+    out: dict = {}
+    for layer, c in per_layer.items():
+        if main_only and layer.startswith("mtp."):
+            continue
+        for key, value in c.items():
+            out[key] = out.get(key, 0) + value * mult.get(layer, 1)
+    return out
 
 
-def mode_figures(cfg: ModelConfig, mode: str, registry: dict, shapes: dict | None = None) -> dict:
-    """FLOPs per token (and for decode the KV cache bytes per token, naive and latent) for one mode."""
+def mode_figures(cfg: ModelConfig, mode: str, target, registry: dict, shapes: dict | None = None) -> dict:
+    """FLOPs per token (model, main, hardware) and for decode the KV cache bytes per token, naive and latent."""
     shapes = shapes or REFERENCE_SHAPES[mode]
     reduced = reduced_config(cfg)
     mult = block_multiplicity(cfg, reduced)
-    program = capture(reduced, mode, **shapes)
-    ctx = PassContext(target=None, mode=mode)
-    registry["dce"].fn(program, ctx)
+    plan = Plan(capture(reduced, mode, **shapes), target)
     out = {}
+    for name in FIGURE_PASSES:
+        if name == "mla_fuse" and mode == "decode":
+            out["kv_naive"] = cache_bytes_per_token(plan.program, mult, shapes)
+        registry[name].fn(plan, {})
     if mode == "decode":
-        out["kv_naive"] = cache_bytes_per_token(program, mult, shapes)
-        if "mla_fuse" in registry:
-            registry["mla_fuse"].fn(program, ctx)
-            out["kv_latent"] = cache_bytes_per_token(program, mult, shapes)
-    registry["cost"].fn(program, ctx)
-    per_layer = program.meta["cost"]["per_layer"]
+        out["kv_latent"] = cache_bytes_per_token(plan.program, mult, shapes)
+    per_layer = plan.analyses.costs["per_layer"]
     tokens = shapes["batch"] * shapes["seq"]
-    flops = scaled_total(per_layer, mult, "flops")
-    if mode == "train":
-        flops += scaled_total(per_layer, mult, "bwd_flops")
-    out["flops_per_token"] = flops // tokens
+    train = mode == "train"
+    full, main = scaled_totals(per_layer, mult), scaled_totals(per_layer, mult, main_only=True)
+    out["model"] = model_flops(full, train) // tokens
+    out["main"] = model_flops(main, train) // tokens
+    out["hardware"] = hardware_flops(full) // tokens
     return out
 
 
@@ -76,18 +88,17 @@ def cache_bytes_per_token(program, mult: dict, shapes: dict) -> int:
     return total // (shapes["batch"] * shapes["kv_len"])
 
 
-def model_figures(cfg: ModelConfig, registry: dict) -> dict:
-    """FLOPs per token for train (forward + backward), prefill and decode, and KV cache bytes per token."""
+def model_figures(cfg: ModelConfig, target, registry: dict) -> dict:
+    """FLOPs per token for train, prefill and decode (model, main, hardware) and KV cache bytes per token."""
     # max_position_embeddings only bounds positions and changes no shape: lift it so that a model with
     # a shorter context (the tiny preset) can be measured at the reference shapes too
     need = max(s["seq"] + s["kv_len"] for s in REFERENCE_SHAPES.values())
     cfg = dataclasses.replace(cfg, max_position_embeddings=max(cfg.max_position_embeddings, need))
-    figures = {mode: mode_figures(cfg, mode, registry) for mode in ("train", "prefill", "decode")}
-    kv = {"naive": figures["decode"]["kv_naive"]}
-    if "kv_latent" in figures["decode"]:
-        kv["latent"] = figures["decode"]["kv_latent"]
+    figures = {mode: mode_figures(cfg, mode, target, registry) for mode in ("train", "prefill", "decode")}
     return {
-        "flops_per_token": {mode: figures[mode]["flops_per_token"] for mode in figures},
-        "kv_cache_bytes_per_token": kv,
+        "flops_per_token": {mode: f["model"] for mode, f in figures.items()},
+        "flops_per_token_main": {mode: f["main"] for mode, f in figures.items()},
+        "hardware_flops_per_token": {mode: f["hardware"] for mode, f in figures.items()},
+        "kv_cache_bytes_per_token": {"naive": figures["decode"]["kv_naive"], "latent": figures["decode"]["kv_latent"]},
         "reference_shapes": REFERENCE_SHAPES,
     }

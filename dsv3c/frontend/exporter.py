@@ -101,4 +101,4 @@ def _to_program(ep, cfg: ModelConfig, mode: str, inputs: list[str], shapes: dict
             node.name = node.target = renames[node.name]
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    return Program(gm, weights, inputs, output_names(cfg, mode), mode, {"cfg": cfg, "shapes": shapes})
+    return Program(gm, weights, inputs, output_names(cfg, mode), mode, cfg, shapes)

@@ -1,5 +1,6 @@
 """The IR: the captured program (a torch.export graph with lifted weights) and the compile's Plan."""
 
-from dsv3c.ir.program import PassContext, Program, layer_of, module_path
+from dsv3c.ir.plan import Analyses, Plan, PlanError
+from dsv3c.ir.program import Program, layer_of, module_path
 
-__all__ = ["PassContext", "Program", "layer_of", "module_path"]
+__all__ = ["Analyses", "Plan", "PlanError", "Program", "layer_of", "module_path"]

@@ -1,10 +1,12 @@
 """The IR: a torch.export graph with its weights lifted to placeholders, as one callable Program.
 
 The graph's placeholders are weights (named in `weights`) and user inputs (named in `inputs`);
-outputs are flat and named in `outputs`. Passes edit `gm.graph` and may add or drop weights.
+outputs are flat and named in `outputs`. Passes edit `gm.graph` and may add or drop weights. The program
+knows what it was captured from (config, mode, shapes); everything passes compute about it lives in the
+Plan's typed analyses (dsv3c.ir.plan), not on the program.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -20,7 +22,8 @@ class Program:
     inputs: list[str]
     outputs: list[str]
     mode: str
-    meta: dict = field(default_factory=dict)  # cfg, shapes, and facts passes record for later passes
+    cfg: object  # model_def.ModelConfig it was captured from
+    shapes: dict  # batch, seq, kv_len of the capture
 
     @property
     def graph(self) -> fx.Graph:
@@ -115,17 +118,9 @@ def module_path(node: fx.Node) -> str:
 
 
 def layer_of(node: fx.Node) -> str | None:
-    """The block a node belongs to: 'layers.N' or 'mtp.K' (None outside blocks)."""
-    parts = module_path(node).split(".")
-    if len(parts) >= 2 and parts[0] in ("layers", "mtp"):
-        return f"{parts[0]}.{parts[1]}"
+    """The block a node belongs to: 'layers.N' or 'mtp.K', the outermost such module on its stack (None outside)."""
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        parts = path.split(".")
+        if len(parts) >= 2 and parts[0] in ("layers", "mtp") and parts[1].isdigit():
+            return f"{parts[0]}.{parts[1]}"
     return None
-
-
-@dataclass
-class PassContext:
-    """What a pass may read besides the graph: the target, the mode and the user's options."""
-
-    target: object  # targets.Target
-    mode: str
-    options: dict = field(default_factory=dict)

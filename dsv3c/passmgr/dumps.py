@@ -40,9 +40,9 @@ class Dumper:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.mlir_layer = mlir_layer
 
-    def write_pipeline(self, names: list[str], options: dict) -> None:
-        """pipeline.txt: the pass list (replayable with --passes) and the options of the run."""
-        lines = [",".join(names)] + [f"{k}={v}" for k, v in sorted(options.items())]
+    def write_pipeline(self, pipeline: str, options: dict) -> None:
+        """pipeline.txt: the pipeline string with pass options (replayable with --passes) and the run's settings."""
+        lines = [pipeline] + [f"{k}={v}" for k, v in sorted(options.items())]
         (self.dir / "pipeline.txt").write_text("\n".join(lines) + "\n")
 
     def write_pass(self, index: int, name: str, program: Program, text: str, prev: str | None, record) -> None:

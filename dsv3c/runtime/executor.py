@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -109,13 +110,16 @@ def to_device(program, device: str) -> None:
 
 def run_model(cfg, mode: str = "prefill", seed: int = 0, checkpoint=None, batch: int | None = None,
               seq: int | None = None, kv_len: int | None = None, target: str = "h800x2048",
-              pipeline: list[str] | None = None, log=None) -> RunResult:
-    """Capture cfg with real weights, lower it to Triton kernel calls, run it and compare with the eager model."""
+              pipeline: list[str] | None = None, log=None, artifact_dir=None) -> RunResult:
+    """Capture cfg with real weights, lower it to Triton kernel calls, run it and compare with the eager model.
+
+    With artifact_dir, the lowered program (code, kernel specialisations and weights) is also written there.
+    """
     import passes
     import targets as targets_mod
     from dsv3c.frontend.exporter import capture
-    from dsv3c.ir import PassContext
     from dsv3c.codegen.lowering import kernel_call_op
+    from dsv3c.ir import Plan
     from dsv3c.passmgr.pipeline import run_pipeline
     from model_def import DeepseekV3
 
@@ -157,8 +161,8 @@ def run_model(cfg, mode: str = "prefill", seed: int = 0, checkpoint=None, batch:
     if "lower_triton" not in names:
         names = [*names, "lower_triton"]
     cut = names.index("lower_triton")
-    ctx = PassContext(target=targets_mod.get_target(target), mode=mode, options={"aot": False})
-    run_pipeline(program, names[:cut], ctx, passes.REGISTRY, passes.CAPTURED_OPS)
+    plan = Plan(program, targets_mod.get_target(target), options={"aot": False})
+    run_pipeline(plan, names[:cut], passes.REGISTRY, passes.CAPTURED_OPS)
     missing = [n for n in program.inputs if n not in graph_inputs]
     if missing:
         raise ValueError(f"no values for graph inputs {missing}")
@@ -170,7 +174,11 @@ def run_model(cfg, mode: str = "prefill", seed: int = 0, checkpoint=None, batch:
     log(f"captured and transformed {cfg.name} ({mode}, {shapes}); lowering")
 
     t2 = time.perf_counter()
-    records = run_pipeline(program, names[cut:], ctx, passes.REGISTRY, passes.legal_after(names[:cut]))
+    records = run_pipeline(plan, names[cut:], passes.REGISTRY, passes.legal_after(names[:cut]))
+    if artifact_dir is not None:
+        from dsv3c.runtime.artifact import save_program
+
+        save_program(program, plan.analyses.call_specs, Path(artifact_dir), with_weights=True)
     stats = records[0].stats
     calls = sum(1 for n in program.graph.nodes if n.op == "call_function" and n.target is kernel_call_op())
     log(f"lowered: {calls} kernel calls; executing on {device}"
