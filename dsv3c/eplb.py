@@ -51,7 +51,7 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-def _positive_int(name: str, value) -> int:
+def positive_int(name: str, value) -> int:
     """value itself, after checking it is a positive int (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise PlacementError(f"{name} must be a positive integer, got {value!r}")
@@ -168,7 +168,7 @@ def _place(w: torch.Tensor, num_replicas: int, groups: int, nodes: int, gpus: in
     return slots.reshape(layers, num_replicas)
 
 
-def _inverse(phy2log: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def inverse_tables(phy2log: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(log2phy, logcnt) of phy2log: each expert's slots ascending, padded with -1."""
     layers, slots = phy2log.shape
     logcnt = torch.zeros(layers, experts, dtype=torch.int64).scatter_add_(1, phy2log, torch.ones_like(phy2log))
@@ -185,7 +185,7 @@ def check_sizes(experts: int, num_replicas: int, num_groups: int, num_nodes: int
     """Whether the placement is hierarchical, after checking the sizes (PlacementError when impossible)."""
     for name, val in dict(num_replicas=num_replicas, num_groups=num_groups, num_nodes=num_nodes,
                           num_gpus=num_gpus).items():
-        _positive_int(name, val)
+        positive_int(name, val)
     if num_replicas < experts:
         raise PlacementError(f"num_replicas {num_replicas} is below the {experts} logical experts")
     if num_replicas % num_gpus:
@@ -212,7 +212,7 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
         peaks = torch.stack([_peak(w, c, num_gpus) for c in cands])  # [candidates, L]
         choice = peaks.argmin(0)  # first minimum: the refined placement wins ties
         best = torch.stack(cands)[choice, torch.arange(layers)]
-        log2phy, logcnt = _inverse(best, experts)
+        log2phy, logcnt = inverse_tables(best, experts)
     return best, log2phy, logcnt
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsv3c.eplb import PlacementError, _inverse, _positive_int, contiguous_phy2log, load_stats, rebalance_experts
+from dsv3c.eplb import PlacementError, inverse_tables, positive_int, contiguous_phy2log, load_stats, rebalance_experts
 
 __all__ = [
     "PlacementError", "ExpertPlacement", "NodeBound", "ParallelMesh", "contiguous_placement", "max_nodes_per_token_bound",
@@ -30,11 +30,11 @@ __all__ = [
 def contiguous_placement(layers: int, experts: int, num_gpus: int):
     """(phy2log, log2phy, logcnt) without replicas: expert e on GPU e // (experts / num_gpus)."""
     for name, val in dict(layers=layers, experts=experts, num_gpus=num_gpus).items():
-        _positive_int(name, val)
+        positive_int(name, val)
     if experts % num_gpus:
         raise PlacementError(f"{experts} experts do not divide evenly over {num_gpus} GPUs")
     phy2log = contiguous_phy2log(layers, experts)
-    return (phy2log, *_inverse(phy2log, experts))
+    return (phy2log, *inverse_tables(phy2log, experts))
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,8 @@ class ExpertPlacement:
 
     def __post_init__(self):
         """Check the sizes and that the three tables agree."""
-        _positive_int("num_gpus", self.num_gpus)
-        _positive_int("gpus_per_node", self.gpus_per_node)
+        positive_int("num_gpus", self.num_gpus)
+        positive_int("gpus_per_node", self.gpus_per_node)
         if self.num_gpus % self.gpus_per_node:
             raise PlacementError(f"{self.num_gpus} GPUs are not whole nodes of {self.gpus_per_node}")
         if self.phy2log.dim() != 2 or self.phy2log.shape[1] % self.num_gpus:
@@ -68,7 +68,7 @@ class ExpertPlacement:
     def balanced(cls, weight, num_gpus: int, gpus_per_node: int, num_replicas: int,
                  num_groups: int = 1) -> "ExpertPlacement":
         """The rebalance_experts placement of weight [layers, experts] (hierarchical over nodes when it can be)."""
-        _positive_int("gpus_per_node", gpus_per_node)
+        positive_int("gpus_per_node", gpus_per_node)
         nodes = max(1, num_gpus // gpus_per_node)
         return cls(num_gpus, gpus_per_node, *rebalance_experts(weight, num_replicas, num_groups, nodes, num_gpus))
 
@@ -174,7 +174,7 @@ class NodeBound:
 
 def group_nodes(placement: ExpertPlacement, n_group: int) -> torch.Tensor:
     """[layers, n_group, nodes] bool: whether the node holds a replica of an expert of the group."""
-    _positive_int("n_group", n_group)
+    positive_int("n_group", n_group)
     if placement.experts % n_group:
         raise PlacementError(f"{placement.experts} experts are not divisible into n_group {n_group}")
     layers, slots = placement.phy2log.shape
@@ -193,7 +193,7 @@ def max_nodes_per_token_bound(placement: ExpertPlacement, n_group: int, topk_gro
     most exact_limit combinations; otherwise the sum of the topk_group largest node sets (capped at the
     node count), an upper bound. experts_per_token further caps it (one replica serves each expert).
     """
-    _positive_int("topk_group", topk_group)
+    positive_int("topk_group", topk_group)
     if topk_group > n_group:
         raise PlacementError(f"topk_group {topk_group} exceeds n_group {n_group}")
     masks = [[sum(1 << n for n in row.nonzero().flatten().tolist()) for row in layer]
@@ -337,14 +337,14 @@ def make_mesh(gpus: int, gpus_per_node: int, pp: int = 1, ep: int = 1, dp: int |
               sp: bool = False, experts: int | None = None, redundant: int = 0, mode: str | None = None) -> ParallelMesh:
     """The ParallelMesh of these degrees, checked (dp defaults to gpus / (pp * tp)); PlacementError otherwise."""
     for name, val in dict(gpus=gpus, gpus_per_node=gpus_per_node, pp=pp, ep=ep, tp=tp).items():
-        _positive_int(name, val)
+        positive_int(name, val)
     if gpus % gpus_per_node:
         raise PlacementError(f"{gpus} GPUs are not whole nodes of {gpus_per_node}")
     if dp is None:
         if gpus % (pp * tp):
             raise PlacementError(f"pp {pp} x tp {tp} does not divide {gpus} GPUs")
         dp = gpus // (pp * tp)
-    _positive_int("dp", dp)
+    positive_int("dp", dp)
     if pp * dp * tp != gpus:
         raise PlacementError(f"pp {pp} x dp {dp} x tp {tp} = {pp * dp * tp}, not the {gpus} GPUs")
     if gpus_per_node % tp:
@@ -360,7 +360,7 @@ def make_mesh(gpus: int, gpus_per_node: int, pp: int = 1, ep: int = 1, dp: int |
     if isinstance(redundant, bool) or not isinstance(redundant, int) or redundant < 0:
         raise PlacementError(f"redundant must be a non-negative integer, got {redundant!r}")
     if experts is not None:
-        _positive_int("experts", experts)
+        positive_int("experts", experts)
         if (experts + redundant) % ep:
             raise PlacementError(f"ep {ep} does not divide {experts} experts + {redundant} redundant slots")
     return ParallelMesh(gpus, gpus_per_node, pp, dp, tp, ep, sp, experts, redundant, mode)
@@ -409,8 +409,8 @@ def default_mesh(gpus: int, gpus_per_node: int, mode: str, experts: int = 256, l
     """
     if mode not in ("train", "prefill", "decode"):
         raise PlacementError(f"unknown mode {mode!r} (known: train, prefill, decode)")
-    _positive_int("gpus", gpus)
-    _positive_int("gpus_per_node", gpus_per_node)
+    positive_int("gpus", gpus)
+    positive_int("gpus_per_node", gpus_per_node)
     if gpus % gpus_per_node:
         raise PlacementError(f"{gpus} GPUs are not whole nodes of {gpus_per_node}")
     pp, tp = 1, 1

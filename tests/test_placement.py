@@ -70,8 +70,8 @@ def test_choose_replica_serves_the_expert_round_robin(case, seed):
 
 def test_choose_replica_prefers_the_tokens_node():
     phy2log = torch.tensor([[0, 1, 0, 2]])  # 4 GPUs, 1 slot each, 2 nodes of 2: expert 0 on both nodes
-    from dsv3c.eplb import _inverse
-    p = ExpertPlacement(4, 2, phy2log, *_inverse(phy2log, 3))
+    from dsv3c.eplb import inverse_tables
+    p = ExpertPlacement(4, 2, phy2log, *inverse_tables(phy2log, 3))
     slots = p.choose_replica(0, torch.zeros(6, 1, dtype=torch.int64), token_node=torch.tensor([0, 1] * 3))
     assert slots.flatten().tolist() == [0, 2] * 3
     assert p.choose_replica(0, torch.tensor([[0], [0]])).flatten().tolist() == [0, 2]
