@@ -21,7 +21,7 @@ import targets
 from dsv3c.ops import fp8
 from dsv3c.codegen import lowering
 from dsv3c.driver import compile_model
-from dsv3c.ir import PassContext, layer_of
+from dsv3c.ir import Plan, layer_of
 from dsv3c.ops import op_name
 from dsv3c.passmgr.pipeline import run_pipeline
 from model_def import DeepseekV3, ModelConfig
@@ -56,14 +56,15 @@ def transformed(mode: str, shapes: dict, cfg=TINY, seed: int = 0, names=None):
             buf.copy_(torch.randn(buf.shape) * ROUTER_BIAS_STD)
     program = dsv3c.capture(cfg, mode, model=model, **shapes)
     names = names or passes.default_pipeline()[:-1]
-    run_pipeline(program, names, PassContext(TARGET, mode, {"aot": False}), passes.REGISTRY, passes.CAPTURED_OPS)
+    run_pipeline(Plan(program, TARGET, options={"aot": False}), names, passes.REGISTRY, passes.CAPTURED_OPS)
     return program, passes.legal_after(names)
 
 
 def lower(program, legal, mode: str) -> dict:
     """Run lower_triton (verified by the pipeline, no AOT compile); returns its stats."""
-    ctx = PassContext(TARGET, mode, {"aot": False})
-    return run_pipeline(program, ["lower_triton"], ctx, passes.REGISTRY, legal)[0].stats
+    assert program.mode == mode
+    plan = Plan(program, TARGET, options={"aot": False})
+    return run_pipeline(plan, ["lower_triton"], passes.REGISTRY, legal)[0].stats
 
 
 def graph_inputs(program, seed: int) -> list[torch.Tensor]:
@@ -73,7 +74,7 @@ def graph_inputs(program, seed: int) -> list[torch.Tensor]:
     for name in program.inputs:
         v = next(n for n in program.placeholders() if n.name == name).meta["val"]
         if v.dtype == torch.long:
-            vals.append(torch.randint(0, program.meta["cfg"].vocab_size, tuple(v.shape), generator=gen))
+            vals.append(torch.randint(0, program.cfg.vocab_size, tuple(v.shape), generator=gen))
         else:
             vals.append((torch.randn(tuple(v.shape), generator=gen) * (1.0 if "ckv" in name else 0.3)).to(v.dtype))
     return vals
@@ -145,7 +146,7 @@ def test_bf16_experts_have_no_kernel_and_are_reported():
     ops = {op_name(n.target) for n in program.graph.nodes if n.op == "call_function"} - {None}
     assert ops == {"kernel_call", "moe_experts"}
     moe_layers = TINY.num_hidden_layers - TINY.first_k_dense_replace + TINY.num_nextn_predict_layers
-    assert stats["unlowered"] == {"moe_experts": {"nodes": moe_layers, "why": lowering.NO_KERNEL["moe_experts"]}}
+    assert stats["unlowered"] == {"moe_experts": {"nodes": moe_layers, "why": lowering.unlowered_reasons()["moe_experts"]}}
 
 
 def _expected_kernel_shapes(op: str, ins: list[tuple]) -> list[dict]:

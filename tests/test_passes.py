@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 import dsv3c
 import passes
-from dsv3c.ir import PassContext
+import targets
+from dsv3c.ir import Plan
 from dsv3c.passmgr.verify import verify
 from model_def import DeepseekV3, ModelConfig
 
@@ -61,15 +62,19 @@ def model_for(cfg: ModelConfig, seed: int, bias_std: float = 0.1) -> DeepseekV3:
     return model
 
 
-def run_passes(program, names, options=None):
-    """Apply passes in order, verifying the IR after each like the pipeline does."""
+TARGET = targets.get_target("h800x8")
+
+
+def run_passes(program, names, options=None, pass_options=None):
+    """Apply passes in order, verifying the IR after each like the pipeline does; options are compile-wide."""
+    plan = Plan(program, TARGET, options=dict(options or {}))
     legal, stats = passes.CAPTURED_OPS, {}
     for name in names:
         p = passes.REGISTRY[name]
         legal = p.legal_after(legal)
-        program, stats[name] = p.fn(program, PassContext(None, program.mode, dict(options or {})))
-        verify(program, legal)
-    return program, stats
+        stats[name] = p.fn(plan, dict((pass_options or {}).get(name, {})))
+        verify(plan.program, legal)
+    return plan.program, stats
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -77,10 +82,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def prefill_then_decode(cfg, model, names, options, batch, seq, x, x_next):
+def prefill_then_decode(cfg, model, names, pass_options, batch, seq, x, x_next):
     """Logits of one decoded token after a prefill, both graphs having run the passes."""
-    pre, _ = run_passes(dsv3c.capture(cfg, "prefill", batch, seq, model=model), names, options)
-    dec, stats = run_passes(dsv3c.capture(cfg, "decode", batch, 1, kv_len=seq, model=model), names, options)
+    pre, _ = run_passes(dsv3c.capture(cfg, "prefill", batch, seq, model=model), names, pass_options=pass_options)
+    dec, stats = run_passes(dsv3c.capture(cfg, "decode", batch, 1, kv_len=seq, model=model), names,
+                            pass_options=pass_options)
     cache = pre(x)
     out = dec(x_next, *[cache[name.replace("past_", "cache_")] for name in dec.inputs[1:]])
     return out["logits"], dec, stats
@@ -91,11 +97,11 @@ def prefill_then_decode(cfg, model, names, options, batch, seq, x, x_next):
        batch=st.integers(1, 2), seq=st.integers(2, 6))  # fmt: skip
 def test_mla_fuse_keeps_the_function_in_all_modes(cfg, seed, form, batch, seq):
     model = model_for(cfg, seed)
-    options = {"mla_form": form} if form else {}
+    options = {"mla_fuse": {"form": form}} if form else {}
     x = torch.randint(0, cfg.vocab_size, (batch, seq))
     for mode in ("train", "prefill"):
         before = dsv3c.capture(cfg, mode, batch, seq, model=model)
-        after, stats = run_passes(copy.deepcopy(before), ["mla_fuse"], options)
+        after, stats = run_passes(copy.deepcopy(before), ["mla_fuse"], pass_options=options)
         for name in ("logits", "mtp_logits"):
             if name in before.outputs:
                 assert rel(after(x)[name], before(x)[name]) < 1e-5, (mode, name, stats)

@@ -17,7 +17,7 @@ import dsv3c
 import dsv3c.driver as driver
 import passes
 import targets
-from dsv3c.ir import PassContext
+from dsv3c.ir import Plan
 from dsv3c.ops import op_name
 from dsv3c.passmgr.pipeline import PipelineError, run_pipeline
 from dsv3c.cost.figures import mode_figures, reduced_config
@@ -149,8 +149,8 @@ def test_unmodified_graph_verifies_through_default_pipeline(programs, mode):
     """Capture output verifies, and stays valid after every pass of the default pipeline (checked per pass)."""
     program = copy.deepcopy(programs[mode])
     verify(program, passes.CAPTURED_OPS)
-    ctx = PassContext(targets.get_target("h800x8"), mode)
-    records = run_pipeline(program, passes.default_pipeline(), ctx, passes.REGISTRY, passes.CAPTURED_OPS)
+    plan = Plan(program, targets.get_target("h800x8"))
+    records = run_pipeline(plan, passes.default_pipeline(), passes.REGISTRY, passes.CAPTURED_OPS)
     assert [r.name for r in records] == passes.default_pipeline()
     assert all(r.nodes_after > 0 for r in records)
 
@@ -173,9 +173,9 @@ def fast_compile(monkeypatch):
     monkeypatch.setattr(driver, "capture", capture)
     figures = {}
 
-    def model_figures(cfg, registry):
+    def model_figures(cfg, target, registry):
         if cfg.name not in figures:
-            figures[cfg.name] = real_figures(cfg, registry)
+            figures[cfg.name] = real_figures(cfg, target, registry)
         return copy.deepcopy(figures[cfg.name])
 
     monkeypatch.setattr(driver, "model_figures", model_figures)
@@ -229,16 +229,16 @@ def test_pipeline_txt_replays_identically(fast_compile, tmp_path_factory, names,
 def bad_passes():
     """Two temporary passes: 'test_boom' raises, 'test_corrupt' leaves a wrong meta['val']; removed afterwards."""
 
-    def boom(program, ctx):
+    def boom(plan, opts):
         raise RuntimeError("test pass exploded\nsecond line")
 
     corrupted = []
 
-    def corrupt(program, ctx):
-        victim = _tensor_nodes(program)[7]
-        victim.meta["val"] = _reshaped(program, victim.meta["val"])
+    def corrupt(plan, opts):
+        victim = _tensor_nodes(plan.program)[7]
+        victim.meta["val"] = _reshaped(plan.program, victim.meta["val"])
         corrupted.append(victim.name)
-        return program, {}
+        return {}
 
     added = {"test_boom": boom, "test_corrupt": corrupt}
     assert not set(added) & set(passes.REGISTRY)
@@ -302,10 +302,10 @@ EXTRAPOLATION_SHAPES = {
 
 def _full_depth_figures(cfg, mode: str, shapes: dict) -> dict:
     """Total FLOPs (and KV cache bytes) of the full-depth graph after the passes mode_figures runs."""
-    program = dsv3c.capture(cfg, mode, **shapes)
-    ctx = PassContext(target=None, mode=mode)
+    plan = Plan(dsv3c.capture(cfg, mode, **shapes), targets.get_target("h800x8"))
+    program = plan.program
     registry = passes.REGISTRY
-    registry["dce"].fn(program, ctx)
+    registry["dce"].fn(plan, {})
     out = {}
 
     def cache_bytes():
@@ -317,11 +317,13 @@ def _full_depth_figures(cfg, mode: str, shapes: dict) -> dict:
     if mode == "decode":
         out["kv_naive"] = cache_bytes()
         if "mla_fuse" in registry:
-            registry["mla_fuse"].fn(program, ctx)
+            registry["mla_fuse"].fn(plan, {})
             out["kv_latent"] = cache_bytes()
-    registry["cost"].fn(program, ctx)
-    total = program.meta["cost"]["total"]
-    out["flops"] = total["flops"] + (total["bwd_flops"] if mode == "train" else 0)
+    else:
+        registry["mla_fuse"].fn(plan, {})
+    registry["cost"].fn(plan, {})
+    total = plan.analyses.costs["total"]
+    out["flops"] = 3 * total["flops"] if mode == "train" else total["flops"]
     return out
 
 
@@ -335,9 +337,9 @@ def test_summary_extrapolation_equals_full_depth_cost(mode):
     assert reduced_config(cfg).num_hidden_layers == 2
     shapes = EXTRAPOLATION_SHAPES[mode]
     tokens = shapes["batch"] * shapes["seq"]
-    figures = mode_figures(cfg, mode, passes.REGISTRY, shapes)
+    figures = mode_figures(cfg, mode, targets.get_target("h800x8"), passes.REGISTRY, shapes)
     full = _full_depth_figures(cfg, mode, shapes)
-    assert figures["flops_per_token"] == full["flops"] // tokens
+    assert figures["model"] == full["flops"] // tokens
     if mode == "decode":
         kv_len = shapes["kv_len"]
         assert figures["kv_naive"] * kv_len == full["kv_naive"]
@@ -356,6 +358,6 @@ def test_summary_extrapolation_any_block_mix(dense, moe, excess, mode):
     if moe == 0:
         cfg = dataclasses.replace(cfg, first_k_dense_replace=dense + excess)
     shapes = EXTRAPOLATION_SHAPES[mode]
-    figures = mode_figures(cfg, mode, passes.REGISTRY, shapes)
+    figures = mode_figures(cfg, mode, targets.get_target("h800x8"), passes.REGISTRY, shapes)
     full = _full_depth_figures(cfg, mode, shapes)
-    assert figures["flops_per_token"] == full["flops"] // (shapes["batch"] * shapes["seq"])
+    assert figures["model"] == full["flops"] // (shapes["batch"] * shapes["seq"])
