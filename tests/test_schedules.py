@@ -77,9 +77,9 @@ def test_every_schedule_runs_and_matches_the_table(config):
     result = check(sched)  # order, counts, lock-step run with sends and receives
     assert result["rounds"] >= max(len(r) for r in sched)
     per_rank = counts(sched)
-    stages_per_rank = 1 if kind in ("1f1b", "zb1p") else 2
+    forwards = {"1f1b": m, "zb1p": m, "dualpipev": 2 * m, "dualpipe": m}[kind]  # dualpipe: 2 stages x m/2
     for c in per_rank:
-        assert c["F"] == stages_per_rank * m if kind != "dualpipe" else c["F"] == m  # dualpipe: m/2 per direction
+        assert c["F"] == forwards
         assert c["B"] + c["I"] == c["F"] and c["W"] == c["I"]
         if kind == "1f1b":
             assert c["I"] == c["W"] == c["F&B"] == 0

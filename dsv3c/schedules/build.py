@@ -76,11 +76,9 @@ def _one_f_one_b(pp: int, r: int, m: int, split: bool) -> list[str]:
 
 
 def _dualpipe_rank(n: int, h: int, chunks: int, near: int, far: int) -> list[str]:
-    """One rank of DeepSeek's DualPipe step, for n ranks per half, this rank's distance h from its end of the pipe.
-
-    near is the stage of the direction whose micro-batches enter at this rank's end ("phase 0"), far the other;
-    chunks is the number of micro-batches per direction. DualPipeV is the same program with n = pp, h = rank.
-    """
+    """One rank's actions in DeepSeek's DualPipe step (n ranks per half, h this rank's distance from its end)."""
+    # near: the stage of the direction whose micro-batches enter at this rank's end ("phase 0"), far: the other;
+    # chunks: micro-batches per direction. DualPipeV is the same program with n = pp, h = rank.
     out: list[str] = []
     fwd, bwd = Counter(), Counter()
     weights = deque()  # (stage, mb) of I's whose W is deferred; W always completes the oldest

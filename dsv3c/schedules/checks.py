@@ -13,8 +13,7 @@ from dsv3c.schedules.actions import Op, ScheduleError, layout_of, parse
 
 
 def check_order(actions) -> None:
-    """Raise ScheduleError unless every (stage, micro-batch) runs one F, then one B or one I followed by one W,
-    on the rank that holds the stage."""
+    """Raise ScheduleError unless each (stage, micro-batch) runs F then B, or F, I, W, on the stage's rank."""
     layout = layout_of(actions)
     owner = layout.stage_rank()
     seen: dict[tuple[int, int], list[str]] = {}
@@ -39,8 +38,8 @@ def check_order(actions) -> None:
 
 
 def with_comms(actions) -> list[list[str]]:
-    """The schedule with SEND/RECV inserted: a send right after the compute that produces a tensor another rank
-    needs (activation s -> s+1 after F, gradient s+1 -> s after B or I), the receive right before its consumer."""
+    """The schedule with SEND/RECV inserted: each send right after its producer, each receive right before its user."""
+    # activations go s -> next(s) after F, gradients s -> prev(s) after B or I; same-rank hand-overs need none
     layout = layout_of(actions)
     owner = layout.stage_rank()
     out = []
@@ -62,9 +61,9 @@ def with_comms(actions) -> list[list[str]]:
 
 
 def run_lockstep(actions) -> int:
-    """Execute all ranks' programs (with_comms) in lock-step rounds and return the round count; raise
-    ScheduleError on deadlock. Sends are buffered (like isend); a receive, and a compute whose input is not
-    there, block their rank; every rank runs in order."""
+    """The number of lock-step rounds in which all ranks' programs (with_comms) complete; ScheduleError on deadlock."""
+    # Sends are buffered (like isend); a receive, or a compute whose input is not there, blocks its rank, and each
+    # rank runs its program in order. A round sees only what earlier rounds did.
     layout = layout_of(actions)
     owner = layout.stage_rank()
     programs = [[parse(a) for a in p] for p in with_comms(actions)]

@@ -9,7 +9,7 @@ from dsv3c.schedules.build import build
 from dsv3c.schedules.checks import check
 from dsv3c.schedules.published import PUBLISHED, published_activations, published_bubble
 from dsv3c.schedules.render import write_svg, write_trace
-from dsv3c.schedules.simulate import UNIT_DURATIONS, duration, simulate
+from dsv3c.schedules.simulate import complete_durations, simulate
 
 DURATION_KEYS = ("F", "B", "I", "W", "F&B")
 
@@ -29,8 +29,7 @@ def parse_durations(text: str | None) -> dict:
         if not sep or key not in DURATION_KEYS or number < 0:
             raise ScheduleError(f"--durations wants K=seconds pairs with K in F,B,I,W,F&B, got '{item.strip()}'")
         given[key] = number
-    full = {k: duration(given, k, 0) for k in UNIT_DURATIONS}
-    full["F&B"] = given.get("F&B", full["F"] + full["B"])
+    full = complete_durations(given)
     if min(full.values()) < 0:
         raise ScheduleError(f"--durations gives a negative duration: {full}")
     return full
@@ -40,7 +39,7 @@ def summarize(kind: str, pp: int, micro_batches: int, durations: dict | None = N
               trace=None, svg=None) -> dict:  # fmt: skip
     """Build, check and simulate a schedule; write the trace and SVG if asked; return the figures as a dict."""
     schedule = build(kind, pp, micro_batches)
-    d = durations or parse_durations(None)
+    d = complete_durations(durations)
     checked = check(schedule)
     timeline = simulate(schedule, d, comm=comm)
     if trace:

@@ -61,6 +61,14 @@ def duration(durations: dict, kind: str, stage: int) -> float:
     return UNIT_DURATIONS[kind] if value is None else value
 
 
+def complete_durations(given: dict | None) -> dict:
+    """Scalar durations for all of F, B, I, W and F&B, derived from given as the module docstring says."""
+    given = given or {}
+    full = {k: duration(given, k, 0) for k in UNIT_DURATIONS}
+    full["F&B"] = float(given.get("F&B", full["F"] + full["B"]))
+    return full
+
+
 def action_duration(durations: dict, ops: tuple[Op, ...]) -> float:
     """The duration of one action: its op's, or for an overlapped pair F&B (default: the sum of the two)."""
     if len(ops) == 2:
