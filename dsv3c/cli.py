@@ -1,4 +1,4 @@
-"""The dsv3c command line: compile, targets, passes, inspect, run."""
+"""The dsv3c command line: compile, targets, passes, inspect, run, schedule."""
 
 import argparse
 import json
@@ -75,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seq", type=_positive)
     r.add_argument("--kv-len", type=_positive)
     r.add_argument("--target", default="h800x2048", help="target whose tile configs the lowering uses")
+
+    s = sub.add_parser("schedule", help="a pipeline schedule per rank with its simulated bubble and step")
+    s.add_argument("--kind", required=True, help="1f1b, zb1p, dualpipev or dualpipe")
+    s.add_argument("--pp", type=_positive, required=True)
+    s.add_argument("--micro-batches", type=_positive, required=True)
+    s.add_argument("--durations", metavar="K=T,...", help="per-action durations (F, B, I, W, F&B; default F=1,B=2,I=1,W=1)")
+    s.add_argument("--comm", type=float, default=0.0, help="time per rank-to-rank hop (default 0)")
+    s.add_argument("--trace", help="write a Chrome/Perfetto trace here")
+    s.add_argument("--svg", help="write an SVG picture here")
+    s.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return parser
 
 
@@ -197,7 +207,18 @@ def cmd_run(args, argv) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_schedule(args, argv) -> int:
+    """dsv3c schedule: build, check and simulate one pipeline schedule."""
+    from dsv3c.schedules import report
+
+    summary = report.summarize(args.kind, args.pp, args.micro_batches, report.parse_durations(args.durations),
+                               args.comm, args.trace, args.svg)  # fmt: skip
+    print(report.format_json(summary) if args.json else report.format_table(summary), end="")
+    return 0
+
+
 COMMANDS = {"compile": cmd_compile, "targets": cmd_targets, "passes": cmd_passes, "inspect": cmd_inspect, "run": cmd_run}
+COMMANDS["schedule"] = cmd_schedule
 
 
 def _user_errors() -> tuple:
@@ -205,12 +226,14 @@ def _user_errors() -> tuple:
     from dsv3c.frontend.exporter import CaptureError
     from dsv3c.driver import OptionError, OutputError
     from dsv3c.passmgr.dumpview import DumpError
+    from dsv3c.schedules import ScheduleError
     from passes import PassSpecError
     from model_def import ConfigError
     from model_def.checkpoint import CheckpointError
     from targets import TargetError
 
-    return (UsageError, ConfigError, TargetError, CaptureError, CheckpointError, OutputError, OptionError, PassSpecError, DumpError)
+    return (UsageError, ConfigError, TargetError, CaptureError, CheckpointError, OutputError, OptionError, PassSpecError,
+            DumpError, ScheduleError)
 
 
 def main(argv=None) -> int:
