@@ -74,6 +74,7 @@ def run_passes(program, names, options=None, pass_options=None):
         legal = p.legal_after(legal)
         stats[name] = p.fn(plan, dict((pass_options or {}).get(name, {})))
         verify(plan.program, legal)
+    stats["analyses"] = plan.analyses
     return plan.program, stats
 
 
@@ -178,7 +179,7 @@ def test_fp8_policy_is_overridable_and_reported():
     program = dsv3c.capture(TINY, "prefill", 1, 4, model=model)
     after, stats = run_passes(program, ["fp8_quant"], {"precision": {"attention_proj": "bf16"}})
     assert "attention_proj" not in stats["fp8_quant"]["converted"]
-    assert after.meta["precision_policy"]["attention_proj"] == "bf16"
+    assert stats["analyses"].precision_policy["attention_proj"] == "bf16"
 
 
 def test_dce_and_cost_keep_the_function():
