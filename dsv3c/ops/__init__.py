@@ -238,3 +238,4 @@ def op_name(target) -> str | None:
         if qualified.startswith(NAMESPACE + "::"):
             return qualified.split("::", 1)[1].split(".")[0]
     return None
+from dsv3c.ops import ep  # noqa: E402,F401  (expert-parallel ops: dispatch, local experts, combine)
