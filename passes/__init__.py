@@ -3,7 +3,7 @@
 from passes import cost, dce  # noqa: F401  (importing a pass module registers it)
 from passes.registry import CAPTURED_OPS, REGISTRY, Pass, default_pipeline, legal_after
 
-for _optional in ("mla_fuse", "fp8_quant", "lower_triton"):
+for _optional in ("mla_fuse", "fp8_quant", "lower_triton", "expert_partition"):
     try:
         __import__(f"passes.{_optional}")
     except ModuleNotFoundError as e:
