@@ -19,11 +19,11 @@ logical experts a rank holds is bound at run time (as DeepSeek's model.py binds 
   -1 = padding), counts [4, ep] (tokens sent / received, routes sent / received per peer),
   route_order [T·k] (this rank's flat (t, j) routes in send order), send_tok [ep·T] (token sent per
   row, -1 = padding).
-- `ep_experts(recv_x, recv_tok, recv_slot, w_gate [S, F, D], w_up, w_down, fp8)` — SwiGLU per received
+- `ep_experts(recv_x, recv_tok, recv_slot, w_gate [S, F, D], w_up, w_down, fp8, ep)` — SwiGLU per received
   route with the rank's local expert weights (`fp8`: every GEMM a `dsv3.fp8_linear`, as in
   `moe_experts_fp8_train`) → per-route outputs y [ep·T·k, D] (BF16 under fp8, else x's dtype).
   `ep_experts_fp8` is the inference variant over E4M3 weights and their 128x128 block scales.
-- `ep_combine(y, weights, counts, route_order, out_dtype)` sends every route's output back to its
+- `ep_combine(y, weights, counts, route_order, ep, gpus_per_node, out_dtype)` sends every route's output back to its
   token's home rank (in y's dtype: BF16 under the FP8 recipe) and sums Σ_j g[t, j]·y[t, j] there
   in float32.
 
@@ -35,7 +35,9 @@ With no EP context active (`dsv3c.runtime.ep_context`) the ops run on one rank: 
 every exchange is the identity. `simulate_ep` runs the same stages for all ranks in one process.
 
 Each op has a `cost_<op>(args, out) -> dict` (flops, bwd_flops, bytes, ib_bytes, nvlink_bytes) over
-its argument meta values in schema order.
+its argument meta values in schema order. `ep`, `gpus_per_node` and the expected distinct nodes / GPUs
+per token (`exp_nodes`, `exp_gpus`, computed by expert_partition from the placement) are op arguments so
+that the costs need no data; `layer` (the MoE layer's index in graph order) keys the observed loads.
 """
 
 from __future__ import annotations
