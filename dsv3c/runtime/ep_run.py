@@ -16,7 +16,8 @@ dense parameters' gradients all-reduced. It also measures the most nodes one tok
 on node r // gpus_per_node; default 2 so EP 4 spans two "nodes") and the per-layer expert loads.
 
 The same worker runs under torchrun (`python -m dsv3c.runtime.ep_run --ep E ...`, `env://`): with
-CUDA available the backend is NCCL and tensors live on the rank's GPU (not exercised here).
+CUDA available the backend becomes NCCL, but moving the model and program to the rank's GPU is not
+written yet (everything here runs on CPU; neither torchrun nor NCCL has been exercised).
 When launched by run_ep the parent captures once and the forked ranks inherit the capture (export
 costs seconds per process on shared CPUs); under torchrun each rank captures itself.
 """
