@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seq", type=_positive)
     r.add_argument("--kv-len", type=_positive)
     r.add_argument("--target", default="h800x2048", help="target whose tile configs the lowering uses")
+    r.add_argument("--ranks", type=int, help="run the expert-partitioned program on N gloo processes")
+    r.add_argument("--ep", type=int, help="expert-parallel degree (default: --ranks)")
+    r.add_argument("--train", action="store_true", help="with --ranks: also loss and gradients")
+    r.add_argument("--json", action="store_true", help="with --ranks: print one JSON object")
+    r.add_argument("--expert-load-out", metavar="FILE", help="with --ranks: write the observed expert load JSON")
 
     s = sub.add_parser("schedule", help="a pipeline schedule per rank with its simulated bubble and step")
     s.add_argument("--kind", required=True, help="1f1b, zb1p, dualpipev or dualpipe")
@@ -198,6 +203,8 @@ def cmd_run(args, argv) -> int:
     from model_def.counts import parameter_counts
 
     cfg = _load_config(args)
+    if args.ranks is not None or args.ep is not None:
+        return _run_ep(args, cfg)
     total = parameter_counts(DeepseekV3(cfg, device="meta"))["total"]
     if total > RUN_MAX_PARAMS:
         raise UsageError(f"model {cfg.name} has {total:,} parameters; run executes small models only")
@@ -215,6 +222,27 @@ def cmd_schedule(args, argv) -> int:
                                args.comm, args.trace, args.svg)  # fmt: skip
     print(report.format_json(summary) if args.json else report.format_table(summary), end="")
     return 0
+
+
+def _run_ep(args, cfg) -> int:
+    """dsv3c run --ranks N --ep E: the expert-partitioned program on gloo ranks against eager (exit 0 within tolerance)."""
+    from dsv3c.runtime.ep_run import EPRunError, run_ep
+
+    ranks = args.ranks if args.ranks is not None else args.ep
+    try:
+        result = run_ep(cfg, ranks, args.ep or ranks, train=args.train, seed=args.seed, batch=args.batch or 1,
+                        seq=args.seq or 8)  # fmt: skip
+    except EPRunError as e:
+        raise UsageError(str(e)) from None
+    if args.expert_load_out:
+        Path(args.expert_load_out).write_text(json.dumps({"layers": result["expert_load"]}) + "\n")
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "expert_load"}))
+    else:
+        keys = ["logits_max_rel_err", "loss_rel_err", "grad_max_cos_diff", "max_nodes_per_token"]
+        print(f"ranks {result['ranks']} ep {result['ep']}: " + ", ".join(f"{k} {result[k]:.3g}" for k in keys if k in result)
+              + (" ok" if result["ok"] else " OUT OF TOLERANCE"))  # fmt: skip
+    return 0 if result["ok"] else 1
 
 
 COMMANDS = {"compile": cmd_compile, "targets": cmd_targets, "passes": cmd_passes, "inspect": cmd_inspect, "run": cmd_run}

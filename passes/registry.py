@@ -14,16 +14,20 @@ class PassSpecError(ValueError):
 
 @dataclass(frozen=True)
 class Option:
-    """One pass option: its allowed values (None: any string) and what it means."""
+    """One pass option: what it means, its allowed values (None: any) and how its text is parsed."""
 
     help: str
     choices: tuple | None = None
+    parse: Callable = str
 
-    def check(self, pass_name: str, name: str, value: str) -> str:
-        """value if the option takes it, else PassSpecError."""
+    def check(self, pass_name: str, name: str, value: str):
+        """The parsed value if the option takes it, else PassSpecError."""
         if self.choices is not None and value not in self.choices:
             raise PassSpecError(f"pass {pass_name}: option {name}={value!r} is not one of {', '.join(self.choices)}")
-        return value
+        try:
+            return self.parse(value)
+        except ValueError:
+            raise PassSpecError(f"pass {pass_name}: option {name}={value!r} is not a valid {self.parse.__name__}") from None
 
 
 @dataclass(frozen=True)

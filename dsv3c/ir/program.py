@@ -24,6 +24,7 @@ class Program:
     mode: str
     cfg: object  # model_def.ModelConfig it was captured from
     shapes: dict  # batch, seq, kv_len of the capture
+    ep: dict | None = None  # after expert_partition: how each EP rank binds its local expert weights
 
     @property
     def graph(self) -> fx.Graph:

@@ -7,6 +7,7 @@ and its record (`dsv3c.ops.record.define`). This package is a leaf: it imports n
 """
 
 from dsv3c.ops.attention import latent_attention, mla_attention
+from dsv3c.ops.ep import ep_combine, ep_dispatch, ep_experts, ep_experts_fp8
 from dsv3c.ops.norm import rms_norm, rope, swiglu
 from dsv3c.ops.quant import act_quant, fp8_gemm, fp8_linear
 from dsv3c.ops.record import NAMESPACE, RECORDS, Cost, Lowering, NotLowered, check_complete, op_name, record_of
@@ -15,7 +16,8 @@ from dsv3c.ops.routing import moe_experts, moe_experts_fp8, moe_experts_fp8_trai
 check_complete()
 
 __all__ = [
-    "NAMESPACE", "RECORDS", "Cost", "Lowering", "NotLowered", "act_quant", "check_complete", "fp8_gemm",
+    "NAMESPACE", "RECORDS", "Cost", "Lowering", "NotLowered", "act_quant", "check_complete", "ep_combine", "ep_dispatch",
+    "ep_experts", "ep_experts_fp8", "fp8_gemm",
     "fp8_linear", "latent_attention", "mla_attention", "moe_experts", "moe_experts_fp8", "moe_experts_fp8_train",
     "moe_gate", "op_name", "record_of", "rms_norm", "rope", "swiglu",
 ]

@@ -1,0 +1,251 @@
+"""expert_partition: the routed experts spread over EP ranks — gate → dispatch → local grouped GEMM → combine.
+
+Every `moe_experts` / `moe_experts_fp8_train` / `moe_experts_fp8` node becomes
+
+    ep_dispatch(x, ids, phy2log, log2phy, logcnt, ...)   tokens to the ranks holding their experts
+    ep_experts(recv_x, recv_tok, recv_slot, w_gate_local [S, F, D], ...)   (ep_experts_fp8 for E4M3 weights)
+    ep_combine(y, weights, counts, route_order, ...)     outputs home, Σ_j g·y in float32
+
+The program stays ONE rank-parametric SPMD graph: the local expert weights are new placeholders of
+shape [S, ...] (S = slots per rank) holding rank 0's binding; the runtime binds rank r's slots
+r·S .. r·S+S−1 from the placement (`program.ep` records, per layer, the tables and which
+stacked weight each local placeholder is cut from). The placement tables are int64 weights of the graph.
+
+Options: `ep` (EP degree, default 1) and `gpus_per_node` (pass options); `placement` (compile-wide, `plan.options`: (per MoE layer, in graph order: a
+(phy2log [L, P], log2phy [L, E, R], logcnt [L, E]) triple as `dsv3c.eplb.rebalance_experts` returns,
+a list of per-layer triples, or a dict by layer name 'layers.N' / 'mtp.K'; default contiguous, no
+replicas); `gpus_per_node` (default: the target's, else 8). EP rank r sits on node r // gpus_per_node.
+
+Node-limited routing, proven from the placement: a token picks `topk_group` groups, so the nodes it
+can reach are the union of its groups' node sets (an expert's node set = the nodes of all its
+replicas). The pass takes the maximum of that union over all choices of topk_group groups (at most
+the nodes of the group); when EP spans more than one node it must be <= topk_group, else
+PartitionError. The expected distinct nodes / GPUs per token feed the dispatch cost (see
+`expected_targets`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import operator
+
+import torch
+from torch import fx
+
+import dsv3c.ops  # noqa: F401  (registers torch.ops.dsv3)
+from dsv3c.ir import Plan, Program, layer_of
+from passes.registry import Option, register
+
+dsv3 = torch.ops.dsv3
+EXPERT_OPS = ("moe_experts", "moe_experts_fp8_train", "moe_experts_fp8")
+
+
+class PartitionError(ValueError):
+    """An EP degree, placement or node size the model's experts cannot be partitioned with."""
+
+
+def contiguous_placement(experts: int, layers: int = 1):
+    """(phy2log [L, E], log2phy [L, E, 1], logcnt [L, E]): slot p holds expert p, no replicas."""
+    phy2log = torch.arange(experts).repeat(layers, 1)
+    return phy2log, phy2log.clone().unsqueeze(-1), torch.ones(layers, experts, dtype=torch.long)
+
+
+def layer_tables(placement, index: int, key: str, experts: int):
+    """The (phy2log [P], log2phy [E, R], logcnt [E]) of MoE layer number `index` (named `key`)."""
+    if placement is None:
+        return tuple(t[0] for t in contiguous_placement(experts))
+    if isinstance(placement, dict):
+        if key not in placement:
+            raise PartitionError(f"placement has no tables for MoE layer {key}")
+        tables = placement[key]
+    elif isinstance(placement, tuple) and len(placement) == 3 and isinstance(placement[0], torch.Tensor) and placement[0].dim() == 2:
+        if index >= placement[0].shape[0]:
+            raise PartitionError(f"placement covers {placement[0].shape[0]} MoE layers; the graph has more")
+        tables = tuple(t[index] for t in placement)
+    else:
+        if index >= len(placement):
+            raise PartitionError(f"placement covers {len(placement)} MoE layers; the graph has more")
+        tables = placement[index]
+    return tuple(torch.as_tensor(t, dtype=torch.long) for t in tables)
+
+
+def check_tables(phy2log, log2phy, logcnt, experts: int, ep: int) -> int:
+    """Slots per rank S; PartitionError unless the tables describe a valid placement of `experts` on ep ranks."""
+    slots = phy2log.numel()
+    if ep < 1 or slots % ep:
+        raise PartitionError(f"EP {ep} does not divide the {slots} expert slots ({experts} experts + {slots - experts} redundant)")
+    if phy2log.dim() != 1 or phy2log.min() < 0 or phy2log.max() >= experts:
+        raise PartitionError(f"phy2log must map each of the {slots} slots to one of {experts} experts")
+    count = torch.bincount(phy2log, minlength=experts)
+    if (count == 0).any():
+        raise PartitionError(f"expert {int((count == 0).nonzero()[0])} has no slot in the placement")
+    if not torch.equal(count, logcnt.reshape(-1)):
+        raise PartitionError("logcnt does not match the replica counts of phy2log")
+    for e in range(experts):
+        reps = log2phy[e, : int(count[e])]
+        if (reps < 0).any() or not torch.equal(phy2log[reps], torch.full_like(reps, e)):
+            raise PartitionError(f"log2phy of expert {e} does not list its slots")
+    return slots // ep
+
+
+def _node_sets(phy2log, experts: int, per_rank: int, gpus_per_node: int) -> list[set]:
+    """For each logical expert, the nodes of all its replicas."""
+    sets = [set() for _ in range(experts)]
+    for p, e in enumerate(phy2log.tolist()):
+        sets[e].add(p // per_rank // gpus_per_node)
+    return sets
+
+
+def max_nodes_per_token(phy2log, experts: int, n_group: int, topk_group: int, per_rank: int, gpus_per_node: int) -> int:
+    """The most nodes one token can reach: max over topk_group-sets of groups of their nodes' union."""
+    sets = _node_sets(phy2log, experts, per_rank, gpus_per_node)
+    size = experts // n_group
+    groups = [set().union(*sets[g * size : (g + 1) * size]) for g in range(n_group)]
+    best = 0
+    combos = itertools.combinations(range(n_group), topk_group)
+    if math.comb(n_group, topk_group) > 20000:  # too many to enumerate: sum of the largest (an upper bound)
+        return min(len(set().union(*groups)), sum(sorted(map(len, groups))[-topk_group:]))
+    for combo in combos:
+        best = max(best, len(set().union(*(groups[g] for g in combo))))
+    return best
+
+
+def expected_targets(phy2log, log2phy, experts: int, n_group: int, topk_group: int, top_k: int, per_rank: int,
+                     gpus_per_node: int) -> tuple[float, float]:  # fmt: skip
+    """(E[distinct nodes], E[distinct GPUs]) per token under uniform node-limited routing.
+
+    Model: the token's topk_group groups are a uniform choice among the n_group; its top_k experts are
+    a uniform choice among the m = topk_group·E/n_group experts of those groups; each expert counts at
+    its first replica. A place (node or GPU) holding a of those m experts is hit with probability
+    1 − C(m − a, k) / C(m, k) (hypergeometric); the expectation sums these over places and averages
+    over the group choices (enumerated; sampled evenly when there are more than 2000).
+    """
+    size = experts // n_group
+    first = log2phy[:, 0].tolist()
+    gpu_of = [first[e] // per_rank for e in range(experts)]
+    combos = list(itertools.combinations(range(n_group), topk_group))
+    if len(combos) > 2000:
+        combos = combos[:: len(combos) // 2000]
+    totals = [0.0, 0.0]
+    for combo in combos:
+        members = [e for g in combo for e in range(g * size, (g + 1) * size)]
+        m, k = len(members), min(top_k, len(members))
+        for i, place in enumerate((lambda e: gpu_of[e] // gpus_per_node, lambda e: gpu_of[e])):
+            counts: dict = {}
+            for e in members:
+                counts[place(e)] = counts.get(place(e), 0) + 1
+            totals[i] += sum(1 - math.comb(m - a, k) / math.comb(m, k) for a in counts.values())
+    return totals[0] / len(combos), totals[1] / len(combos)
+
+
+def _gate_args(program: Program, node: fx.Node) -> tuple[int, int, int]:
+    """(n_group, topk_group, top_k) of the gate feeding an experts node (from the config if not traceable)."""
+    ids = node.args[1]
+    if ids.target is operator.getitem and getattr(ids.args[0], "target", None) is dsv3.moe_gate.default:
+        gate = ids.args[0]
+        return gate.args[3], gate.args[4], gate.args[5]
+    cfg = program.cfg
+    return cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok
+
+
+def _local_weight(program: Program, cache: dict, source: fx.Node, phy2log, per_rank: int, key: str) -> fx.Node:
+    """A placeholder [S, ...] for rank 0's slots of a stacked expert weight (real or meta)."""
+    if source.op != "placeholder" or source.name not in program.weights:
+        raise PartitionError(f"expert weight {source.name} of {key} is not a weight placeholder")
+    if source.name not in cache:
+        full = program.weights[source.name]
+        if full.is_meta:
+            local = torch.empty((per_rank, *full.shape[1:]), dtype=full.dtype, device="meta")
+        else:
+            local = full[phy2log[:per_rank]].clone()
+        cache[source.name] = program.add_weight(f"{source.name}_ep_local", local)
+    return cache[source.name]
+
+
+def _rewrite(program: Program, node: fx.Node, index: int, key: str, tables, ep: int, gpn: int, estimates) -> dict:
+    """Replace one experts node by dispatch → local experts → combine; returns what the runtime binds."""
+    kind = dsv3c.ops.op_name(node.target)
+    x, ids, weights = node.args[:3]
+    stacked = node.args[3:]
+    phy2log, log2phy, logcnt = tables
+    per_rank = phy2log.numel() // ep
+    stem = key.replace(".", "_")
+    table_nodes = [program.add_weight(f"{stem}_ep_{n}", t) for n, t in zip(("phy2log", "log2phy", "logcnt"), tables)]
+    cache: dict = {}
+    local = [_local_weight(program, cache, w, phy2log, per_rank, key) for w in stacked]
+    quant = kind != "moe_experts"
+    with program.graph.inserting_before(node):
+        d = program.call(
+            dsv3.ep_dispatch.default, (x, ids, *table_nodes, ep, index, quant, gpn, *estimates), like=node
+        )  # fmt: skip
+        recv_x, recv_tok, recv_slot, counts, order, _ = (program.call(operator.getitem, (d, i), like=node) for i in range(6))
+        if kind == "moe_experts_fp8":
+            y = program.call(dsv3.ep_experts_fp8.default, (recv_x, recv_tok, recv_slot, *local, ep), like=node)
+        else:
+            fp8_gemms = kind == "moe_experts_fp8_train"
+            y = program.call(dsv3.ep_experts.default, (recv_x, recv_tok, recv_slot, *local, fp8_gemms, ep), like=node)
+        out = program.call(
+            dsv3.ep_combine.default, (y, weights, counts, order, ep, gpn, node.meta["val"].dtype), like=node
+        )  # fmt: skip
+    node.replace_all_uses_with(out)
+    program.graph.erase_node(node)
+    return {"index": index, "tables": [n.name for n in table_nodes], "bindings": {cache[s].name: s for s in cache}}
+
+
+@register(
+    "expert_partition",
+    "places the routed (and redundant) experts on EP ranks, proves node-limited routing from the placement and "
+    "replaces each experts op by dispatch (FP8) / local grouped GEMM / combine (BF16); one SPMD graph per rank",
+    adds=["ep_dispatch", "ep_experts", "ep_experts_fp8", "ep_combine"],
+    removes=list(EXPERT_OPS),
+    writes=["placement"],
+    options={"ep": Option("expert-parallel degree", parse=int),
+             "gpus_per_node": Option("GPUs per node (default: the target's)", parse=int)},
+)
+def expert_partition(plan: Plan, opts: dict):
+    """Partition every MoE layer's experts over the `ep` option's ranks; report placement and node-limit figures."""
+    program = plan.program
+    ep = opts.get("ep", 1)
+    if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
+        raise PartitionError(f"ep must be a positive integer, got {ep!r}")
+    gpn = opts.get("gpus_per_node") or plan.target.gpus_per_node
+    spans = -(-ep // gpn)
+    placement = plan.options.get("placement")
+    targets = [n for n in program.graph.nodes if n.op == "call_function" and dsv3c.ops.op_name(n.target) in EXPERT_OPS]
+    layers, per_layer = {}, []
+    for index, node in enumerate(targets):
+        key = layer_of(node) or f"moe{index}"
+        experts = node.args[3].meta["val"].shape[0]
+        tables = layer_tables(placement, index, key, experts)
+        per_rank = check_tables(*tables, experts, ep)
+        n_group, topk_group, top_k = _gate_args(program, node)
+        bound = min(spans, max_nodes_per_token(tables[0], experts, n_group, topk_group, per_rank, gpn))
+        if spans > 1 and bound > topk_group:
+            raise PartitionError(
+                f"{key}: with EP {ep} over {spans} nodes of {gpn} GPUs a token can reach {bound} nodes, "
+                f"more than topk_group={topk_group}; map expert groups to nodes"
+            )  # fmt: skip
+        estimates = expected_targets(tables[0], tables[1], experts, n_group, topk_group, top_k, per_rank, gpn)
+        layers[key] = _rewrite(program, node, index, key, tables, ep, gpn, estimates)
+        layers[key]["experts"] = experts
+        per_gpu = [len(set(tables[0][r * per_rank : (r + 1) * per_rank].tolist())) for r in range(ep)]
+        per_layer.append({"layer": key, "slots_per_gpu": per_rank, "experts_per_gpu": max(per_gpu),
+                          "redundant_experts": tables[0].numel() - experts, "max_nodes_per_token": bound,
+                          "expected_nodes_per_token": round(estimates[0], 4),
+                          "expected_gpus_per_token": round(estimates[1], 4)})  # fmt: skip
+    program.drop_unused_weights()
+    program.recompile()
+    program.ep = {"ep": ep, "gpus_per_node": gpn, "layers": layers}
+    plan.analyses.placement = {"ep": ep, "gpus_per_node": gpn, "layers": per_layer}
+    return {
+        "ep": ep,
+        "nodes": spans,
+        "gpus_per_node": gpn,
+        "moe_layers": len(per_layer),
+        "slots_per_gpu": max((p["slots_per_gpu"] for p in per_layer), default=0),
+        "experts_per_gpu": max((p["experts_per_gpu"] for p in per_layer), default=0),
+        "redundant_experts": sum(p["redundant_experts"] for p in per_layer),
+        "max_nodes_per_token": max((p["max_nodes_per_token"] for p in per_layer), default=0),
+        "layers": per_layer,
+    }
