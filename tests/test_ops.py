@@ -27,7 +27,18 @@ def _cases():
     xq, xs = fp8.act_quant(randn(2, 3, 200))
     wq, ws = fp8.weight_quant(randn(130, 200))
     packed = [t for w in (wg, wu, wd) for t in fp8.weight_quant(w.detach())]  # stacked [E, N, K] experts
+    # expert parallelism at EP 1 (no process group: every route stays local), contiguous placement
+    phy2log, logcnt = torch.arange(e), torch.ones(e, dtype=torch.long)
+    tables = (phy2log, phy2log.clone().unsqueeze(-1), logcnt)
+    dispatch_args = (x, ids, *tables, 1, 0, False, 8, 1.0, float(k))
+    recv_x, recv_tok, recv_slot, counts, order, _ = dsv3.ep_dispatch(*dispatch_args)
+    recv_x = recv_x.detach().requires_grad_()
+    y = dsv3.ep_experts(recv_x, recv_tok, recv_slot, wg, wu, wd, False, 1).detach().requires_grad_()
     return {
+        "ep_dispatch": (dsv3.ep_dispatch, dispatch_args),
+        "ep_experts": (dsv3.ep_experts, (recv_x, recv_tok, recv_slot, wg, wu, wd, False, 1)),
+        "ep_experts_fp8": (dsv3.ep_experts_fp8, (recv_x.detach(), recv_tok, recv_slot, *packed, 1)),
+        "ep_combine": (dsv3.ep_combine, (y, weights.clone().requires_grad_(), counts, order, 1, 8, torch.float32)),
         "rms_norm": (dsv3.rms_norm, (randn(3, 5, 64, grad=True), randn(64, grad=True), 1e-6)),
         "rope": (dsv3.rope, (randn(2, 3, 4, 8, grad=True), cos, sin)),
         "swiglu": (dsv3.swiglu, (randn(4, 16, grad=True), randn(4, 16, grad=True))),
@@ -54,9 +65,9 @@ def test_opcheck(name):
     tests = ["test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_static"]
     if any(isinstance(a, torch.Tensor) and a.dtype == fp8.FP8 for a in args):
         tests.remove("test_schema")  # the schema checker compares inputs with ops that E4M3 tensors lack
-    if name in ("moe_experts", "moe_experts_fp8_train"):
-        # their backward re-runs the per-expert reference, whose token lists depend on data: it runs
-        # eagerly (tested in test_passes.py) but AOTAutograd cannot trace it on fake tensors
+    if name in ("moe_experts", "moe_experts_fp8_train", "ep_dispatch", "ep_experts", "ep_combine"):
+        # their backward re-runs the per-expert reference or exchanges data-dependent counts: it runs
+        # eagerly (tested in test_passes.py, test_expert_partition.py) but AOTAutograd cannot trace it
         tests.remove("test_aot_dispatch_static")
     torch.library.opcheck(op, args, test_utils=tests)
 
