@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seq", type=_positive)
     r.add_argument("--kv-len", type=_positive)
     r.add_argument("--target", default="h800x2048", help="target whose tile configs the lowering uses")
+    r.add_argument("--pp", type=_positive, help="pipelined training step on gloo CPU processes (dsv3c.runtime.pipelined)")
+    r.add_argument("--ranks", type=_positive, help="processes for --pp: pp x dp (default pp)")
+    r.add_argument("--ep", type=_positive, default=1, help="expert parallelism with --pp (only 1 for now)")
+    r.add_argument("--schedule", default="1f1b", help="with --pp: 1f1b (default), zb1p, dualpipev or dualpipe")
+    r.add_argument("--micro-batches", type=_positive, help="with --pp: micro-batches per step (default 2*pp)")
+    r.add_argument("--train", action="store_true", help="run a training step (forward + backward); implied by --pp")
+    r.add_argument("--json", action="store_true", help="with --pp: print one JSON object")
     return parser
 
 
@@ -175,6 +182,8 @@ RUN_MAX_PARAMS = 2_000_000_000  # run holds real weights on one device
 
 def cmd_run(args, argv) -> int:
     """dsv3c run: exit 0 when the lowered graph's logits are within the FP8 tolerance (dsv3c.runtime.executor), else 1."""
+    if args.pp or args.train:
+        return _cmd_run_pipelined(args)
     import os
 
     import torch
@@ -195,6 +204,35 @@ def cmd_run(args, argv) -> int:
                        seq=args.seq, kv_len=args.kv_len, target=args.target)
     print("\n".join(result.lines()))
     return 0 if result.ok else 1
+
+
+def _cmd_run_pipelined(args) -> int:
+    """dsv3c run --pp P [--ranks N --schedule K --micro-batches M] --train: one pipelined training step checked
+    against the single-process model; exit 0 within tolerance, else 1."""
+    from dsv3c.runtime.pipelined import PipelineArgError, make_spec, run_many
+
+    if args.mode != "prefill" or args.kv_len or args.checkpoint:
+        raise UsageError("--pp/--train runs a training step: --mode, --kv-len and --checkpoint do not apply")
+    pp = args.pp or 1
+    m = args.micro_batches or 2 * pp
+    seq = args.seq or 8
+    if args.batch and args.batch % m:
+        raise UsageError(f"--batch {args.batch} is not a multiple of --micro-batches {m}")
+    try:
+        spec = make_spec(_load_config(args), args.schedule, pp, m, args.ranks, args.ep,
+                         mb_size=(args.batch or m) // m, seq=seq, seed=args.seed)  # fmt: skip
+    except PipelineArgError as e:
+        raise UsageError(str(e)) from None
+    result = run_many([spec])[0]
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['schedule']} pp={result['pp']} ranks={result['ranks']} micro-batches={result['micro_batches']} "
+              f"({result['executor']}): loss {result['loss']:.6f} (reference {result['reference_loss']:.6f}), "
+              f"loss rel err {result['loss_rel_err']:.2e} (tol {result['loss_tol']:g}), "
+              f"grad max cos-diff {result['grad_max_cos_diff']:.2e} (tol {result['cos_tol']:g}), "
+              f"grad max rel err {result['grad_max_rel_err']:.2e}: {'OK' if result['ok'] else 'MISMATCH'}")  # fmt: skip
+    return 0 if result["ok"] else 1
 
 
 COMMANDS = {"compile": cmd_compile, "targets": cmd_targets, "passes": cmd_passes, "inspect": cmd_inspect, "run": cmd_run}

@@ -316,9 +316,14 @@ def _compare(ref_loss, ref_grads, loss, grads) -> dict:
             "grad_worst_param": worst_name, "grads_compared": len(ref_grads), "grads_missing": missing}  # fmt: skip
 
 
-def _worker(rank: int, world: int, spec: dict, init_method: str | None, out_path: str | None):
+def _worker(rank: int, world: int, specs: list[dict], init_method: str | None, out_path: str | None):
+    """One process: run every spec in turn in one process group; rank 0 writes the list of results."""
     torch.set_num_threads(1)
-    backend = spec.get("backend") or ("nccl" if torch.cuda.is_available() and init_method is None else "gloo")
+    import importlib
+
+    importlib.import_module("torch._dynamo")  # (the custom ops' first call imports it; do it before timing)
+
+    backend = specs[0].get("backend") or ("nccl" if torch.cuda.is_available() and init_method is None else "gloo")
     if backend == "nccl":
         local = int(os.environ.get("LOCAL_RANK", rank))
         torch.cuda.set_device(local)
@@ -328,13 +333,13 @@ def _worker(rank: int, world: int, spec: dict, init_method: str | None, out_path
     kw = {"init_method": init_method} if init_method else {}
     dist.init_process_group(backend, rank=rank, world_size=world, **kw)
     try:
-        result = _step(rank, world, spec, device)
+        results = [_step(rank, world, spec, device) for spec in specs]
     finally:
         dist.destroy_process_group()
     if rank == 0 and out_path:
         with open(out_path, "w") as f:
-            json.dump(result, f)
-    return result
+            json.dump(results, f)
+    return results
 
 
 def _step(rank, world, spec, device):
@@ -416,14 +421,21 @@ def run_pipelined(cfg, kind: str, pp: int, micro_batches: int, ranks: int | None
     """Spawn `ranks` gloo CPU processes, run one pipelined training step and compare with the single-process
     model; returns rank 0's result dict (schedule, pp, ranks, micro_batches, loss, loss_rel_err,
     grad_max_cos_diff, grad_max_rel_err, ok, …)."""
+    return run_many([make_spec(cfg, kind, pp, micro_batches, ranks, ep, **kw)])[0]
+
+
+def run_many(specs: list[dict]) -> list[dict]:
+    """Run several specs (same rank count) one after the other in one set of spawned processes (the process
+    start and torch's imports dominate a tiny run)."""
     import torch.multiprocessing as mp
 
-    spec = make_spec(cfg, kind, pp, micro_batches, ranks, ep, **kw)
-    spec["backend"] = "gloo"
-    world = spec["ranks"]
+    world = specs[0]["ranks"]
+    if any(s["ranks"] != world for s in specs):
+        raise PipelineArgError("run_many wants specs with one rank count")
+    specs = [{**s, "backend": "gloo"} for s in specs]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        mp.spawn(_worker, args=(world, spec, f"tcp://127.0.0.1:{_free_port()}", out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, specs, f"tcp://127.0.0.1:{_free_port()}", out), nprocs=world, join=True)
         with open(out) as f:
             return json.load(f)
 
@@ -433,4 +445,4 @@ def worker_main(cfg, kind, pp, micro_batches, ep=1, **kw):
     Returns the result dict on rank 0, None elsewhere."""
     world = int(os.environ["WORLD_SIZE"])
     spec = make_spec(cfg, kind, pp, micro_batches, world, ep, **kw)
-    return _worker(int(os.environ["RANK"]), world, spec, None, None)
+    return _worker(int(os.environ["RANK"]), world, [spec], None, None)[0]

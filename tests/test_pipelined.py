@@ -1,0 +1,90 @@
+"""Pipelined training steps (dsv3c.runtime.pipelined) against the single-process model, per schedule kind.
+
+All four kinds run in ONE set of two spawned gloo processes (a module fixture): the process start and torch's
+imports cost more than the tiny runs. Shapes: the tiny preset with 4 layers (so DualPipeV's 2·pp = 4 stages
+each hold one), pp 2, 4 micro-batches of one 8-token sequence, float32.
+"""
+
+import dataclasses
+import json
+
+import pytest
+
+from dsv3c.runtime import pipelined
+from dsv3c.runtime.pipelined import COS_TOL, KINDS, LOSS_TOL, PipelineArgError, make_spec
+from model_def import ModelConfig
+
+PP, M = 2, 4
+
+
+def _cfg():
+    return dataclasses.replace(ModelConfig.preset("tiny"), num_hidden_layers=4)
+
+
+@pytest.fixture(scope="module")
+def results():
+    specs = [make_spec(_cfg(), kind, PP, M) for kind in KINDS]
+    return {r["schedule"]: r for r in pipelined.run_many(specs)}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kind_matches_single_process(results, kind):
+    r = results[kind]
+    assert (r["pp"], r["ranks"], r["micro_batches"]) == (PP, PP, M)
+    assert r["losses_seen"] == M and not r["grads_missing"]
+    assert r["loss_rel_err"] <= LOSS_TOL, r
+    assert r["grad_max_cos_diff"] <= COS_TOL, r
+    assert r["grad_max_rel_err"] <= 1e-5, r
+    assert r["ok"]
+
+
+def test_schedules_exercise_every_action_kind(results):
+    """The lists actually run contain what the executors must handle: I/W on zb1p, OVERLAP_F_B on both dual kinds."""
+    flat = {k: " ".join(" ".join(acts) for acts in results[k]["actions"]) for k in KINDS}
+    assert "I" in flat["zb1p"] and "W" in flat["zb1p"]
+    for k in ("dualpipev", "dualpipe"):
+        assert "OVERLAP_F_B" in flat[k] and "W" in flat[k]
+    assert results["dualpipe"]["executor"].startswith("bidirectional")
+
+
+def test_bidirectional_lowering_detects_deadlock():
+    # rank 0 waits for stage 1's backward before running its own forward: no order of sends can satisfy it
+    with pytest.raises(ValueError, match="deadlock"):
+        pipelined.lower_bidirectional([["0B0", "0F0", "3F0", "3B0"], ["1F0", "1B0", "2F0", "2B0"]], 2)
+
+
+def test_compare_catches_a_wrong_gradient():
+    import torch
+
+    g = {"w": torch.arange(1.0, 7.0)}
+    bad = pipelined._compare(1.0, g, 1.0 + 1e-5, {"w": g["w"] * 1.001})
+    assert bad["loss_rel_err"] > LOSS_TOL and bad["grad_max_cos_diff"] > COS_TOL
+
+
+@pytest.mark.parametrize(
+    "kind,pp,m,ranks,msg",
+    [("gpipe", 2, 4, None, "unknown schedule"), ("1f1b", 2, 4, 3, "does not divide"),
+     ("dualpipe", 3, 6, None, "even pp"), ("dualpipe", 2, 2, None, r"micro-batches >= 2\*pp")],
+)  # fmt: skip
+def test_bad_combinations(kind, pp, m, ranks, msg):
+    with pytest.raises(PipelineArgError, match=msg):
+        pipelined.check_args(kind, pp, m, ranks)
+
+
+def test_cli_json(capsys):
+    from dsv3c.cli import main
+
+    rc = main(["run", "--model", "tiny", "--ranks", "2", "--pp", "2", "--schedule", "1f1b", "--micro-batches", "2",
+               "--train", "--json"])  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert out["schedule"] == "1f1b" and out["pp"] == 2 and out["ranks"] == 2
+    assert out["loss_rel_err"] <= LOSS_TOL and out["grad_max_cos_diff"] <= COS_TOL
+
+
+def test_cli_usage_error(capsys):
+    from dsv3c.cli import main
+
+    assert main(["run", "--pp", "2", "--schedule", "dualpipe", "--micro-batches", "2", "--train", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "dualpipe" in err and len(err.strip().splitlines()) == 1
