@@ -40,16 +40,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 
 import torch
 import torch.distributed as dist
 
-from dsv3c.runtime.stages import MTP_LAMBDA, StageModule, build_model, lm_loss, make_batch, reference_loss_and_grads, split_layers
+from dsv3c.runtime.stages import (
+    MTP_LAMBDA, StageModule, build_model, lm_loss, make_batch, reference_loss_and_grads, split_layers,
+)  # fmt: skip
 
 KINDS = ("1f1b", "zb1p", "dualpipev", "dualpipe")
 LOSS_TOL = 1e-6
@@ -60,7 +63,9 @@ class PipelineArgError(ValueError):
     """An impossible combination of kind, pp, ranks, ep and micro-batches (one line)."""
 
 
-def check_args(kind: str, pp: int, micro_batches: int, ranks: int | None = None, ep: int = 1, num_layers: int | None = None) -> int:
+def check_args(
+    kind: str, pp: int, micro_batches: int, ranks: int | None = None, ep: int = 1, num_layers: int | None = None
+) -> int:
     """Validate the combination; return dp = ranks / pp."""
     ranks = pp if ranks is None else ranks
     if kind not in KINDS:
@@ -70,7 +75,7 @@ def check_args(kind: str, pp: int, micro_batches: int, ranks: int | None = None,
     if ranks % pp:
         raise PipelineArgError(f"--pp {pp} does not divide --ranks {ranks}")
     if ep != 1:
-        raise PipelineArgError(f"--ep {ep}: expert parallelism is not supported by the pipelined runner yet (ep must be 1)")
+        raise PipelineArgError(f"--ep {ep}: the pipelined runner has no expert parallelism yet (ep must be 1)")
     if kind in ("dualpipe", "dualpipev") and pp < 2 or kind == "dualpipe" and pp % 2:
         raise PipelineArgError(f"{kind} needs an {'even ' if kind == 'dualpipe' else ''}pp >= 2, got {pp}")
     if kind == "dualpipe" and (micro_batches % 2 or micro_batches < 2 * pp):
@@ -124,8 +129,6 @@ def _stage_modules(model, kind, pp, pp_rank, ranges):
 
 def _parse(action: str):
     """'3F1' → [('F', 3, 1)]; '(0F3;3B1)OVERLAP_F_B' → [('F', 0, 3), ('B', 3, 1)]."""
-    import re
-
     if action.endswith("OVERLAP_F_B"):
         return [x for part in action[action.index("(") + 1 : action.index(")")].split(";") for x in _parse(part)]
     m = re.fullmatch(r"(\d+)([FBIW])(\d+)", action.strip())
@@ -206,7 +209,7 @@ class BidirectionalExecutor:
 
         self.mb_ids = mb_ids
         recv_f, recv_b, sends = {}, {}, []
-        cache, bw_state, out_grads, local_grads = {}, {}, {}, {}
+        cache, bw_state, local_grads = {}, {}, {}
         losses = {}
         for item in lowered:
             kind = item[0]
@@ -259,7 +262,8 @@ class BidirectionalExecutor:
                         elif first:  # nothing needs an input gradient: the whole backward runs as W (as torch does)
                             bw_state[(k, m)] = ("full", out, grad)
                         else:
-                            dinputs, groups = stage_backward_input([out], None if grad is None else [grad], [x], mod.parameters())
+                            grads = None if grad is None else [grad]
+                            dinputs, groups = stage_backward_input([out], grads, [x], mod.parameters())
                             local_grads[(k, m)] = dinputs[0]
                             bw_state[(k, m)] = ("split", groups, None)
                     elif t == "W":
@@ -289,7 +293,8 @@ def _torch_runtime_step(mods, kind, pp, pp_rank, micro_batches, actions, pp_grou
 
     n = len(stage_layout(kind, pp)[1])
     stages = [PipelineStage(mods[k], k, n, device, group=pp_group) for k in sorted(mods)]
-    sched = _PipelineScheduleRuntime(stages, micro_batches, loss_fn=partial(lm_loss, mtp_lambda=mtp_lambda), scale_grads=True)
+    loss_fn = partial(lm_loss, mtp_lambda=mtp_lambda)
+    sched = _PipelineScheduleRuntime(stages, micro_batches, loss_fn=loss_fn, scale_grads=True)
     sched._prepare_schedule_with_comms({r: [_Action.from_str(a) for a in acts] for r, acts in enumerate(actions)})
     has_first, has_last = 0 in mods, (n - 1) in mods
     losses = []
@@ -406,7 +411,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_spec(cfg, kind, pp, micro_batches, ranks=None, ep=1, mb_size=1, seq=8, seed=0, mtp_lambda=MTP_LAMBDA, ranges=None, actions=None) -> dict:
+def make_spec(
+    cfg, kind, pp, micro_batches, ranks=None, ep=1, mb_size=1, seq=8, seed=0, mtp_lambda=MTP_LAMBDA, ranges=None,
+    actions=None,
+) -> dict:
     """The picklable description of one run (validated)."""
     check_args(kind, pp, micro_batches, ranks, ep, None if ranges else cfg.num_hidden_layers)
     if seq < 3:
@@ -446,3 +454,33 @@ def worker_main(cfg, kind, pp, micro_batches, ep=1, **kw):
     world = int(os.environ["WORLD_SIZE"])
     spec = make_spec(cfg, kind, pp, micro_batches, world, ep, **kw)
     return _worker(int(os.environ["RANK"]), world, [spec], None, None)[0]
+
+
+def _torchrun_main(argv=None) -> int:
+    """`torchrun --nproc-per-node N -m dsv3c.runtime.pipelined --schedule K --pp P --micro-batches M [--model tiny]`:
+    the same step under torchrun (env://; NCCL with one GPU per rank when CUDA is present, else gloo).
+    Rank 0 prints the result as JSON; exit 0 within tolerance."""
+    import argparse
+
+    from model_def import ModelConfig
+
+    ap = argparse.ArgumentParser(prog="dsv3c.runtime.pipelined")
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--layers", type=int, help="override num_hidden_layers")
+    ap.add_argument("--schedule", default="1f1b")
+    ap.add_argument("--pp", type=int, required=True)
+    ap.add_argument("--micro-batches", type=int)
+    ap.add_argument("--seq", type=int, default=8)
+    args = ap.parse_args(argv)
+    cfg = ModelConfig.preset(args.model)
+    if args.layers:
+        cfg = replace(cfg, num_hidden_layers=args.layers)
+    result = worker_main(cfg, args.schedule, args.pp, args.micro_batches or 2 * args.pp, seq=args.seq)
+    if result is None:
+        return 0
+    print(json.dumps(result))
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(_torchrun_main())

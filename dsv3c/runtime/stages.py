@@ -97,7 +97,8 @@ class StageModule(nn.Module):
             return (logits,)
         if input_ids is None:
             raise ValueError("the last stage needs input_ids for the MTP module")
-        mtp_logits, _ = self.mtp[0](h[:, :-1], self.embed_tokens(input_ids[:, 1:]), cos[:, :-1], sin[:, :-1], None, self.lm_head)
+        next_emb = self.embed_tokens(input_ids[:, 1:])
+        mtp_logits, _ = self.mtp[0](h[:, :-1], next_emb, cos[:, :-1], sin[:, :-1], None, self.lm_head)
         return logits, mtp_logits
 
 
@@ -117,7 +118,9 @@ def lm_loss(outputs, input_ids, mtp_lambda: float = MTP_LAMBDA):
     return loss
 
 
-def reference_loss_and_grads(model: DeepseekV3, batch: torch.Tensor, micro_batches: int, mtp_lambda: float = MTP_LAMBDA):
+def reference_loss_and_grads(
+    model: DeepseekV3, batch: torch.Tensor, micro_batches: int, mtp_lambda: float = MTP_LAMBDA
+) -> tuple[float, dict]:
     """The single-process step: (mean micro-batch loss as a float, {parameter name: gradient of that mean}).
 
     batch [B, S] of token ids is cut into `micro_batches` equal chunks along B, as the pipeline does.
