@@ -85,7 +85,7 @@ def check_args(
     if kind in ("1f1b", "zb1p") and micro_batches < pp:
         raise PipelineArgError(f"{kind} needs micro-batches >= pp = {pp}, got {micro_batches}")
     blocks = pp * (2 if kind == "dualpipev" else 1)
-    if num_layers is not None and num_layers < blocks:
+    if num_layers is not None and num_layers < blocks - 1:  # the last stage may hold only the norm, head and MTP
         raise PipelineArgError(f"{num_layers} layers cannot fill {blocks} pipeline stages")
     return ranks // pp
 
