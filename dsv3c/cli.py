@@ -75,11 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seq", type=_positive)
     r.add_argument("--kv-len", type=_positive)
     r.add_argument("--target", default="h800x2048", help="target whose tile configs the lowering uses")
-    r.add_argument("--ranks", type=int, help="run the expert-partitioned program on N gloo processes")
-    r.add_argument("--ep", type=int, help="expert-parallel degree (default: --ranks)")
-    r.add_argument("--train", action="store_true", help="with --ranks: also loss and gradients")
-    r.add_argument("--json", action="store_true", help="with --ranks: print one JSON object")
-    r.add_argument("--expert-load-out", metavar="FILE", help="with --ranks: write the observed expert load JSON")
+    r.add_argument("--ranks", type=_positive, help="run on N gloo CPU processes (expert- or pipeline-parallel)")
+    r.add_argument("--ep", type=_positive, help="expert-parallel degree: the expert-partitioned program (default --ranks)")
+    r.add_argument("--pp", type=_positive, help="pipeline-parallel degree: a pipelined training step")
+    r.add_argument("--schedule", default="1f1b", help="with --pp: 1f1b (default), zb1p, dualpipev or dualpipe")
+    r.add_argument("--micro-batches", type=_positive, help="with --pp: micro-batches per step (default 2*pp)")
+    r.add_argument("--train", action="store_true", help="with --ranks: loss and gradients too (implied by --pp)")
+    r.add_argument("--json", action="store_true", help="with --ranks/--pp: print one JSON object")
+    r.add_argument("--expert-load-out", metavar="FILE", help="with --ep: write the observed expert load JSON")
 
     s = sub.add_parser("schedule", help="a pipeline schedule per rank with its simulated bubble and step")
     s.add_argument("--kind", required=True, help="1f1b, zb1p, dualpipev or dualpipe")
@@ -190,6 +193,10 @@ RUN_MAX_PARAMS = 2_000_000_000  # run holds real weights on one device
 
 def cmd_run(args, argv) -> int:
     """dsv3c run: exit 0 when the lowered graph's logits are within the FP8 tolerance (dsv3c.runtime.executor), else 1."""
+    if args.pp:
+        return _cmd_run_pipelined(args)
+    if args.train and args.ranks is None and args.ep is None:
+        raise UsageError("--train needs --ranks/--ep (expert-parallel) or --pp (pipelined)")
     import os
 
     import torch
@@ -245,8 +252,37 @@ def _run_ep(args, cfg) -> int:
     return 0 if result["ok"] else 1
 
 
-COMMANDS = {"compile": cmd_compile, "targets": cmd_targets, "passes": cmd_passes, "inspect": cmd_inspect, "run": cmd_run}
-COMMANDS["schedule"] = cmd_schedule
+def _cmd_run_pipelined(args) -> int:
+    """dsv3c run --pp P [--ranks N --schedule K --micro-batches M] --train: one pipelined training step checked
+    against the single-process model; exit 0 within tolerance, else 1."""
+    from dsv3c.runtime.pipelined import PipelineArgError, make_spec, run_many
+
+    if args.mode != "prefill" or args.kv_len or args.checkpoint:
+        raise UsageError("--pp/--train runs a training step: --mode, --kv-len and --checkpoint do not apply")
+    pp = args.pp or 1
+    m = args.micro_batches or 2 * pp
+    seq = args.seq or 8
+    if args.batch and args.batch % m:
+        raise UsageError(f"--batch {args.batch} is not a multiple of --micro-batches {m}")
+    try:
+        spec = make_spec(_load_config(args), args.schedule, pp, m, args.ranks, args.ep or 1,
+                         mb_size=(args.batch or m) // m, seq=seq, seed=args.seed)  # fmt: skip
+    except PipelineArgError as e:
+        raise UsageError(str(e)) from None
+    result = run_many([spec])[0]
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['schedule']} pp={result['pp']} ranks={result['ranks']} micro-batches={result['micro_batches']} "
+              f"({result['executor']}): loss {result['loss']:.6f} (reference {result['reference_loss']:.6f}), "
+              f"loss rel err {result['loss_rel_err']:.2e} (tol {result['loss_tol']:g}), "
+              f"grad max cos-diff {result['grad_max_cos_diff']:.2e} (tol {result['cos_tol']:g}), "
+              f"grad max rel err {result['grad_max_rel_err']:.2e}: {'OK' if result['ok'] else 'MISMATCH'}")  # fmt: skip
+    return 0 if result["ok"] else 1
+
+
+COMMANDS = {"compile": cmd_compile, "targets": cmd_targets, "passes": cmd_passes, "inspect": cmd_inspect, "run": cmd_run,
+            "schedule": cmd_schedule}
 
 
 def _user_errors() -> tuple:

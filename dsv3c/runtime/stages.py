@@ -1,0 +1,153 @@
+"""Pipeline stages of a DeepseekV3 and the training loss, with a single-process reference.
+
+A stage is a contiguous block of decoder layers. The first stage also holds the token embedding, the last
+the final norm, the head, the MTP module and the loss. Every stage recomputes the RoPE tables (they are a
+parameter-free buffer, cheaper to recompute than to send). The MTP module needs the embedding of the
+shifted input tokens, so the last stage holds a tied copy of the embedding (as Megatron does for tied
+embeddings): the two copies' gradients are summed, which is the embedding group's all-reduce.
+
+Each stage module is a deep copy of the model's modules, so two stages on one rank (DualPipeV's V, DualPipe's
+two directions) never share a Parameter; `global_name` maps a stage's parameter back to the model's name,
+and summing the gradients of all copies by name gives the model's gradient.
+
+The loss of one micro-batch mirrors the model's training-mode MTP (`model(ids, mtp=True)`):
+
+    L = CE(logits[:, :-1], ids[:, 1:]) + λ · CE(mtp_logits[:, :-1], ids[:, 2:])      (λ = MTP_LAMBDA = 0.3)
+
+(MTP position i predicts token i+2 from h_i and the embedding of token i+1; its last position has no
+target.) The step's loss is the MEAN over micro-batches of L, and every gradient is that of the mean: the
+pipelined runs accumulate each micro-batch's unscaled gradient and divide by the micro-batch count at the
+end (torch.distributed.pipelining's scale_grads=True), and so does `reference_loss_and_grads`.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_def.model import DeepseekV3
+
+MTP_LAMBDA = 0.3
+
+
+def split_layers(num_layers: int, num_stages: int, ranges=None) -> list[tuple[int, int]]:
+    """Half-open layer ranges [start, end) per stage: `ranges` checked, or balanced by count (earlier stages
+    take the remainder)."""
+    if ranges is not None:
+        ranges = [tuple(r) for r in ranges]
+        if len(ranges) != num_stages:
+            raise ValueError(f"{len(ranges)} layer ranges for {num_stages} stages")
+        pos = 0
+        for a, b in ranges:
+            if a != pos or b < a:
+                raise ValueError(f"layer ranges {ranges} are not contiguous from 0")
+            pos = b
+        if pos != num_layers:
+            raise ValueError(f"layer ranges {ranges} do not cover {num_layers} layers")
+        return ranges
+    base, extra = divmod(num_layers, num_stages)
+    out, pos = [], 0
+    for s in range(num_stages):
+        n = base + (1 if s < extra else 0)
+        out.append((pos, pos + n))
+        pos += n
+    return out
+
+
+class StageModule(nn.Module):
+    """Layers [start, end) of a DeepseekV3 (deep-copied), with the embedding when first and the norm, head,
+    MTP and a tied embedding copy when last.
+
+    forward(x, input_ids=None): x is the token ids on the first stage, else the hidden state [B, S, D];
+    input_ids (the micro-batch's tokens) is needed by the last stage for the MTP embedding. Returns the
+    hidden state, or on the last stage (logits,) or (logits, mtp_logits).
+    """
+
+    def __init__(self, model: DeepseekV3, start: int, end: int, first: bool, last: bool):
+        super().__init__()
+        self.start, self.end, self.first, self.last = start, end, first, last
+        self.rotary = copy.deepcopy(model.rotary)
+        if first or (last and len(model.mtp)):
+            self.embed_tokens = copy.deepcopy(model.embed_tokens)
+        self.layers = nn.ModuleList(copy.deepcopy(model.layers[i]) for i in range(start, end))
+        if last:
+            self.norm = copy.deepcopy(model.norm)
+            self.lm_head = copy.deepcopy(model.lm_head)
+            self.mtp = copy.deepcopy(model.mtp)
+
+    def global_name(self, local: str) -> str:
+        """The model's name of this stage's parameter `local` (layer indices shifted by start)."""
+        m = re.match(r"layers\.(\d+)\.(.*)", local)
+        return f"layers.{int(m.group(1)) + self.start}.{m.group(2)}" if m else local
+
+    def forward(self, x, input_ids=None):
+        h = self.embed_tokens(x) if self.first else x
+        b, s = h.shape[:2]
+        cos, sin = self.rotary(b, 0, s)
+        for layer in self.layers:
+            h, _ = layer(h, cos, sin)
+        if not self.last:
+            return h
+        logits = self.lm_head(self.norm(h))
+        if not len(self.mtp):
+            return (logits,)
+        if input_ids is None:
+            raise ValueError("the last stage needs input_ids for the MTP module")
+        next_emb = self.embed_tokens(input_ids[:, 1:])
+        mtp_logits, _ = self.mtp[0](h[:, :-1], next_emb, cos[:, :-1], sin[:, :-1], None, self.lm_head)
+        return logits, mtp_logits
+
+
+def build_stages(model: DeepseekV3, num_stages: int, ranges=None) -> list[StageModule]:
+    """All stage modules of a plain (one-direction) pipeline of num_stages stages."""
+    spans = split_layers(model.cfg.num_hidden_layers, num_stages, ranges)
+    return [StageModule(model, a, b, s == 0, s == num_stages - 1) for s, (a, b) in enumerate(spans)]
+
+
+def lm_loss(outputs, input_ids, mtp_lambda: float = MTP_LAMBDA):
+    """One micro-batch's loss from the last stage's outputs: next-token CE plus λ · the MTP CE."""
+    logits = outputs[0]
+    v = logits.shape[-1]
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, v), input_ids[:, 1:].reshape(-1))
+    if len(outputs) > 1:
+        loss = loss + mtp_lambda * F.cross_entropy(outputs[1][:, :-1].reshape(-1, v), input_ids[:, 2:].reshape(-1))
+    return loss
+
+
+def reference_loss_and_grads(
+    model: DeepseekV3, batch: torch.Tensor, micro_batches: int, mtp_lambda: float = MTP_LAMBDA
+) -> tuple[float, dict]:
+    """The single-process step: (mean micro-batch loss as a float, {parameter name: gradient of that mean}).
+
+    batch [B, S] of token ids is cut into `micro_batches` equal chunks along B, as the pipeline does.
+    """
+    model.zero_grad(set_to_none=True)
+    losses = []
+    for ids in batch.chunk(micro_batches, dim=0):
+        out = model(ids, mtp=bool(len(model.mtp)))
+        loss = lm_loss(out if isinstance(out, tuple) else (out,), ids, mtp_lambda)
+        loss.backward()
+        losses.append(loss.detach())
+    grads = {}
+    for name, p in model.named_parameters():
+        g = torch.zeros_like(p) if p.grad is None else p.grad.clone()
+        grads[name] = g / micro_batches
+    model.zero_grad(set_to_none=True)
+    return float(torch.stack(losses).double().mean()), grads
+
+
+def make_batch(cfg, micro_batches: int, mb_size: int, seq: int, seed: int) -> torch.Tensor:
+    """Deterministic random token ids [micro_batches·mb_size, seq]."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    return torch.randint(0, cfg.vocab_size, (micro_batches * mb_size, seq), generator=gen)
+
+
+def build_model(cfg, seed: int) -> DeepseekV3:
+    """The float32 model with seeded random weights (every rank builds the same)."""
+    model = DeepseekV3(cfg, device="cpu", dtype=torch.float32)
+    model.reset_parameters(seed=seed)
+    return model
