@@ -28,8 +28,10 @@ class MTPModule(nn.Module):
 class DeepseekV3(nn.Module):
     """The DeepSeek-V3 causal LM; on device 'meta' no weight is materialised."""
 
-    def __init__(self, cfg: ModelConfig, device="cpu", dtype: torch.dtype | None = None):
+    def __init__(self, cfg: ModelConfig, device=None, dtype: torch.dtype | None = None):
         super().__init__()
+        # no device: the default device, so `with torch.device("meta"): DeepseekV3(cfg)` builds on meta
+        device = torch.device(device) if device is not None else torch.get_default_device()
         self.cfg = cfg
         n = cfg.num_hidden_layers
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device)
@@ -38,7 +40,7 @@ class DeepseekV3(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
         self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, device)
         self.mtp = nn.ModuleList(MTPModule(cfg, n + k, device) for k in range(cfg.num_nextn_predict_layers))
-        if device != "meta":
+        if device.type != "meta":
             self.reset_parameters()
         if dtype is not None:
             self.to(dtype)
@@ -53,7 +55,7 @@ class DeepseekV3(nn.Module):
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+                p.copy_(torch.randn(p.shape, generator=gen, device="cpu") * std)  # CPU even in a device context
         for name, b in self.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.zero_()
