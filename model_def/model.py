@@ -8,7 +8,10 @@ from model_def.modules import Block, RMSNorm, RotaryEmbedding, linear
 
 
 class MTPModule(nn.Module):
-    """MTP depth k: h'_i = M_k [RMSNorm(h_i); RMSNorm(Emb(t_{i+k}))] → own block → shared head after own norm."""
+    """MTP depth k: h'_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h_i)] → own block → shared head after own norm.
+
+    h_i is the main model's output after its final norm (what the released weights were trained with).
+    """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, device=None):
         super().__init__()
@@ -19,7 +22,7 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)  # shared_head.norm
 
     def forward(self, h, next_emb, cos, sin, past, head):
-        """Logits for token i+k+1 from the main hidden state h_i and the embedding of token i+k."""
+        """Logits for token i+k+1 from the main model's normed hidden state h_i and the embedding of token i+k."""
         x = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(h)], dim=-1))
         x, entries = self.block(x, cos, sin, past)
         return head(self.norm(x)), entries
@@ -75,7 +78,8 @@ class DeepseekV3(nn.Module):
         for i, layer in enumerate(self.layers):
             h, e = layer(h, cos, sin, None if past is None else past[i])
             entries.append(e)
-        logits = self.lm_head(self.norm(h))
+        h = self.norm(h)  # MTP reads the final norm's output, as transformers' and vLLM's DeepSeek MTP do
+        logits = self.lm_head(h)
         outs = [logits]
         if mtp and self.mtp:
             if past is None and not return_cache:
