@@ -55,3 +55,41 @@ def test_mtp_reads_the_main_models_final_norm_output():
     draft = torch.cat([ids[:, 1:], logits[:, -1:].argmax(-1)], dim=1)
     torch.testing.assert_close(cached, mtp_reference(model, ids, draft), rtol=1e-5, atol=1e-6)
 
+
+def route(logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, k: int, scaling: float = 2.5):
+    """(reference, kernel) routing of router logits [T, E]: the reference reads them through an identity gate."""
+    from dsv3c.codegen.kernels import router
+    from dsv3c.ops import ref
+
+    eye = torch.eye(logits.shape[1])
+    want = ref.moe_gate(logits, eye, bias, n_group, topk_group, k, True, scaling)
+    got = router.launch(logits, bias, n_group, topk_group, k, True, scaling)
+    return want, got
+
+
+def lowest_index_rule(biased: torch.Tensor, n_group: int, topk_group: int, k: int) -> torch.Tensor:
+    """Expert ids [T, k] by the documented rule: higher value first, the lower index among exact ties."""
+    out = []
+    for row in biased.tolist():
+        size = len(row) // n_group
+        groups = [sum(sorted(row[g * size : (g + 1) * size], reverse=True)[:2]) for g in range(n_group)]
+        kept = sorted(range(n_group), key=lambda g: (-groups[g], g))[:topk_group]
+        experts = [e for e in range(len(row)) if e // size in kept]
+        out.append(sorted(experts, key=lambda e: (-row[e], e))[:k])
+    return torch.tensor(out)
+
+
+def test_router_ties_go_to_the_lowest_index_in_reference_and_kernel():
+    torch.manual_seed(0)
+    e, n_group, topk_group, k = 16, 4, 2, 4
+    all_tied = torch.zeros(3, e)  # zero router weights: every score is sigmoid(0)
+    partial = torch.randint(0, 3, (64, e)).float()  # few distinct values: ties inside and across groups
+    for logits in (all_tied, partial):
+        bias = torch.zeros(e)
+        (ww, wid), (gw, gid) = route(logits, bias, n_group, topk_group, k)
+        rule = lowest_index_rule(torch.sigmoid(logits) + bias, n_group, topk_group, k)
+        assert torch.equal(wid, rule)
+        assert torch.equal(gid, rule)
+        torch.testing.assert_close(gw, ww, rtol=1e-6, atol=0)
+    assert wid.dtype == torch.int64
+

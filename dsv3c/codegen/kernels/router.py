@@ -6,8 +6,8 @@ torch runs as a dozen small kernels: s = sigmoid(logits); s + b; per group the s
 keep the topk_group best groups; pick the top-k experts of the kept groups by (s + b); gather their
 plain s; normalise to sum 1 (optional); multiply by the routed scaling factor.
 
-Each selection is an iterated argmax (lowest index on ties), so on distinct values the ids and their
-order equal torch.topk's (descending). Experts are padded to a power of two; groups are contiguous
+Each selection is an iterated argmax, which takes the lowest index among exact ties: the tie rule of
+ref.moe_gate (lowest group / expert index wins), so the ids and their order equal the reference's. Experts are padded to a power of two; groups are contiguous
 slices of GROUP_SIZE experts and need not be a power of two.
 """
 
@@ -50,7 +50,7 @@ def router_kernel(
     # keep the TOPK_GROUP best groups; experts outside them cannot be chosen
     keep = tl.zeros((BLOCK_T, BLOCK_E), tl.int1)
     for _ in tl.static_range(TOPK_GROUP):
-        gi = tl.argmax(gscore, axis=1)
+        gi = tl.argmax(gscore, axis=1, tie_break_left=True)
         keep = keep | (grp[None, :] == gi[:, None])
         gscore = tl.where(gcols[None, :] == gi[:, None], float("-inf"), gscore)
     choice = tl.where(keep & valid[None, :], biased, float("-inf"))
@@ -60,7 +60,7 @@ def router_kernel(
     ids = tl.zeros((BLOCK_T, BLOCK_K), tl.int32)
     weights = tl.zeros((BLOCK_T, BLOCK_K), tl.float32)
     for j in tl.static_range(TOP_K):
-        ei = tl.argmax(choice, axis=1)
+        ei = tl.argmax(choice, axis=1, tie_break_left=True)
         hit = cols[None, :] == ei[:, None]
         sj = tl.sum(tl.where(hit, scores, 0.0), axis=1)
         ids = tl.where((kcols == j)[None, :], ei[:, None], ids)
