@@ -93,3 +93,18 @@ def test_router_ties_go_to_the_lowest_index_in_reference_and_kernel():
         torch.testing.assert_close(gw, ww, rtol=1e-6, atol=0)
     assert wid.dtype == torch.int64
 
+
+def test_router_weights_survive_underflowing_scores():
+    e, n_group, topk_group, k, scaling = 16, 4, 2, 4, 2.5
+    tied = torch.full((4, e), -60.0) - 40.0 * torch.arange(4.0)[:, None] / 3  # rows at -60, -73.3, -86.7, -100
+    spread = -60.0 - 40.0 * torch.rand(32, e, generator=torch.Generator().manual_seed(0))
+    for logits in (tied, spread):
+        (ww, wid), (gw, gid) = route(logits, torch.zeros(e), n_group, topk_group, k, scaling)
+        s = torch.sigmoid(logits.double()).gather(1, wid)
+        exact = s / s.sum(-1, keepdim=True) * scaling  # float64 never underflows here
+        torch.testing.assert_close(ww.double(), exact, rtol=1e-5, atol=0)
+        torch.testing.assert_close(ww.sum(-1), torch.full((logits.shape[0],), scaling), rtol=1e-6, atol=0)
+        assert torch.equal(gid, wid)
+        torch.testing.assert_close(gw, ww, rtol=1e-5, atol=0)
+    (tied_w, _), _ = route(tied, torch.zeros(e), n_group, topk_group, k, scaling)
+    torch.testing.assert_close(tied_w, torch.full((4, k), scaling / k), rtol=1e-6, atol=0)

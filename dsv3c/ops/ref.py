@@ -38,6 +38,15 @@ def topk_lowest_index(v: torch.Tensor, k: int) -> torch.Tensor:
     return v.sort(dim=-1, descending=True, stable=True).indices[..., :k].contiguous()
 
 
+def normalised_sigmoid(logits: torch.Tensor) -> torch.Tensor:
+    """s_j / Σ s over the last dim for s = sigmoid(logits), in log space so underflowing scores keep their ratios."""
+    # s_j / Σ s = exp(ls_j - max ls) / Σ exp(ls - max ls), ls = log sigmoid: the largest term is 1, so the
+    # sum never vanishes even where sigmoid itself underflows (logits below about -88 in float32)
+    ls = F.logsigmoid(logits)
+    r = torch.exp(ls - ls.amax(-1, keepdim=True))
+    return r / r.sum(-1, keepdim=True)
+
+
 def moe_gate(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -53,7 +62,8 @@ def moe_gate(
     Tie rule (kept by the router kernel too): among exact ties of group scores or of s + b, the lowest
     group / expert index wins, and ids are in descending (s + b) order, lower index first on ties.
     """
-    scores = torch.sigmoid(x.float() @ weight.float().t())  # s_i,t in float32
+    logits = x.float() @ weight.float().t()
+    scores = torch.sigmoid(logits)  # s_i,t in float32
     biased = scores + bias.float()  # b_i steers selection only
     tokens, experts = biased.shape
     grouped = biased.view(tokens, n_group, experts // n_group)
@@ -63,9 +73,7 @@ def moe_gate(
     expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(tokens, experts)
     choice = biased.masked_fill(~expert_mask, float("-inf"))
     ids = topk_lowest_index(choice, top_k)
-    weights = scores.gather(1, ids)
-    if norm_topk_prob:
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    weights = normalised_sigmoid(logits.gather(1, ids)) if norm_topk_prob else scores.gather(1, ids)
     return weights * scaling, ids
 
 
