@@ -108,3 +108,37 @@ def test_router_weights_survive_underflowing_scores():
         torch.testing.assert_close(gw, ww, rtol=1e-5, atol=0)
     (tied_w, _), _ = route(tied, torch.zeros(e), n_group, topk_group, k, scaling)
     torch.testing.assert_close(tied_w, torch.full((4, k), scaling / k), rtol=1e-6, atol=0)
+
+
+def fp8_program(cfg: ModelConfig, model: DeepseekV3, names: list[str]):
+    """A prefill capture of model after the passes `names`."""
+    import dsv3c
+    import passes
+    from dsv3c.ir import PassContext
+
+    program = dsv3c.capture(cfg, "prefill", 1, 4, model=model)
+    for name in names:
+        program, _ = passes.REGISTRY[name].fn(program, PassContext(None, "prefill", {}))
+    return program
+
+
+def test_fused_down_projection_is_quantised_per_segment():
+    import dataclasses
+
+    from dsv3c.ops import fp8
+
+    cfg = dataclasses.replace(TINY, q_lora_rank=200, num_hidden_layers=1, first_k_dense_replace=1,
+                              num_nextn_predict_layers=0)  # fmt: skip
+    model = DeepseekV3(cfg)
+    model.reset_parameters(std=0.05, seed=0)
+    attn = model.layers[0].self_attn
+    attn.kv_a_proj_with_mqa.weight.data *= 30  # segments of very different magnitude, so shared scales show
+    program = fp8_program(cfg, model, ["mla_fuse", "fp8_quant"])
+    w = program.weights
+    fused = fp8.weight_dequant(w["layers_0_self_attn_qkv_a_proj_weight_e4m3"], w["layers_0_self_attn_qkv_a_proj_weight_scale_inv"])
+    q_rows, kv_rows = cfg.q_lora_rank, cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    want = [fp8.weight_dequant(*fp8.weight_quant(m.weight)) for m in (attn.q_a_proj, attn.kv_a_proj_with_mqa)]
+    assert torch.equal(fused[:q_rows], want[0])
+    assert torch.equal(fused[-kv_rows:], want[1])
+    assert not fused[q_rows:-kv_rows].any()  # rows that pad W_DQ to whole blocks stay zero
+
