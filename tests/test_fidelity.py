@@ -142,3 +142,68 @@ def test_fused_down_projection_is_quantised_per_segment():
     assert torch.equal(fused[-kv_rows:], want[1])
     assert not fused[q_rows:-kv_rows].any()  # rows that pad W_DQ to whole blocks stay zero
 
+
+def write_pow2_scales(path) -> None:
+    """Re-quantise every FP8 tensor of the checkpoint at path with power-of-two scales, in place."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from dsv3c.ops import fp8
+
+    with safe_open(path / "model.safetensors", "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for name in [k for k in tensors if k.endswith("_scale_inv")]:
+        base = name[: -len("_scale_inv")]
+        w = fp8.weight_dequant(tensors[base], tensors[name])
+        tensors[base], tensors[name] = fp8.weight_quant(w, pow2_scale=True)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_fp8_checkpoint_codes_and_scales_reach_the_program_unchanged(tmp_path):
+    from safetensors import safe_open
+
+    from model_def.checkpoint import hf_expert_name, hf_name, load_checkpoint, save_checkpoint
+
+    cfg = TINY
+    src = DeepseekV3(cfg)
+    src.reset_parameters(std=0.05, seed=0)
+    for pow2 in (False, True):
+        path = tmp_path / f"pow2_{pow2}"
+        save_checkpoint(src, path, fp8=True)
+        if pow2:
+            write_pow2_scales(path)
+        model = DeepseekV3(cfg, dtype=torch.bfloat16)
+        load_checkpoint(model, path)
+        n = cfg.num_hidden_layers
+        fqns = {k.replace(".", "_"): k for k in model.state_dict()}  # export's placeholder spelling → fqn
+        with safe_open(path / "model.safetensors", "pt") as f:
+
+            def stored(fqn: str):
+                """(codes, scales) of our fqn as the file holds them (experts stacked)."""
+                if fqn.endswith("_proj") and ".experts." in fqn:
+                    names = [hf_expert_name(fqn, e, n) for e in range(cfg.n_routed_experts)]
+                else:
+                    names = [hf_name(fqn, n)]
+                codes = torch.stack([f.get_tensor(x) for x in names])
+                scales = torch.stack([f.get_tensor(x + "_scale_inv") for x in names])
+                return (codes, scales) if len(names) > 1 else (codes[0], scales[0])
+
+            for names in (["fp8_quant"], ["mla_fuse", "fp8_quant"]):
+                program = fp8_program(cfg, model, names)
+                checked = 0
+                for key, value in program.weights.items():
+                    if not key.endswith("_e4m3"):
+                        continue
+                    base = key[: -len("_e4m3")]
+                    scales = program.weights[base + "_scale_inv"]
+                    if base.endswith("qkv_a_proj_weight"):  # fused [W_DQ; zero pad; W_DKV]
+                        prefix = base[: -len("qkv_a_proj_weight")]
+                        (qc, qs), (kc, ks) = stored(fqns[prefix + "q_a_proj_weight"]), stored(fqns[prefix + "kv_a_proj_with_mqa_weight"])
+                        pad = torch.zeros(-qc.shape[0] % 128, qc.shape[1], dtype=qc.dtype)
+                        want = torch.cat([qc, pad, kc]), torch.cat([qs, ks])
+                    else:
+                        want = stored(fqns[base[len("p_") :]])
+                    assert torch.equal(value.view(torch.uint8), want[0].view(torch.uint8)), (pow2, names, key)
+                    assert torch.equal(scales, want[1]), (pow2, names, key)
+                    checked += 1
+                assert checked > 5
