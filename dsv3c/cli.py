@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--print-after-all", action="store_true")
     c.add_argument("--print-after", action="append", default=[], metavar="PASS")
     c.add_argument("--print-after-change", action="store_true")
+    c.add_argument("--parallel", metavar="K=N,...", help="parallel degrees, e.g. pp=16,ep=64 (default: DeepSeek-V3's "
+                   "layout for the target and mode)")
+    c.add_argument("--expert-load", metavar="FILE", help='expert load JSON {"layers": [[count, ...], ...]}: place '
+                   "redundant experts by it")
+    c.add_argument("--schedule", choices=["dualpipe", "dualpipev", "1f1b", "zb1p"], help="pipeline schedule (train)")
+    c.add_argument("--micro-batches", type=_positive, help="micro-batches per pipeline step (train)")
 
     sub.add_parser("targets", help="list the named targets")
     sub.add_parser("passes", help="list the passes with their contracts, in default order")
@@ -128,6 +134,7 @@ def cmd_compile(args, argv) -> int:
         cfg, target=args.target, mode=args.mode, out=args.out, batch=args.batch, seq=args.seq,
         kv_len=args.kv_len, pipeline=args.passes, dump_dir=args.dump_dir, dump_mlir=args.dump_mlir,
         printing=printing, progress=_progress if tty else None, repro=_repro(argv), options=options,
+        parallel=args.parallel, expert_load=args.expert_load, schedule=args.schedule, micro_batches=args.micro_batches,
     )  # fmt: skip
     out = args.out or f"build/{plan['target']['name']}-{plan['mode']}"
     m = plan["model"]
@@ -290,6 +297,7 @@ def _user_errors() -> tuple:
     from dsv3c.frontend.exporter import CaptureError
     from dsv3c.driver import OptionError, OutputError
     from dsv3c.passmgr.dumpview import DumpError
+    from dsv3c.eplb import PlacementError
     from dsv3c.schedules import ScheduleError
     from passes import PassSpecError
     from model_def import ConfigError
@@ -297,7 +305,7 @@ def _user_errors() -> tuple:
     from targets import TargetError
 
     return (UsageError, ConfigError, TargetError, CaptureError, CheckpointError, OutputError, OptionError, PassSpecError,
-            DumpError, ScheduleError)
+            DumpError, ScheduleError, PlacementError)
 
 
 def main(argv=None) -> int:

@@ -74,6 +74,33 @@ def publish(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _with_schedule_options(items: list, mode: str, kind: str | None, micro_batches: int | None) -> list:
+    """The pass list with --schedule/--micro-batches as pipeline_partition's options (so pipeline.txt replays them)."""
+    wanted = {k: v for k, v in (("kind", kind), ("micro_batches", micro_batches)) if v is not None}
+    if not wanted:
+        return items
+    if mode != "train":
+        raise OptionError("--schedule and --micro-batches apply to training (--mode train) only")
+    if not any(name == "pipeline_partition" for name, _ in items):
+        raise OptionError("--schedule and --micro-batches need the pipeline_partition pass in --passes")
+    return [(n, {**o, **wanted} if n == "pipeline_partition" else o) for n, o in items]
+
+
+def check_schedule(cfg, mode: str, pp: int, items: list) -> None:
+    """Reject, before any work, a pipeline schedule the mesh and model cannot run (ScheduleError)."""
+    from dsv3c.schedules import ScheduleError, validate
+
+    opts = next((o for n, o in items if n == "pipeline_partition"), None)
+    if opts is None or mode != "train":
+        return
+    pp = opts.get("pp", pp)
+    kind = opts.get("kind", "dualpipe" if pp > 1 and pp % 2 == 0 else "1f1b")
+    validate(kind, pp, opts.get("micro_batches", 2 * pp))
+    stages = 2 * pp if kind == "dualpipev" else pp
+    if stages > cfg.num_hidden_layers + 2:
+        raise ScheduleError(f"{stages} pipeline stages for {cfg.num_hidden_layers} layers plus embedding and head")
+
+
 def compile_model(
     cfg: ModelConfig,
     target: str,
@@ -91,6 +118,8 @@ def compile_model(
     options: dict | None = None,
     parallel: str | None = None,
     expert_load=None,
+    schedule: str | None = None,
+    micro_batches: int | None = None,
 ) -> dict:
     """Compile cfg for target and mode; writes plan.json and report.txt (and kernels) to out; returns the plan."""
     tgt = targets.get_target(target)
@@ -98,10 +127,12 @@ def compile_model(
     shapes = dict(DEFAULT_SHAPES.get(mode, DEFAULT_SHAPES["train"]))
     shapes.update({k: v for k, v in dict(batch=batch, seq=seq, kv_len=kv_len).items() if v is not None})
     items = passes.parse_pipeline(pipeline) if pipeline is not None else [(n, {}) for n in passes.default_pipeline()]
+    items = _with_schedule_options(items, mode, schedule, micro_batches)
     if dump_mlir is not None and not 0 <= dump_mlir < cfg.num_hidden_layers:
         raise OptionError(f"--dump-mlir layer {dump_mlir} is out of range 0..{cfg.num_hidden_layers - 1}")
     check_shapes(cfg, mode, **shapes)  # reject impossible shapes before anything is written
     layout = choose_layout(cfg, tgt, mode, parallel, expert_load)
+    check_schedule(cfg, mode, layout.mesh.pp, items)
     out = Path(out or f"build/{tgt.name}-{mode}")
     created = missing_parents(out)
     staging = prepare_output(out)

@@ -32,6 +32,8 @@ def build_plan(version, params, figures, ir_plan, records) -> dict:
         plan["precision_policy"] = analyses.precision_policy
     if analyses.costs is not None:
         plan["graph_cost"] = graph_cost(analyses.costs, ir_plan.mode)
+    if analyses.schedule is not None:
+        plan["schedule"] = analyses.schedule
     return plan
 
 

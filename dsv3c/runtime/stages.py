@@ -92,7 +92,8 @@ class StageModule(nn.Module):
             h, _ = layer(h, cos, sin)
         if not self.last:
             return h
-        logits = self.lm_head(self.norm(h))
+        h = self.norm(h)  # the MTP module reads the final norm's output, as the model does
+        logits = self.lm_head(h)
         if not len(self.mtp):
             return (logits,)
         if input_ids is None:
