@@ -2,7 +2,9 @@
 
 import copy
 import dataclasses
+from collections import Counter
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,6 +13,7 @@ import dsv3c
 import passes
 import targets
 from dsv3c.ir import Plan
+from dsv3c.ops import fp8
 from dsv3c.passmgr.verify import verify
 from model_def import DeepseekV3, ModelConfig
 
@@ -163,15 +166,54 @@ def test_fp8_whole_tiny_model_error_and_top1_agreement():
     assert by_dtype["float8_e4m3fn"] > 0 and by_dtype["float32"] > 0  # E4M3 weights and their block scales
 
 
-def test_fp8_training_graph_backward_runs_in_fp8():
+def fp8_training_backward_check(precision=None):
+    """The FP8 training graph's backward runs FP8 Dgrad (fp8_gemm on E4M3 dY) and FP8 Wgrad (dY and X quantised
+    in 128x1 tiles along the tokens, act_quant_cols), counted during backward only, and its gradients carry the
+    FP8 rounding: they differ from an exact float32 backward by a few percent."""
     model = model_for(TINY, 1)
-    x = torch.randint(0, TINY.vocab_size, (1, 8))
-    after, _ = run_passes(dsv3c.capture(TINY, "train", 1, 8, model=model), ["mla_fuse", "fp8_quant"])
+    x = torch.randint(0, TINY.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1))
+    options = {"precision": precision} if precision else None
+    after, _ = run_passes(dsv3c.capture(TINY, "train", 1, 8, model=model), ["mla_fuse", "fp8_quant"], options)
     for name in list(after.weights):
         after.weights[name] = after.weights[name].detach().requires_grad_(after.weights[name].is_floating_point())
-    after(x)["logits"].float().pow(2).mean().backward()
+    loss = after(x)["logits"].float().pow(2).mean()
+    calls = Counter()
+    with pytest.MonkeyPatch.context() as mp:
+        for fn in ("fp8_gemm", "act_quant_cols"):
+            real = getattr(fp8, fn)
+            mp.setattr(fp8, fn, lambda *a, _real=real, _fn=fn, **k: (calls.update([_fn]), _real(*a, **k))[1])
+        loss.backward()
     grads = [w.grad for w in after.weights.values() if w.requires_grad]
     assert sum(g is not None and bool(g.abs().sum() > 0) for g in grads) > len(grads) // 2
+    assert calls["fp8_gemm"] > 0 and calls["act_quant_cols"] > 0, f"no FP8 Dgrad/Wgrad ran in backward: {calls}"
+    # the rounding signature: an FP8 linear's weight gradient against the exact one from the same saved tensors
+    node = next(n for n in after.graph.nodes if n.target is torch.ops.dsv3.fp8_linear.default)
+    w = after.weights[node.args[1].name]
+    g = torch.randn(8, w.shape[0], generator=torch.Generator().manual_seed(2))
+    xin = torch.randn(8, w.shape[1], generator=torch.Generator().manual_seed(3))
+    xin_, w_ = xin.requires_grad_(), w.detach().requires_grad_()
+    torch.ops.dsv3.fp8_linear(xin_, w_).backward(g)
+    exact = g.T @ xin.detach()
+    err = ((w_.grad - exact).norm() / exact.norm()).item()
+    assert 1e-3 < err < 0.2, f"weight gradient differs from float32 Wgrad by {err:.2e}: not FP8 rounding"
+
+
+def test_fp8_training_graph_backward_runs_in_fp8():
+    fp8_training_backward_check()
+
+
+def test_fp8_backward_check_fails_when_fp8_is_switched_off(monkeypatch):
+    """The check above can fail: with every GEMM component in BF16, or with fp8_linear's backward in float32."""
+    with pytest.raises(AssertionError, match="no FP8 Dgrad/Wgrad"):
+        fp8_training_backward_check({c: "bf16" for c in ("attention_proj", "dense_mlp", "shared_experts", "routed_experts")})
+
+    def exact_backward(grad_y, x, w, out_dtype=torch.float32, block=fp8.BLOCK):
+        dy = grad_y.reshape(-1, w.shape[0]).float()
+        return (dy @ w.float()).reshape(*x.shape[:-1], w.shape[1]), dy.T @ x.reshape(-1, w.shape[1]).float()
+
+    monkeypatch.setattr(fp8, "fp8_linear_backward", exact_backward)
+    with pytest.raises(AssertionError, match="no FP8 Dgrad/Wgrad"):
+        fp8_training_backward_check()
 
 
 def test_fp8_policy_is_overridable_and_reported():

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from dsv3c.ops import fp8, ref
-from dsv3c.ops.record import Cost, Lowering, NotLowered, define
+from dsv3c.ops.record import Cost, Lowering, NotLowered, define, expected_experts_hit
 
 # ---- stages (pure functions shared by the ops and by simulate_ep) ---------------------------------
 
@@ -401,22 +401,30 @@ def cost_ep_dispatch(args, out) -> dict:
             "ib_bytes": ib, "nvlink_bytes": nvlink}  # fmt: skip
 
 
-def cost_ep_experts(args, out) -> dict:
-    """Local grouped SwiGLU: T·k routes expected per rank (balanced load), 3 GEMMs each; the S local experts' weights."""
+def _touched_slots(recv_x, recv_tok, slots: int, ep: int) -> float:
+    """Local slots a step can touch: the distinct experts ep·T tokens routed k-of-(ep·S) hit, per rank (≤ min(S, T·k))."""
+    tokens = recv_x.shape[0]  # ep·T
+    k = recv_tok.shape[0] // max(1, tokens)
+    return expected_experts_hit(tokens, slots * max(1, ep), k) / max(1, ep)
+
+
+def cost_ep_experts(args, out, local_weights=None) -> dict:
+    """Local grouped SwiGLU: T·k routes expected per rank (balanced load), 3 GEMMs each; the weights (and scales)
+    of the local slots the step can touch only, as for the unpartitioned experts."""
     recv_x, recv_tok, w_gate, ep = args[0], args[1], args[3], args[-1]
     d = recv_x.shape[1]
     slots, f, _ = w_gate.shape
     routes = recv_tok.shape[0] // max(1, ep)  # the padded buffer holds ep·T·k; T·k arrive on average
     flops = routes * 3 * 2 * d * f
-    weight_bytes = 3 * slots * f * d * w_gate.element_size()
+    per_slot = sum(_nbytes(w) for w in (local_weights or args[3:6])) / slots
+    weight_bytes = int(_touched_slots(recv_x, recv_tok, slots, ep) * per_slot)
     act_bytes = routes * d * (recv_x.element_size() + out.element_size())
     return {"flops": flops, "bwd_flops": 2 * flops, "bytes": weight_bytes + act_bytes, "ib_bytes": 0, "nvlink_bytes": 0}
 
 
 def cost_ep_experts_fp8(args, out) -> dict:
     """As cost_ep_experts, over E4M3 weights (1 byte each) plus their float32 block scales; inference only."""
-    c = cost_ep_experts(list(args), out)
-    c["bytes"] += sum(_nbytes(s) for s in (args[4], args[6], args[8]))
+    c = cost_ep_experts(list(args), out, local_weights=args[3:9])
     c["bwd_flops"] = 0
     return c
 
