@@ -11,6 +11,7 @@ import torch
 import passes
 import targets
 from dsv3c import __version__
+from dsv3c import outdir, validate
 from dsv3c.frontend.exporter import capture, check_shapes
 from dsv3c.passmgr.dumps import Dumper
 from dsv3c.ir import PassContext
@@ -98,6 +99,7 @@ def compile_model(
         raise OptionError(f"--dump-mlir layer {dump_mlir} is out of range 0..{cfg.num_hidden_layers - 1}")
     check_shapes(cfg, mode, **shapes)  # reject impossible shapes before anything is written
     out = Path(out or f"build/{tgt.name}-{mode}")
+    validate.check_compile(cfg, tgt, mode, shapes, names, kv_len, out, dump_dir)
     created = missing_parents(out)
     staging = prepare_output(out)
     try:
@@ -107,7 +109,7 @@ def compile_model(
         program = capture(cfg, mode, model=model, **shapes)
         stages["capture"] = time.perf_counter() - t0
         ctx = PassContext(target=tgt, mode=mode, options={**(options or {}), "out": str(staging)})
-        dumper = Dumper(dump_dir, dump_mlir) if dump_dir else None
+        dumper = Dumper(outdir.prepare_dump_dir(dump_dir), dump_mlir) if dump_dir else None
         if dumper:
             dumper.write_pipeline(names, {"mode": mode, "target": tgt.name, **{k: v for k, v in shapes.items() if v}})
         t1 = time.perf_counter()
@@ -118,6 +120,7 @@ def compile_model(
         stages["model_figures"] = time.perf_counter() - t2
         plan = build_plan(__version__, cfg, parameter_counts(model), figures, tgt, mode, shapes, records, program)
         write_report(plan, staging)
+        outdir.mark(staging)
         publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

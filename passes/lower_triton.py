@@ -37,6 +37,7 @@ def _terminal_progress(done: int, total: int, name: str, seconds: float) -> None
     "kernels run by the executor); compiles each distinct kernel for sm_90a into <out>/kernels/",
     adds=["kernel_call"],
     removes=sorted(LOWERED_OPS),
+    invalidates=["*"],  # every other pass works on dsv3 ops, which lowering replaces: it must be last
 )
 def lower_triton(program: Program, ctx: PassContext):
     """Lower the graph to kernel calls, then (with an output directory) compile the kernels ahead of time."""

@@ -13,6 +13,8 @@ class Pass:
     contract: str
     adds: frozenset = field(default_factory=frozenset)
     removes: frozenset = field(default_factory=frozenset)
+    after: frozenset = field(default_factory=frozenset)  # passes that must run before this one when both run
+    invalidates: frozenset = field(default_factory=frozenset)  # passes that may not run after this one ("*": all)
 
     def legal_after(self, legal: frozenset) -> frozenset:
         """The dsv3 ops legal after this pass, given those legal before it."""
@@ -32,11 +34,12 @@ def legal_after(names: list[str], legal: frozenset = CAPTURED_OPS) -> frozenset:
     return frozenset(legal)
 
 
-def register(name: str, contract: str, adds=(), removes=()):
-    """Decorator: register fn as pass `name`."""
+def register(name: str, contract: str, adds=(), removes=(), after=(), invalidates=()):
+    """Decorator: register fn as pass `name`, with its ops added/removed and its order constraints."""
 
     def wrap(fn):
-        REGISTRY[name] = Pass(name, fn, contract, frozenset(adds), frozenset(removes))
+        REGISTRY[name] = Pass(name, fn, contract, frozenset(adds), frozenset(removes), frozenset(after),
+                              frozenset(invalidates))
         return fn
 
     return wrap
