@@ -40,7 +40,7 @@ def check_disjoint(out, dump_dir) -> None:
 
 def check_mode_options(mode: str, kv_len, command: str = "compile") -> None:
     """Refuse --kv-len in a mode without a KV cache (train, prefill): it would be recorded but unused."""
-    if kv_len is not None and mode != "decode":
+    if kv_len and mode != "decode":
         raise _option_error(f"--kv-len is only used by --mode decode; {command} --mode {mode} has no KV cache")
 
 
