@@ -51,8 +51,10 @@ def _passes(directory: Path) -> list[tuple[str, dict]]:
     """(stem, stats) of every readable pass dumped in directory; DumpError when there is none."""
     found, problems = scan(directory)
     if not found:
-        why = f" ({problems[0]}{'; ...' if len(problems) > 1 else ''})" if problems else ""
-        raise DumpError(f"{directory} holds no usable pass dumps (*.stats.json){why}")
+        if not problems:
+            raise DumpError(f"{directory} holds no pass dumps (*.stats.json)")
+        more = "; ..." if len(problems) > 1 else ""
+        raise DumpError(f"{directory} holds no usable pass dumps ({problems[0]}{more})")
     return found
 
 
