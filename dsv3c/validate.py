@@ -117,7 +117,7 @@ def check_pass_order(names: list[str], registry: dict) -> None:
         for earlier in names[:i]:
             inv = registry[earlier].invalidates
             if "*" in inv or name in inv:
-                rule = "must be the last pass" if "*" in inv else f"invalidates what {name} needs"
+                rule = "must be the last pass" if "*" in inv else f"replaces what {name} works on; run {name} first"
                 raise _option_error(f"--passes {','.join(names)}: pass '{name}' cannot run after '{earlier}' "
                                     f"({earlier} {rule})")
         for needed in p.after:

@@ -129,7 +129,7 @@ def bad_options(draw) -> list[str]:
     """A compile or run command line with at least one defect in its options."""
     defect = draw(st.sampled_from([
         ["--passes", ""], ["--passes", ",,"], ["--passes", "lower_triton,fp8_quant"],
-        ["--passes", "fp8_quant,mla_fuse,lower_triton"], ["--passes", "lower_triton,dce"], ["--passes", "dce,nope"],
+        ["--passes", "fp8_quant,mla_fuse,lower_triton"], ["--passes", "lower_triton,cost"], ["--passes", "dce,nope"],
         ["--mode", "train", "--kv-len", "4096"], ["--mode", "prefill", "--kv-len", "1"],
         ["--batch", "1000000000"], ["--seq", "1000000"], ["--batch", "0"], ["--seq", "-1"], ["--batch", "1e3"],
         ["--out", "."], ["--out", ".."], ["--out", FOREIGN], ["--out", FOREIGN_FILE], ["--dump-dir", FOREIGN],
