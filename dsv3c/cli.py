@@ -36,6 +36,9 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of all subcommands."""
     parser = _Parser(prog="dsv3c", description="Compile DeepSeek-V3-class MoE models for H800 clusters.")
+    from dsv3c import __version__
+
+    parser.add_argument("--version", action="version", version=f"dsv3c {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = sub.add_parser("compile", help="capture, transform and lower the model for a target")
@@ -117,30 +120,45 @@ def _progress(index: int, total: int, name: str) -> None:
         sys.stderr.write("\n")
 
 
+def _progress_lines(index: int, total: int, name: str) -> None:
+    """One progress line per pass when stderr is not a terminal (logs, CI): no carriage returns."""
+    sys.stderr.write(f"[{index}/{total}] {name}\n")
+    sys.stderr.flush()
+
+
 def cmd_compile(args, argv) -> int:
     """dsv3c compile."""
     import dsv3c.passmgr.pipeline as pipeline
     import passes
-    from dsv3c.driver import compile_model
+    from dsv3c import outdir, validate
 
+    validate.check_compile_args(args)
     cfg = _load_config(args)
     options = {"precision": _precision(args.precision)} if args.precision else {}
     for name in args.print_after:
         passes.parse_pipeline(name)
     wanted = args.print_after_all or args.print_after or args.print_after_change
     printing = pipeline.Printing(args.print_after_all, tuple(args.print_after), args.print_after_change) if wanted else None
-    tty = sys.stderr.isatty()
-    plan = compile_model(
-        cfg, target=args.target, mode=args.mode, out=args.out, batch=args.batch, seq=args.seq,
-        kv_len=args.kv_len, pipeline=args.passes, dump_dir=args.dump_dir, dump_mlir=args.dump_mlir,
-        printing=printing, progress=_progress if tty else None, repro=_repro(argv), options=options,
-        parallel=args.parallel, expert_load=args.expert_load, schedule=args.schedule, micro_batches=args.micro_batches,
-    )  # fmt: skip
+    with outdir.signals_interrupt():
+        plan = _compile(args, argv, cfg, options, printing)
     out = args.out or f"build/{plan['target']['name']}-{plan['mode']}"
     m = plan["model"]
     print(f"compiled {m['name']} for {plan['target']['name']} ({plan['mode']}): {len(plan['passes'])} passes, "
           f"{len(plan['kernels'])} kernels -> {out}/plan.json, {out}/report.txt")  # fmt: skip
     return 0
+
+
+def _compile(args, argv, cfg, options, printing) -> dict:
+    """compile_model with the command line's options; the plan."""
+    from dsv3c.driver import compile_model
+
+    tty = sys.stderr.isatty()
+    return compile_model(
+        cfg, target=args.target, mode=args.mode, out=args.out, batch=args.batch, seq=args.seq,
+        kv_len=args.kv_len, pipeline=args.passes, dump_dir=args.dump_dir, dump_mlir=args.dump_mlir,
+        printing=printing, progress=_progress if tty else _progress_lines, repro=_repro(argv), options=options,
+        parallel=args.parallel, expert_load=args.expert_load, schedule=args.schedule, micro_batches=args.micro_batches,
+    )  # fmt: skip
 
 
 def _precision(text: str) -> dict:
@@ -188,10 +206,12 @@ def cmd_inspect(args, argv) -> int:
     directory = Path(args.dir)
     if not directory.is_dir():
         raise UsageError(f"no dump directory at {directory}")
-    if args.diff:
-        print(dumpview.diff(directory, *args.diff, layer=args.layer), end="")
-    else:
-        print(dumpview.table(directory))
+    if args.layer is not None and not args.diff:
+        raise UsageError("--layer restricts a --diff; give --diff A B too")
+    text = dumpview.diff(directory, *args.diff, layer=args.layer) if args.diff else dumpview.table(directory) + "\n"
+    for problem in dumpview.problems(directory):
+        print(f"dsv3c: warning: cannot use {problem}", file=sys.stderr)
+    print(text, end="")
     return 0
 
 
@@ -216,9 +236,19 @@ def cmd_run(args, argv) -> int:
     from model_def import DeepseekV3
     from model_def.counts import parameter_counts
 
+    from dsv3c import validate
+    from dsv3c.runtime.executor import DEFAULT_SHAPES
+
     cfg = _load_config(args)
     if args.ranks is not None or args.ep is not None:
         return _run_ep(args, cfg)
+    validate.check_mode_options(args.mode, args.kv_len, "run")
+    shapes = {**DEFAULT_SHAPES[args.mode], **{k: v for k, v in dict(batch=args.batch, seq=args.seq,
+                                                                        kv_len=args.kv_len).items() if v is not None}}
+    validate.check_run_shapes(cfg, args.mode, shapes)
+    import targets
+
+    validate.check_target(targets.get_target(args.target))
     total = parameter_counts(DeepseekV3(cfg, device="meta"))["total"]
     if total > RUN_MAX_PARAMS:
         raise UsageError(f"model {cfg.name} has {total:,} parameters; run executes small models only")
@@ -316,16 +346,19 @@ def main(argv=None) -> int:
         return COMMANDS[args.command](args, argv)
     except SystemExit as e:  # --help
         return int(e.code or 0)
-    except KeyboardInterrupt:
-        print("dsv3c: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", 2)
+        print("dsv3c: interrupted" + (f" ({e})" if signum != 2 else ""), file=sys.stderr)
+        return 128 + signum
     except Exception as e:
         from dsv3c.passmgr.pipeline import PipelineError
 
         if isinstance(e, _user_errors()):
             print(f"dsv3c: error: {str(e).splitlines()[0]}", file=sys.stderr)
             return EXIT_USAGE
-        if isinstance(e, PipelineError):
+        from dsv3c.schema import PlanError
+
+        if isinstance(e, (PipelineError, PlanError)):
             print(f"dsv3c: error: {e}", file=sys.stderr)
             return 1
         raise

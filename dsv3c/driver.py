@@ -11,6 +11,7 @@ import torch
 import passes
 import targets
 from dsv3c import __version__
+from dsv3c import outdir, validate
 from dsv3c.frontend.exporter import capture, check_shapes
 from dsv3c.cost.figures import model_figures
 from dsv3c.ir import Plan
@@ -134,6 +135,7 @@ def compile_model(
     layout = choose_layout(cfg, tgt, mode, parallel, expert_load)
     check_schedule(cfg, mode, layout.mesh.pp, items)
     out = Path(out or f"build/{tgt.name}-{mode}")
+    validate.check_compile(cfg, tgt, mode, shapes, [n for n, _ in items], kv_len, out, dump_dir)
     created = missing_parents(out)
     staging = prepare_output(out)
     try:
@@ -144,7 +146,7 @@ def compile_model(
         stages["capture"] = time.perf_counter() - t0
         ir_plan = Plan(program, tgt, options={**(options or {}), "out": str(staging), "placement": layout.tables})
         ir_plan.analyses.mesh = layout.mesh
-        dumper = Dumper(dump_dir, dump_mlir) if dump_dir else None
+        dumper = Dumper(outdir.prepare_dump_dir(dump_dir), dump_mlir) if dump_dir else None
         if dumper:
             settings = {"mode": mode, "target": tgt.name, **{k: v for k, v in shapes.items() if v}}
             dumper.write_pipeline(passes.format_pipeline(items), settings)
@@ -160,6 +162,7 @@ def compile_model(
         if ir_plan.analyses.call_specs is not None:
             plan["program"] = save_program(ir_plan.program, ir_plan.analyses.call_specs, staging / PROGRAM_DIR)
         write_report(plan, staging)
+        outdir.mark(staging)
         publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -5,6 +5,9 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from dsv3c.schema import plan_json
+from dsv3c.units import target_value
+
 
 def build_plan(version, params, figures, ir_plan, records) -> dict:
     """The plan.json dict, in the key order of DESIGN.md; only passes[*].seconds depends on the run."""
@@ -72,7 +75,7 @@ def report_text(plan: dict) -> str:
             ["mode", "model", "main", "hardware"],
         ),
         ("KV cache bytes per token (all layers)", [[k, _n(v)] for k, v in m["kv_cache_bytes_per_token"].items()]),
-        ("Target", [[k, v] for k, v in plan["target"].items()]),
+        ("Target", [[k, target_value(k, v)] for k, v in plan["target"].items()]),
         (
             "Passes",
             [[r["name"], _n(r["nodes_before"]), _n(r["nodes_after"]), _top_counters(r["stats"])] for r in plan["passes"]],
@@ -105,5 +108,5 @@ def _top_counters(stats: dict, n: int = 4) -> str:
 
 def write_report(plan: dict, directory: Path) -> None:
     """Write plan.json and report.txt into directory."""
-    (directory / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    (directory / "plan.json").write_text(plan_json(plan))
     (directory / "report.txt").write_text(report_text(plan))

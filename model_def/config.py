@@ -4,6 +4,8 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+from model_def import checks
+
 
 class ConfigError(ValueError):
     """A config that cannot describe a model; the message names the field."""
@@ -89,12 +91,17 @@ class ModelConfig:
     def from_json(cls, path) -> "ModelConfig":
         """Read and validate an HF-format config.json."""
         try:
-            with open(path) as f:
-                raw = json.load(f)
+            with open(path, "rb") as f:
+                data = f.read(1 << 24)
+            raw = json.loads(data.decode("utf-8"))
         except OSError as e:
-            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+            raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start})") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"config {path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+        except (RecursionError, ValueError) as e:
+            raise ConfigError(f"config {path} is not valid JSON: {str(e).splitlines()[0][:120]}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config {path} must hold a JSON object")
         return cls.from_dict(raw, name=str(raw.get("_name_or_path") or "custom"))
@@ -104,7 +111,10 @@ class ModelConfig:
         """Build from a config dict (hub form or transformers-5 `rope_parameters` form) and validate."""
         raw = dict(raw)
         if "rope_parameters" in raw and "rope_scaling" not in raw:
-            rp = dict(raw.pop("rope_parameters") or {})
+            rp = raw.pop("rope_parameters") or {}
+            if not isinstance(rp, dict):
+                raise ConfigError(f"rope_parameters must be an object or null, got {json.dumps(rp)[:80]}")
+            rp = dict(rp)
             if "rope_theta" in rp:
                 raw.setdefault("rope_theta", rp.pop("rope_theta"))
             kind = rp.pop("rope_type", rp.pop("type", "default"))
@@ -155,6 +165,8 @@ class ModelConfig:
             raise ConfigError(f"num_nextn_predict_layers > 1 is not supported, got {self.num_nextn_predict_layers}")
         if self.rope_scaling is not None:
             self._validate_rope_scaling()
+        checks.check_bounds(self)
+        checks.check_quantization(self.quantization_config)
 
     def _validate_routing(self) -> None:
         """Check the expert, group and top-k counts fit together."""
@@ -187,6 +199,7 @@ class ModelConfig:
         for key in ("factor", "original_max_position_embeddings"):
             if not isinstance(rs.get(key), (int, float)) or isinstance(rs.get(key), bool) or rs[key] <= 0:
                 raise ConfigError(f"rope_scaling.{key} must be a positive number")
+        checks.check_rope_numbers(rs)
 
     def to_dict(self) -> dict:
         """The config as HF config.json fields (hub form), deterministic."""
@@ -209,14 +222,19 @@ _DICTS = {"rope_scaling", "quantization_config"}
 def _check_type(name: str, value):
     """Return value if it has the JSON type field `name` needs, else raise ConfigError."""
     if name in _FLOATS:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return float(value) if ok else _type_error(name, "a number", value)
+        ok = checks.is_number(value)
+        return float(value) if ok else _type_error(name, "a finite number", value)
     if name in _BOOLS:
         return value if isinstance(value, bool) else _type_error(name, "true or false", value)
     if name in _STRS:
         return value if isinstance(value, str) else _type_error(name, "a string", value)
     if name in _DICTS:
-        return value if value is None or isinstance(value, dict) else _type_error(name, "an object or null", value)
+        if value is not None and not isinstance(value, dict):
+            _type_error(name, "an object or null", value)
+        bad = checks.non_finite(value)
+        if bad is not None:
+            raise ConfigError(f"{name}{bad} must be a finite number")
+        return value
     if value is None and name in ("q_lora_rank", "num_key_value_heads"):
         return None
     return value if isinstance(value, int) and not isinstance(value, bool) else _type_error(name, "an integer", value)
@@ -224,7 +242,9 @@ def _check_type(name: str, value):
 
 def _type_error(name, wanted, value):
     """Raise the ConfigError for a field of the wrong JSON type."""
-    raise ConfigError(f"{name} must be {wanted}, got {json.dumps(value)}")
+    shown = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else str(value)
+    raise ConfigError(f"{name} must be {wanted}, got {shown[:80]}")
+
 
 
 DEEPSEEK_V3 = {

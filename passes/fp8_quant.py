@@ -125,6 +125,8 @@ def _lower_experts(program: Program, node: fx.Node, cache: dict) -> None:
     "FP32 accumulation; the function changes within FP8 rounding",
     adds=["act_quant", "fp8_gemm", "fp8_linear", "moe_experts_fp8", "moe_experts_fp8_train"],
     writes=["precision_policy"],
+    after=["mla_fuse"],  # mla_fuse matches the BF16 down/up-projections that fp8_quant rewrites
+    invalidates=["mla_fuse"],
 )
 def fp8_quant(plan: Plan, opts: dict):
     """Rewrite every GEMM of an FP8 component; report the policy, counts and weight bytes before/after."""

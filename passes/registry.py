@@ -42,6 +42,8 @@ class Pass:
     reads: frozenset = field(default_factory=frozenset)
     writes: frozenset = field(default_factory=frozenset)
     options: dict = field(default_factory=dict)  # name -> Option
+    after: frozenset = field(default_factory=frozenset)  # passes that must run before this one when both run
+    invalidates: frozenset = field(default_factory=frozenset)  # passes that may not run after this one ("*": all)
 
     def legal_after(self, legal: frozenset) -> frozenset:
         """The dsv3 ops legal after this pass, given those legal before it."""
@@ -61,12 +63,13 @@ def legal_after(names: list[str], legal: frozenset = CAPTURED_OPS) -> frozenset:
     return frozenset(legal)
 
 
-def register(name: str, contract: str, adds=(), removes=(), reads=(), writes=(), options=None):
-    """Decorator: register fn as pass `name`."""
+def register(name: str, contract: str, adds=(), removes=(), reads=(), writes=(), options=None, after=(),
+             invalidates=()):
+    """Decorator: register fn as pass `name`: its ops added/removed, analyses read/written, options, order constraints."""
 
     def wrap(fn):
         REGISTRY[name] = Pass(name, fn, contract, frozenset(adds), frozenset(removes), frozenset(reads),
-                              frozenset(writes), dict(options or {}))
+                              frozenset(writes), dict(options or {}), frozenset(after), frozenset(invalidates))
         return fn
 
     return wrap

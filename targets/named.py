@@ -158,10 +158,10 @@ _REQUIRED = ("name", "gpu", "gpus")
 
 def _check_type(where: str, key: str, val, kind) -> None:
     """Raise TargetError unless val has the TOML type `kind` (int, float meaning any number, str, dict)."""
-    ok = {int: _is_int, float: _is_number, str: lambda v: isinstance(v, str),
+    ok = {int: _is_int, float: lambda v: _is_number(v) and math.isfinite(v), str: lambda v: isinstance(v, str),
           dict: lambda v: isinstance(v, dict)}[kind](val)
     if not ok:
-        name = {int: "an integer", float: "a number", str: "a string", dict: "a table"}[kind]
+        name = {int: "an integer", float: "a finite number", str: "a string", dict: "a table"}[kind]
         raise TargetError(f"{where}: key {key!r} must be {name}, got {type(val).__name__} {val!r}")
 
 
@@ -186,7 +186,11 @@ def load_target_file(path: str | os.PathLike) -> Target:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise TargetError(f"{where} not found") from None
-    except tomllib.TOMLDecodeError as e:
+    except OSError as e:
+        raise TargetError(f"cannot read {where}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise TargetError(f"malformed {where}: not UTF-8 text (byte {e.start})") from None
+    except (tomllib.TOMLDecodeError, RecursionError) as e:
         raise TargetError(f"malformed {where}: {e}") from None
     for key in data:
         if key not in _TOML_KEYS:

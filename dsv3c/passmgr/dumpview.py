@@ -1,6 +1,11 @@
-"""`dsv3c inspect`: a dump directory as a table, and diffs between passes or for one layer."""
+"""`dsv3c inspect`: a dump directory as a table, and diffs between passes or for one layer.
+
+Partial and corrupt dump directories are read as far as they go: unreadable `*.stats.json` files are
+reported (see `problems`), and a DumpError (exit 2) is raised only when nothing usable is left.
+"""
 
 import json
+import re
 from pathlib import Path
 
 from tabulate import tabulate
@@ -12,12 +17,51 @@ class DumpError(ValueError):
     """A dump directory that lacks what was asked for."""
 
 
+_FIELDS = {"name": str, "seconds": (int, float), "nodes_before": int, "nodes_after": int, "stats": dict}
+
+
+def _read_stats(path: Path) -> dict:
+    """The stats of one pass dump, or a DumpError saying why the file cannot be used."""
+    try:
+        s = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise DumpError(f"{path.name}: cannot read ({e.strerror or e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise DumpError(f"{path.name}: not valid JSON") from None
+    if not isinstance(s, dict):
+        raise DumpError(f"{path.name}: not a JSON object")
+    for key, kind in _FIELDS.items():
+        if not isinstance(s.get(key), kind) or isinstance(s.get(key), bool):
+            raise DumpError(f"{path.name}: missing or malformed '{key}'")
+    return s
+
+
+def scan(directory: Path) -> tuple[list[tuple[str, dict]], list[str]]:
+    """(stem, stats) of every readable pass dump in pipeline order, and one problem line per unreadable one."""
+    found, problems = [], []
+    for p in sorted(directory.glob("*.stats.json")):
+        try:
+            found.append((p.name[: -len(".stats.json")], _read_stats(p)))
+        except DumpError as e:
+            problems.append(str(e))
+    return found, problems
+
+
 def _passes(directory: Path) -> list[tuple[str, dict]]:
-    """(stem, stats) of every pass dumped in directory, in pipeline order."""
-    found = [(p.name[: -len(".stats.json")], json.loads(p.read_text())) for p in sorted(directory.glob("*.stats.json"))]
+    """(stem, stats) of every readable pass dumped in directory; DumpError when there is none."""
+    found, problems = scan(directory)
     if not found:
-        raise DumpError(f"{directory} holds no pass dumps (*.stats.json)")
+        if not problems:
+            raise DumpError(f"{directory} holds no pass dumps (*.stats.json)")
+        more = "; ..." if len(problems) > 1 else ""
+        raise DumpError(f"{directory} holds no usable pass dumps ({problems[0]}{more})")
     return found
+
+
+def problems(directory: Path) -> list[str]:
+    """What inspect cannot read in directory: corrupt stats files, passes without their graph.txt."""
+    found, bad = scan(directory)
+    return bad + [f"{stem}.graph.txt: missing" for stem, _ in found if not (directory / f"{stem}.graph.txt").is_file()]
 
 
 def table(directory: Path) -> str:
@@ -27,7 +71,12 @@ def table(directory: Path) -> str:
         counters = ", ".join(f"{k}={v}" for k, v in list(s["stats"].items())[:4] if not isinstance(v, (dict, list)))
         rows.append([stem.split("_", 1)[0], s["name"], f"{s['seconds']:.3f}", s["nodes_before"], s["nodes_after"], counters])
     pipeline = directory / "pipeline.txt"
-    head = f"pipeline: {pipeline.read_text().splitlines()[0]}\n" if pipeline.exists() else ""
+    head = ""
+    try:
+        lines = pipeline.read_text(errors="replace").splitlines() if pipeline.is_file() else []
+        head = f"pipeline: {lines[0]}\n" if lines else ""
+    except OSError:
+        pass
     return head + tabulate(rows, headers=["#", "pass", "seconds", "nodes before", "nodes after", "counters"])
 
 
@@ -39,12 +88,31 @@ def _stem(directory: Path, key: str) -> str:
     raise DumpError(f"no pass '{key}' in {directory}")
 
 
+def _graph(directory: Path, stem: str) -> str:
+    """The graph text after one pass; DumpError when it is missing or unreadable."""
+    path = directory / f"{stem}.graph.txt"
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise DumpError(f"{path} is missing: the dump of pass {stem} is incomplete") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DumpError(f"cannot read {path}: {getattr(e, 'strerror', None) or 'not UTF-8 text'}") from None
+
+
+def layers_in(text: str) -> list[int]:
+    """The decoder layer numbers a graph text tags its nodes with ('# layers.N'), sorted."""
+    return sorted({int(m) for m in re.findall(r"# layers\.(\d+)$", text, flags=re.M)})
+
+
 def diff(directory: Path, a: str, b: str, layer: int | None = None) -> str:
     """The unified diff of the graph after pass a against after pass b, optionally of one layer only."""
     sa, sb = _stem(directory, a), _stem(directory, b)
-    ta = (directory / f"{sa}.graph.txt").read_text()
-    tb = (directory / f"{sb}.graph.txt").read_text()
+    ta, tb = _graph(directory, sa), _graph(directory, sb)
     if layer is not None:
+        have = sorted(set(layers_in(ta)) | set(layers_in(tb)))
+        if layer not in have:
+            span = f"{have[0]}..{have[-1]}" if have else "none"
+            raise DumpError(f"--layer {layer} is not in the dump (layers {span})")
         ta = "\n".join(layer_lines(ta, f"layers.{layer}")) + "\n"
         tb = "\n".join(layer_lines(tb, f"layers.{layer}")) + "\n"
     return unified_diff(ta, tb, sa, sb) or "(no difference)\n"
