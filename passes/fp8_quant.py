@@ -96,6 +96,8 @@ def _lower_linear(program: Program, node: fx.Node, cache: dict) -> None:
     with program.graph.inserting_before(node):
         if program.mode == "train":
             y = program.call(dsv3.fp8_linear.default, (x, w), like=node)
+            if "recompute" in node.meta:  # mla_fuse's recompute mark stays with the GEMM it marked
+                y.meta["recompute"] = node.meta["recompute"]
         else:
             wq, ws = _quantised_weight(program, cache, w)
             q = program.call(dsv3.act_quant.default, (x,), like=node)
