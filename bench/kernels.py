@@ -9,6 +9,11 @@ ratio = baseline ms / Triton ms (> 1: Triton faster). For MLA decode the baselin
 measured copy bandwidth (torch copy of a large buffer): the ratio is the fraction of it achieved.
 "check" compares the Triton output with the baseline's (or the reference's) on the same inputs.
 Needs a CUDA GPU (Hopper for FP8); exits with status 2 when there is none.
+
+Kernels run as lowering runs them: `lowering.call_spec` specialises the op (or kernel variant) once for the
+bench's shapes on TARGET's tiles, and the timed call is `lowering.run_call` (the op's runner: its
+allocations and torch parts, e.g. the router's FP32 GEMM, included). The router's selection kernel alone is
+timed by launching the moe_gate CallSpec's KernelSpec on precomputed logits.
 """
 
 from __future__ import annotations
@@ -22,6 +27,15 @@ import torch
 FAMILIES = ("gemm", "grouped_gemm", "mla_decode", "prefill", "rmsnorm", "rope", "swiglu", "router")
 HIDDEN, EXPERT_WIDTH, EXPERTS, HEADS, RANK, ROPE_DIM = 7168, 2048, 256, 128, 512, 64
 ROWS: list[tuple] = []
+TARGET = "h800x2048"
+
+
+def _op(op: str, *tensors, mode: str = "prefill", tiles: dict | None = None, **attrs):
+    """A no-argument callable running op's lowered kernels on tensors (specialised once, outside the timing)."""
+    from dsv3c.codegen import lowering
+
+    call = lowering.call_spec(op, *tensors, target=TARGET, mode=mode, tiles=tiles, **attrs)
+    return lambda: lowering.run_call(call, *tensors)
 
 
 def _bench(fn) -> float:
@@ -65,7 +79,6 @@ def _random_fp8_weights(experts: int, n: int, k: int, dev):
 def bench_gemm(dev) -> None:
     """FP8 block-scaled GEMM (Triton) vs torch._scaled_mm and vs cuBLAS BF16 at M=4096, N=7168, K=16384."""
     from dsv3c.ops import fp8
-    from dsv3c.codegen.kernels import fp8_gemm
 
     m, n, k = 4096, HIDDEN, 16384
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
@@ -73,8 +86,9 @@ def bench_gemm(dev) -> None:
     xq, xs = fp8.act_quant(x)
     wq, ws = fp8.weight_quant(w)
     flops = 2 * m * n * k
-    t = _bench(lambda: fp8_gemm.launch(xq, xs, wq, ws))
-    y = fp8_gemm.launch(xq, xs, wq, ws)
+    gemm = _op("fp8_gemm", xq, xs, wq, ws, out_dtype=torch.bfloat16)
+    t = _bench(gemm)
+    y = gemm()
     shape = f"M{m} N{n} K{k}"
 
     xs_mmajor = xs.t().contiguous().t()  # cuBLAS wants the 1x128 scales M-major, the 128x128 ones K-major
@@ -101,7 +115,6 @@ def bench_gemm(dev) -> None:
 def bench_grouped_gemm(dev) -> None:
     """Grouped FP8 GEMM over 256 experts (gate+up, 2·2048 x 7168) vs the dense FP8 GEMM of the same work."""
     from dsv3c.ops import fp8
-    from dsv3c.codegen.kernels import fp8_gemm, grouped_fp8_gemm
 
     tokens, top_k = 4096, 8
     t_rows, n, k = tokens * top_k, 2 * EXPERT_WIDTH, HIDDEN
@@ -112,11 +125,12 @@ def bench_grouped_gemm(dev) -> None:
     aq, as_ = fp8.act_quant(a)
     wq, ws = _random_fp8_weights(EXPERTS, n, k, dev)
     flops = 2 * t_rows * n * k
-    t = _bench(lambda: grouped_fp8_gemm.launch(aq, as_, wq, ws, offsets))
-    y = grouped_fp8_gemm.launch(aq, as_, wq, ws, offsets)
+    grouped = _op("grouped_fp8_gemm", aq, as_, wq, ws, offsets)
+    t = _bench(grouped)
+    y = grouped()
     lo, hi = int(offsets[3]), int(offsets[4])
-    check = _check(y[lo:hi], fp8_gemm.launch(aq[lo:hi], as_[lo:hi], wq[3], ws[3]), 1e-2)
-    b = _bench(lambda: fp8_gemm.launch(aq, as_, wq[0], ws[0]))
+    check = _check(y[lo:hi], _op("fp8_gemm", aq[lo:hi], as_[lo:hi], wq[3], ws[3], out_dtype=torch.bfloat16)(), 1e-2)
+    b = _bench(_op("fp8_gemm", aq, as_, wq[0], ws[0], out_dtype=torch.bfloat16))
     _row("grouped_fp8_gemm", f"T{t_rows} E{EXPERTS} N{n} K{k}", t, flops / t / 1e9, "TFLOPS",
          f"dense fp8_gemm M{t_rows}", b, flops / b / 1e9, check)
 
@@ -131,26 +145,24 @@ def _copy_bandwidth(dev) -> float:
 
 def bench_mla_decode(dev, block_h: int, block_n: int, num_warps: int) -> None:
     """Paged MLA decode attention (128 heads, 512 + 64 latent) vs the measured copy bandwidth."""
+    from dsv3c.codegen.lowering import PAGE
     from dsv3c.ops import ref
-    from dsv3c.codegen.kernels import mla_decode
 
     bw = _copy_bandwidth(dev)
-    scale = mla_decode.softmax_scale()
+    scale = 192**-0.5 * (0.1 * math.log(40.0) + 1.0) ** 2  # the 671B softmax scale (YaRN mscale), about 0.1352
+    tiles = {"mla_decode": {"BLOCK_H": block_h, "BLOCK_N": block_n, "num_warps": num_warps}}
     for bsz, length in ((128, 4096), (8, 32768)):
-        pages = bsz * math.ceil(length / mla_decode.PAGE)
-        cache = torch.randn(pages, mla_decode.PAGE, RANK + ROPE_DIM, device=dev, dtype=torch.bfloat16)
+        pages = bsz * math.ceil(length / PAGE)
+        cache = torch.randn(pages, PAGE, RANK + ROPE_DIM, device=dev, dtype=torch.bfloat16)
         table = torch.randperm(pages, device=dev, dtype=torch.int32).view(bsz, -1)
         lens = torch.full((bsz,), length, dtype=torch.int32, device=dev)
         q_lat = torch.randn(bsz, HEADS, RANK, device=dev, dtype=torch.bfloat16)
         q_pe = torch.randn(bsz, HEADS, ROPE_DIM, device=dev, dtype=torch.bfloat16)
 
-        def run():
-            return mla_decode.launch(q_lat, q_pe, cache, table, lens, scale, block_h=block_h, block_n=block_n,
-                                     num_warps=num_warps)
-
+        run = _op("mla_decode_paged", q_lat, q_pe, cache, table, lens, scale=scale, mode="decode", tiles=tiles)
         t = _bench(run)
         out = run()
-        kv = mla_decode.gather_pages(cache, table, length, 0)[None]
+        kv = cache[table[0].long()].reshape(-1, RANK + ROPE_DIM)[None, :length]
         want = ref.latent_attention(q_lat[:1, None], q_pe[:1, None], kv[..., :RANK], kv[..., RANK:], scale)[:, 0]
         nbytes = (cache.numel() * 2 + q_lat.numel() * 2 + q_pe.numel() * 2 + out.numel() * 2 + table.numel() * 4)
         ideal = nbytes / bw / 1e6
@@ -163,16 +175,15 @@ def bench_prefill(dev) -> None:
     """Causal prefill attention (q/k 192, v 128, 128 heads, 4096 tokens) vs torch SDPA."""
     import torch.nn.functional as F
 
-    from dsv3c.codegen.kernels import attention_prefill
-
     bsz, s, dqk, dv = 1, 4096, 192, 128
     q = torch.randn(bsz, s, HEADS, dqk, device=dev, dtype=torch.bfloat16)
     k = torch.randn(bsz, s, HEADS, dqk, device=dev, dtype=torch.bfloat16)
     v = torch.randn(bsz, s, HEADS, dv, device=dev, dtype=torch.bfloat16)
     scale = dqk**-0.5
     flops = 2 * bsz * HEADS * (s * (s + 1) // 2) * (dqk + dv)
-    t = _bench(lambda: attention_prefill.launch(q, k, v, scale))
-    out = attention_prefill.launch(q, k, v, scale)
+    attend = _op("mla_attention", q, k, v, scale=scale)
+    t = _bench(attend)
+    out = attend()
     qt, kt, vt = (z.transpose(1, 2) for z in (q, k, v))  # SDPA takes [B, H, S, d]; no copies
 
     label = "torch SDPA"
@@ -203,69 +214,74 @@ def _mem_row(kernel, shape, nbytes, triton_fn, base_label, base_fn, check) -> No
 def bench_rmsnorm(dev) -> None:
     """RMSNorm over 4096 x 7168 bf16 (and fused with 1x128 quantisation) vs torch eager."""
     from dsv3c.ops import fp8, ref
-    from dsv3c.codegen.kernels import rmsnorm
 
     m, n = 4096, HIDDEN
     x = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
     w = torch.randn(n, device=dev, dtype=torch.bfloat16)
-    _mem_row("rmsnorm", f"{m}x{n}", 4 * m * n + 2 * n, lambda: rmsnorm.launch(x, w, 1e-6), "torch eager ref",
-             lambda: ref.rms_norm(x, w, 1e-6), _check(rmsnorm.launch(x, w, 1e-6), ref.rms_norm(x, w, 1e-6), 1e-2))
-    q, _ = rmsnorm.launch_quant(x, w, 1e-6)
+    norm, norm_quant = _op("rms_norm", x, w, eps=1e-6), _op("rms_norm_quant", x, w, eps=1e-6)
+    _mem_row("rmsnorm", f"{m}x{n}", 4 * m * n + 2 * n, norm, "torch eager ref",
+             lambda: ref.rms_norm(x, w, 1e-6), _check(norm(), ref.rms_norm(x, w, 1e-6), 1e-2))
+    q, _ = norm_quant()
     want, _ = fp8.act_quant(ref.rms_norm(x, w, 1e-6))
     _mem_row("rmsnorm+act_quant", f"{m}x{n}", 3 * m * n + 2 * n + 4 * m * n // 128,
-             lambda: rmsnorm.launch_quant(x, w, 1e-6), "torch eager ref + act_quant",
+             norm_quant, "torch eager ref + act_quant",
              lambda: fp8.act_quant(ref.rms_norm(x, w, 1e-6)), _check(q.float(), want.float(), 0.07))
 
 
 def bench_rope(dev) -> None:
     """Interleaved RoPE on q_pe [1, 4096, 128, 64] bf16 vs torch eager."""
     from dsv3c.ops import ref
-    from dsv3c.codegen.kernels import rope
 
     s, d = 4096, ROPE_DIM
     x = torch.randn(1, s, HEADS, d, device=dev, dtype=torch.bfloat16)
     angle = torch.randn(1, s, d // 2, device=dev)
     cos, sin = angle.cos(), angle.sin()
-    _mem_row("rope", f"1x{s}x{HEADS}x{d}", 4 * s * HEADS * d + 8 * s * d // 2, lambda: rope.launch(x, cos, sin),
-             "torch eager ref", lambda: ref.rope(x, cos, sin),
-             _check(rope.launch(x, cos, sin), ref.rope(x, cos, sin), 1e-2))
+    rotate = _op("rope", x, cos, sin)
+    _mem_row("rope", f"1x{s}x{HEADS}x{d}", 4 * s * HEADS * d + 8 * s * d // 2, rotate,
+             "torch eager ref", lambda: ref.rope(x, cos, sin), _check(rotate(), ref.rope(x, cos, sin), 1e-2))
 
 
 def bench_swiglu(dev) -> None:
     """SwiGLU over the routed experts' rows [32768, 2048] bf16 (and fused with quantisation) vs torch eager."""
     from dsv3c.ops import fp8, ref
-    from dsv3c.codegen.kernels import swiglu
 
     m, f = 4096 * 8, EXPERT_WIDTH
     gate_up = torch.randn(m, 2 * f, device=dev, dtype=torch.bfloat16)
     g, u = gate_up[:, :f], gate_up[:, f:]
-    _mem_row("swiglu", f"{m}x{f}", 6 * m * f, lambda: swiglu.launch(g, u), "torch eager ref",
-             lambda: ref.swiglu(g, u), _check(swiglu.launch(g, u), ref.swiglu(g, u), 1e-2))
-    q, _ = swiglu.launch_quant(g, u)
+    glu, glu_quant = _op("swiglu", g, u), _op("swiglu_quant", g, u)
+    _mem_row("swiglu", f"{m}x{f}", 6 * m * f, glu, "torch eager ref",
+             lambda: ref.swiglu(g, u), _check(glu(), ref.swiglu(g, u), 1e-2))
+    q, _ = glu_quant()
     want, _ = fp8.act_quant(ref.swiglu(g, u))
-    _mem_row("swiglu+act_quant", f"{m}x{f}", 5 * m * f + 4 * m * f // 128, lambda: swiglu.launch_quant(g, u),
+    _mem_row("swiglu+act_quant", f"{m}x{f}", 5 * m * f + 4 * m * f // 128, glu_quant,
              "torch eager ref + act_quant", lambda: fp8.act_quant(ref.swiglu(g, u)),
              _check(q.float(), want.float(), 0.07))
 
 
 def bench_router(dev) -> None:
     """Router (FP32 GEMM in torch + Triton selection) on 4096 tokens x 256 experts vs torch eager ref.moe_gate."""
+    from dsv3c.codegen import lowering
     from dsv3c.ops import ref
-    from dsv3c.codegen.kernels import router
 
     t = 4096
     x = torch.randn(t, HIDDEN, device=dev, dtype=torch.bfloat16)
     w = torch.randn(EXPERTS, HIDDEN, device=dev, dtype=torch.bfloat16) * 0.01
     bias = torch.randn(EXPERTS, device=dev) * 0.01
     args = (8, 4, 8, True, 2.5)
-    got, want = router.moe_gate(x, w, bias, *args), ref.moe_gate(x, w, bias, *args)
+    routing = dict(zip(("n_group", "topk_group", "top_k", "norm_topk_prob", "scaling"), args))
+    call = lowering.call_spec("moe_gate", x, w, bias, target=TARGET, mode="prefill", **routing)
+    gate = lambda: lowering.run_call(call, x, w, bias)  # noqa: E731
+    got, want = gate(), ref.moe_gate(x, w, bias, *args)
     same = (got[1] == want[1]).float().mean().item()
     nbytes = 2 * t * HIDDEN + 2 * EXPERTS * HIDDEN + 12 * t * 8
-    _mem_row("router (gemm+select)", f"T{t} E{EXPERTS} D{HIDDEN}", nbytes, lambda: router.moe_gate(x, w, bias, *args),
+    _mem_row("router (gemm+select)", f"T{t} E{EXPERTS} D{HIDDEN}", nbytes, gate,
              "torch eager ref.moe_gate", lambda: ref.moe_gate(x, w, bias, *args), f"ids equal {same:.4f}")
     logits = x.float() @ w.float().t()
+    (select,) = call.kernels  # the selection kernel alone, on the runner's logits
+    ws_out = torch.empty(t, 8, device=dev)
+    ids_out = torch.empty(t, 8, dtype=torch.int64, device=dev)
     sel_bytes = 4 * t * EXPERTS + 12 * t * 8
-    t_ms = _bench(lambda: router.launch(logits, bias, *args))
+    t_ms = _bench(lambda: select.launch(logits_ptr=logits, bias_ptr=bias, w_ptr=ws_out, id_ptr=ids_out, scaling=2.5))
     _row("router (select only)", f"T{t} E{EXPERTS}", t_ms, sel_bytes / t_ms / 1e6, "GB/s", "-", t_ms,
          sel_bytes / t_ms / 1e6)
 

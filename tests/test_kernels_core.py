@@ -1,14 +1,17 @@
 """Core Triton kernels (norm, rope, swiglu, router, MLA decode, prefill attention) against dsv3c.ops.ref.
 
-Kernels run on the CPU under TRITON_INTERPRET=1 (tests/conftest.py) on drawn small shapes, ragged ones
-included. Tolerances:
+Every kernel runs the way lowering runs it: `dsv3c.codegen.lowering.run_op` specialises the op (or a kernel
+variant no op lowers to alone: rms_norm_quant, swiglu_quant, mla_decode_paged) for the tensors' shapes with
+the target's tiles (overridden per test where block sizes are drawn) and runs its runner, on the CPU under
+TRITON_INTERPRET=1 (tests/conftest.py), on drawn small shapes, ragged ones included. Tolerances:
 - rmsnorm, rope, swiglu: float32 within 1e-5 (reduction order); bfloat16 within one bf16 ulp (2^-7 rel.).
 - fused quantisation vs fp8.act_quant of the reference: scales within 1e-5 rel.; e4m3 values within one
   e4m3 step, at least 99 % bit-equal.
 - router: ids equal; weights within 1e-5 rel.
 - attention (decode, prefill): float32 within 1e-4; bfloat16 within 3e-2 abs./rel. (p is rounded to bf16
   before the p·V product, as on tensor cores).
-Plus one test compiling a specialisation of each kernel for sm_90a without a GPU and reading its PTX.
+Plus one test compiling a specialisation of each kernel (`lowering.aot_specs`) for sm_90a without a GPU
+and reading its PTX.
 """
 
 import json
@@ -23,8 +26,8 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from dsv3c.codegen.lowering import PAGE, aot_specs, run_op
 from dsv3c.ops import fp8, ref
-from dsv3c.codegen.kernels import attention_prefill, mla_decode, rmsnorm, rope, router, swiglu
 
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16])
 
@@ -56,7 +59,7 @@ def test_rmsnorm(rows, n, dtype, seed):
     g = _gen(seed)
     x = (torch.randn(rows, 2, n, generator=g) * 3).to(dtype)
     w = torch.randn(n, generator=g).to(dtype)
-    _close(rmsnorm.launch(x, w, 1e-6), ref.rms_norm(x, w, 1e-6), dtype)
+    _close(run_op("rms_norm", x, w, eps=1e-6), ref.rms_norm(x, w, 1e-6), dtype)
 
 
 @given(rows=st.integers(1, 5), n=st.integers(1, 600), dtype=DTYPES, pow2=st.booleans(), seed=st.integers(0, 2**16))
@@ -64,7 +67,7 @@ def test_rmsnorm_quant(rows, n, dtype, pow2, seed):
     g = _gen(seed)
     x = (torch.randn(rows, n, generator=g) * 3).to(dtype)
     w = torch.randn(n, generator=g).to(dtype)
-    q, s = rmsnorm.launch_quant(x, w, 1e-6, pow2_scale=pow2)
+    q, s = run_op("rms_norm_quant", x, w, eps=1e-6, pow2_scale=pow2)
     _fp8_close(q, s, *fp8.act_quant(ref.rms_norm(x, w, 1e-6), pow2_scale=pow2))
 
 
@@ -76,22 +79,28 @@ def test_rope(b, s, h, half, dtype, strided, seed):
     full = torch.randn(b, s, *heads, 2 * half + (8 if strided else 0), generator=g).to(dtype)
     x = full[..., 8:] if strided else full  # q_pe is the tail of each head's q: a strided view
     angle = torch.randn(b, s, half, generator=g) * 4
-    _close(rope.launch(x, angle.cos(), angle.sin()), ref.rope(x, angle.cos(), angle.sin()), dtype)
+    _close(run_op("rope", x, angle.cos(), angle.sin()), ref.rope(x, angle.cos(), angle.sin()), dtype)
 
 
 @given(m=st.integers(1, 9), f=st.integers(1, 700), dtype=DTYPES, seed=st.integers(0, 2**16))
 def test_swiglu(m, f, dtype, seed):
     gate_up = (torch.randn(m, 2 * f, generator=_gen(seed)) * 3).to(dtype)  # the fused GEMM output: two views
     gate, up = gate_up[:, :f], gate_up[:, f:]
-    _close(swiglu.launch(gate, up), ref.swiglu(gate, up), dtype)
+    _close(run_op("swiglu", gate, up), ref.swiglu(gate, up), dtype)
 
 
 @given(m=st.integers(1, 9), f=st.integers(1, 700), dtype=DTYPES, pow2=st.booleans(), seed=st.integers(0, 2**16))
 def test_swiglu_quant(m, f, dtype, pow2, seed):
     g = _gen(seed)
     gate, up = (torch.randn(2, m, f, generator=g) * 3).to(dtype)
-    q, s = swiglu.launch_quant(gate, up, pow2_scale=pow2)
+    q, s = run_op("swiglu_quant", gate, up, pow2_scale=pow2)
     _fp8_close(q, s, *fp8.act_quant(ref.swiglu(gate, up), pow2_scale=pow2))
+
+
+def _moe_gate(x, w, bias, n_group, topk_group, top_k, norm, scaling):
+    """The moe_gate op's lowering: the FP32 router GEMM in torch, then the Triton selection kernel."""
+    return run_op("moe_gate", x, w, bias, n_group=n_group, topk_group=topk_group, top_k=top_k,
+                  norm_topk_prob=norm, scaling=scaling)
 
 
 @st.composite
@@ -113,7 +122,7 @@ def test_router(t, cfg, norm, seed):
     biased = torch.sigmoid(x @ w.t()) + bias
     assume(all(row.unique().numel() == e for row in biased))  # distinct values: selection is well defined
     want_w, want_ids = ref.moe_gate(x, w, bias, n_group, topk_group, top_k, norm, 2.5)
-    got_w, got_ids = router.moe_gate(x, w, bias, n_group, topk_group, top_k, norm, 2.5)
+    got_w, got_ids = _moe_gate(x, w, bias, n_group, topk_group, top_k, norm, 2.5)
     assert got_ids.dtype == torch.int64 and torch.equal(got_ids, want_ids)
     torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-7)
 
@@ -122,16 +131,16 @@ def test_router_671b_shape():
     x, w = torch.randn(33, 64), torch.randn(256, 64) * 0.2
     bias = torch.randn(256) * 0.05
     want = ref.moe_gate(x, w, bias, 8, 4, 8, True, 2.5)
-    got = router.moe_gate(x, w, bias, 8, 4, 8, True, 2.5)
+    got = _moe_gate(x, w, bias, 8, 4, 8, True, 2.5)
     assert torch.equal(got[1], want[1])
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-7)
 
 
 def _paged(lens: list[int], width: int, dtype: torch.dtype, g: torch.Generator):
     """(kv_cache [pages, 64, width], block_table [B, max_blocks] int32) with pages scattered at random."""
-    per_seq = [math.ceil(n / mla_decode.PAGE) for n in lens]
+    per_seq = [math.ceil(n / PAGE) for n in lens]
     total = sum(per_seq) + 2
-    cache = torch.randn(total, mla_decode.PAGE, width, generator=g).to(dtype)
+    cache = torch.randn(total, PAGE, width, generator=g).to(dtype)
     order = torch.randperm(total, generator=g).to(torch.int32)
     table = torch.full((len(lens), max(per_seq)), -1, dtype=torch.int32)
     used = 0
@@ -141,18 +150,26 @@ def _paged(lens: list[int], width: int, dtype: torch.dtype, g: torch.Generator):
     return cache, table
 
 
+def _gather_pages(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int, b: int) -> torch.Tensor:
+    """Sequence b's first `length` cache rows [length, R + DR], gathered from its pages."""
+    pages = block_table[b, : math.ceil(length / PAGE)].long()
+    return kv_cache[pages].reshape(-1, kv_cache.shape[-1])[:length]
+
+
 def _check_decode(bsz, heads, rank, dr, lens, dtype, splits, block_h, seed):
-    """mla_decode.launch against ref.latent_attention (S = 1) on each sequence's gathered pages."""
+    """MLA decode over a scattered paged cache (the mla_decode_paged variant, NUM_SPLITS and BLOCK_H forced)
+    against ref.latent_attention (S = 1) on each sequence's gathered pages."""
     g = _gen(seed)
     cache, table = _paged(lens, rank + dr, dtype, g)
     q_lat = torch.randn(bsz, heads, rank, generator=g).to(dtype)
     q_pe = torch.randn(bsz, heads, dr, generator=g).to(dtype)
     scale = (rank + dr) ** -0.5
-    out = mla_decode.launch(q_lat, q_pe, cache, table, torch.tensor(lens, dtype=torch.int32), scale,
-                            num_splits=splits, block_h=block_h, block_n=32)
+    out = run_op("mla_decode_paged", q_lat, q_pe, cache, table, torch.tensor(lens, dtype=torch.int32),
+                 scale=scale, mode="decode", tiles={"mla_decode": {"NUM_SPLITS": splits, "BLOCK_H": block_h,
+                                                                   "BLOCK_N": 32}})
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for b, n in enumerate(lens):
-        kv = mla_decode.gather_pages(cache, table, n, b)[None]
+        kv = _gather_pages(cache, table, n, b)[None]
         want = ref.latent_attention(q_lat[b, None, None], q_pe[b, None, None], kv[..., :rank], kv[..., rank:], scale)
         torch.testing.assert_close(out[b].float(), want[0, 0].float(), rtol=tol, atol=tol)
 
@@ -169,13 +186,15 @@ def test_mla_decode_671b_dims():
 
 
 def _check_prefill(b, s, p, h, dqk, dv, dtype, block_m, block_n, seed):
-    """attention_prefill.launch against ref.mla_attention with a cached prefix of p keys."""
+    """The mla_attention op (prefill kernel, BLOCK_M x BLOCK_N forced) against ref.mla_attention with a cached
+    prefix of p keys."""
     g = _gen(seed)
     q = torch.randn(b, s, h, dqk, generator=g).to(dtype)
     k = torch.randn(b, p + s, h, dqk, generator=g).to(dtype)
     v = torch.randn(b, p + s, h, dv, generator=g).to(dtype)
     scale = dqk**-0.5
-    out = attention_prefill.launch(q, k, v, scale, block_m=block_m, block_n=block_n)
+    out = run_op("mla_attention", q, k, v, scale=scale,
+                 tiles={"attention_prefill": {"BLOCK_M": block_m, "BLOCK_N": block_n}})
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.float(), ref.mla_attention(q, k, v, scale).float(), rtol=tol, atol=tol)
 
@@ -192,16 +211,23 @@ def test_prefill_attention_671b_dims():
 
 
 def _specs():
-    """(label, AOTSpec, PTX must contain) for one small specialisation of every kernel here."""
+    """(label, AOTSpec, PTX must contain) for one small specialisation of every kernel here (671B widths)."""
+    bf, f32 = torch.bfloat16, torch.float32
+    norm = [((64, 7168), bf), ((7168,), bf)]
+    glu = [((64, 2048), bf)] * 2
+    gate = [((64, 7168), bf), ((256, 7168), bf), ((256,), f32)]
+    routing = dict(n_group=8, topk_group=4, top_k=8, norm_topk_prob=True, scaling=2.5)
+    latent = [((4, 1, 128, 512), bf), ((4, 1, 128, 64), bf), ((4, 4096, 512), bf), ((4, 4096, 64), bf)]
+    plain = [((1, 256, 128, 192), bf)] * 2 + [((1, 256, 128, 128), bf)]
     return [
-        ("rmsnorm", rmsnorm.aot_spec(rows=64), None),
-        ("rmsnorm_quant", rmsnorm.aot_spec(rows=64, quant=True), "cvt.rn.satfinite.e4m3x2"),
-        ("rope", rope.aot_spec(tokens=64), None),
-        ("swiglu", swiglu.aot_spec(m=64), None),
-        ("swiglu_quant", swiglu.aot_spec(m=64, quant=True), "cvt.rn.satfinite.e4m3x2"),
-        ("router", router.aot_spec(tokens=64), None),
-        ("mla_decode", mla_decode.aot_spec(batch=4), "mma"),
-        ("prefill_attention", attention_prefill.aot_spec(seq=256), "wgmma"),
+        ("rmsnorm", *aot_specs("rms_norm", norm, {"eps": 1e-6}), None),
+        ("rmsnorm_quant", *aot_specs("rms_norm_quant", norm, {"eps": 1e-6}), "cvt.rn.satfinite.e4m3x2"),
+        ("rope", *aot_specs("rope", [((1, 64, 128, 64), bf), ((1, 64, 32), f32), ((1, 64, 32), f32)]), None),
+        ("swiglu", *aot_specs("swiglu", glu), None),
+        ("swiglu_quant", *aot_specs("swiglu_quant", glu), "cvt.rn.satfinite.e4m3x2"),
+        ("router", *aot_specs("moe_gate", gate, routing), None),
+        ("mla_decode", aot_specs("latent_attention", latent, {"scale": 0.1352}, mode="decode")[0], "mma"),
+        ("prefill_attention", *aot_specs("mla_attention", plain, {"scale": 192**-0.5}), "wgmma"),
     ]
 
 

@@ -1,5 +1,23 @@
 """Lowering to Triton: the `dsv3.kernel_call` op, shape specialisations of the dsv3 ops, and their runners.
 
+This module is the one host-side path to every Triton kernel in `dsv3c.codegen.kernels` (those modules hold
+@triton.jit code only). Each lowered dsv3 op's record names a builder and a runner here
+(`Lowering("dsv3c.codegen.lowering:build_X", "...:run_X")`):
+- builder(ins, outs, attrs, tiles) -> (KernelSpecs, torch parts): shapes, dtypes, attributes and the target's
+  tile configs fixed into kernel specialisations (`k_*` make one KernelSpec each);
+- runner(call, *tensors) -> outputs: allocates, runs the torch parts and launches exactly the CallSpec's
+  kernels through `KernelSpec.launch`;
+- `KernelSpec.aot()` is the AOTSpec `kernel_build` compiles for sm_90a.
+Entry points for tests and benches, the same path as a lowered graph's kernel_call:
+- `run_op(op, *tensors, target="h800x2048", mode="prefill", tiles=None, **attrs)`: specialise for the
+  tensors (`call_spec`: attributes normalised and output specs taken from the op's fake impl, as lower_triton
+  does) and run the runner (`run_call`); `tiles={"fp8_gemm": {"BLOCK_M": 64}}` overrides the target's tile
+  table per family (`Tiles`);
+- `aot_specs(op, [(shape, dtype), ...], attrs, target, mode, tiles)`: the AOTSpecs of the op's KernelSpecs.
+Kernel variants no dsv3 op lowers to on its own (`VARIANTS`: rms_norm_quant, swiglu_quant,
+grouped_fp8_gemm, mla_decode_paged) have builder/runner pairs here too, built from the same `k_*` and launch
+helpers the ops use, so that tests and benches reach every kernel through `run_op`/`aot_specs`.
+
 The kernel-call op
     dsv3::kernel_call(str spec, Tensor[] args) -> Tensor[]
 replaces one dsv3 compute op node. `spec` names a `CallSpec` in this module's registry: the original op,
@@ -32,6 +50,7 @@ import hashlib
 import importlib
 import inspect
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +58,7 @@ from torch import Tensor
 
 import targets
 from dsv3c.ops import RECORDS, Cost, NotLowered, fp8, record_of
-from dsv3c.ops.record import define
+from dsv3c.ops.record import Lowering, define
 
 QUANT_BLOCK = 128
 PAGE = 64
@@ -62,15 +81,16 @@ GEMM_MIN_M = 64  # a Hopper warpgroup MMA (wgmma) is 64 rows: GEMM M tiles never
 
 
 def _clamp_block(cfg_block: int, dim: int, lo: int = 16) -> int:
-    """The target's block size, shrunk to the dim's next power of two (at least lo) when the dim is smaller."""
-    return max(lo, min(cfg_block, _p2(dim)))
+    """The target's block size, shrunk to the dim's next power of two (at least lo) when the dim is smaller.
+
+    The floor lo never exceeds the configured block itself: a tile override below it (tests' 16-row GEMM
+    tiles) is taken as given."""
+    return max(min(lo, cfg_block), min(cfg_block, _p2(dim)))
 
 
 def interpreting() -> bool:
-    """Whether Triton runs on its CPU interpreter."""
-    from dsv3c.codegen.kernels.common import interpreting as interp
-
-    return interp()
+    """Whether Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1): KernelSpec.launch sets EXACT."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ---- kernel specialisations --------------------------------------------------------------------------
@@ -241,7 +261,7 @@ def kernel_call(spec: str, args: list[Tensor]) -> list[Tensor]:
     call = get_spec(spec)
     call.check(args)
     with torch.no_grad():
-        outs = record_of(call.op).lowering.resolve("runner")(call, *args)
+        outs = lowering_of(call.op).resolve("runner")(call, *args)
     for o, (shape, dtype) in zip(outs, call.outputs, strict=True):
         assert tuple(o.shape) == shape and o.dtype == dtype, (call.id, o.shape, o.dtype, shape, dtype)
     return [o.contiguous() for o in outs]
@@ -284,22 +304,32 @@ def unlowered_reasons() -> dict:
 
 
 class Tiles:
-    """Tile configs of the target GPU for one mode, looked up once per family."""
+    """Tile configs of the target GPU for one mode, looked up once per family.
 
-    def __init__(self, target, mode: str):
+    `overrides` ({family: {key: value}}) replaces entries of the target's table for this lookup only, e.g.
+    {"fp8_gemm": {"BLOCK_M": 16, "BLOCK_N": 32}} (tests and benches of non-default tiles). Keys the table
+    lacks are allowed where a builder reads them: mla_decode's NUM_SPLITS (else derived from the SMs)."""
+
+    def __init__(self, target, mode: str, overrides: dict | None = None):
         self.target = target
         self.gpu = target.gpu if target is not None else targets.gpu_spec("h800")
         self.mode = mode
         self.sms = targets.compute_sms(target, mode) if target is not None else self.gpu.sms
+        unknown = set(overrides or ()) - set(targets.FAMILIES)
+        if unknown:
+            raise ValueError(f"tile overrides for unknown families {sorted(unknown)} (known: {targets.FAMILIES})")
+        self.overrides = {f: dict(c) for f, c in (overrides or {}).items()}
         self._memo: dict = {}
 
     def __call__(self, family: str) -> dict:
         if family not in self._memo:
-            self._memo[family] = targets.tile_config(self.gpu, family, self.mode)
+            self._memo[family] = {**targets.tile_config(self.gpu, family, self.mode),
+                                  **self.overrides.get(family, {})}
         return self._memo[family]
 
     def key(self) -> tuple:
-        return (self.gpu.name, self.gpu.arch, self.mode, self.sms)
+        over = tuple(sorted((f, tuple(sorted(c.items()))) for f, c in self.overrides.items()))
+        return (self.gpu.name, self.gpu.arch, self.mode, self.sms) + ((over,) if over else ())
 
 
 def _rows(shape) -> int:
@@ -314,6 +344,17 @@ def k_rmsnorm(rows: int, n: int, xd, wd, yd, tiles: Tiles) -> KernelSpec:
                   consts={"BLOCK_N": block, "EXACT": False}, cfg=cfg, grid=(rows,),
                   num_warps=max(1, min(cfg["num_warps"], block // 256)), shapes={"rows": rows, "N": n},
                   tag=f"rmsnorm_{rows}x{n}")
+
+
+def k_rmsnorm_quant(rows: int, n: int, xd, wd, pow2: bool, tiles: Tiles) -> KernelSpec:
+    cfg = tiles("rmsnorm")
+    block = max(QUANT_BLOCK, _p2(n))
+    return _kspec("dsv3c.codegen.kernels.rmsnorm:rmsnorm_quant_kernel",
+                  ptrs={"x_ptr": xd, "w_ptr": wd, "q_ptr": fp8.FP8, "s_ptr": torch.float32}, floats=("eps",),
+                  ints={"N": n, "stride_x": n, "stride_q": n, "stride_s": _cdiv(n, QUANT_BLOCK)},
+                  consts={"BLOCK_N": block, "POW2": bool(pow2), "EXACT": False}, cfg=cfg, grid=(rows,),
+                  num_warps=max(1, min(cfg["num_warps"], block // 256)), shapes={"rows": rows, "N": n},
+                  tag=f"rmsnorm_quant_{rows}x{n}" + ("_pow2" if pow2 else ""))
 
 
 def k_act_quant(m: int, k: int, xd, pow2: bool, tiles: Tiles) -> KernelSpec:
@@ -362,14 +403,15 @@ def k_swiglu(m: int, f: int, dt, tiles: Tiles) -> KernelSpec:
                   shapes={"M": m, "F": f}, tag=f"swiglu_{m}x{f}")
 
 
-def k_swiglu_quant(m: int, f: int, dt, tiles: Tiles) -> KernelSpec:
+def k_swiglu_quant(m: int, f: int, dt, tiles: Tiles, pow2: bool = False) -> KernelSpec:
     cfg = tiles("swiglu")
     bm, bf = _swiglu_blocks(m, f, True, cfg)
     ptrs = {"g_ptr": dt, "u_ptr": dt, "q_ptr": fp8.FP8, "s_ptr": torch.float32}
     return _kspec("dsv3c.codegen.kernels.swiglu:swiglu_quant_kernel", ptrs=ptrs,
                   ints={"M": m, "F": f, "sg": f, "su": f, "sq": f, "ss": _cdiv(f, QUANT_BLOCK)},
-                  consts={"BLOCK_M": bm, "BLOCK_F": bf, "POW2": False, "EXACT": False}, cfg=cfg,
-                  grid=(_cdiv(m, bm), _cdiv(f, bf)), shapes={"M": m, "F": f}, tag=f"swiglu_quant_{m}x{f}")
+                  consts={"BLOCK_M": bm, "BLOCK_F": bf, "POW2": bool(pow2), "EXACT": False}, cfg=cfg,
+                  grid=(_cdiv(m, bm), _cdiv(f, bf)), shapes={"M": m, "F": f},
+                  tag=f"swiglu_quant_{m}x{f}" + ("_pow2" if pow2 else ""))
 
 
 def build_rms_norm(ins, outs, attrs, tiles):
@@ -491,38 +533,42 @@ def _latent_dims(r: int, dr: int) -> tuple[int, int]:
     return max(16, _p2(r)), max(16, _p2(dr))
 
 
-def build_latent_attention(ins, outs, attrs, tiles):
+def _mla_kernels(rows: int, h: int, rp: int, drp: int, pps: int, max_len: int, qd, cd, shapes: dict, tag: str,
+                 tiles: Tiles) -> tuple:
+    """MLA decode over a paged cache: `rows` query rows of h heads, pps pages of PAGE tokens per row's table,
+    at most max_len keys a row, widths rp + drp (powers of two); plus the split combine when the context is
+    split (flash-decoding)."""
     from dsv3c.codegen.kernels.mla_decode import default_splits
 
-    (qs, qd), _, (cs, cd), _ = ins
-    b, s, h, r = qs
-    t, dr = cs[1], ins[3][0][-1]
-    rp, drp = _latent_dims(r, dr)
     cfg = tiles("mla_decode")
-    rows = b * s  # each query token is its own "sequence" whose length ends at its causal position
-    pps = _cdiv(t, PAGE)
     bh = max(16, min(cfg["BLOCK_H"], _p2(h)))
-    bn = max(16, min(cfg["BLOCK_N"], _p2(t), PAGE))
-    splits = default_splits(rows, h, pps * PAGE, bh, tiles.sms)
+    bn = max(16, min(cfg["BLOCK_N"], _p2(max_len), PAGE))
+    splits = int(cfg.get("NUM_SPLITS") or default_splits(rows, h, pps * PAGE, bh, tiles.sms))
     ptrs = {"ql_ptr": qd, "qp_ptr": qd, "kv_ptr": cd, "bt_ptr": torch.int32, "len_ptr": torch.int32, "o_ptr": qd,
             "part_ptr": torch.float32, "lse_ptr": torch.float32}
     ints = {"H": h, "sql_b": h * rp, "sql_h": rp, "sqp_b": h * drp, "sqp_h": drp, "s_page": PAGE * (rp + drp),
             "s_tok": rp + drp, "sbt_b": pps, "so_b": h * rp, "so_h": rp}
-    shapes = {"B": b, "S": s, "T": t, "H": h, "R": r, "Dr": dr}
     main = _kspec("dsv3c.codegen.kernels.mla_decode:mla_decode_kernel", ptrs=ptrs, floats=("sm_scale",), ints=ints,
                   consts=dict(R=rp, DR=drp, PAGE_SIZE=PAGE, BLOCK_H=bh, BLOCK_N=bn, NUM_SPLITS=splits, EXACT=False),
-                  cfg=cfg, grid=(rows, _cdiv(h, bh), splits), shapes=shapes, tag=f"mla_decode_{b}x{s}x{t}x{h}")
-    kernels = (main,)
-    if splits > 1:
-        kernels += (_kspec("dsv3c.codegen.kernels.mla_decode:mla_combine_kernel",
-                           ptrs={"part_ptr": torch.float32, "lse_ptr": torch.float32, "o_ptr": qd},
-                           ints={"H": h, "so_b": h * rp, "so_h": rp},
-                           consts=dict(R=rp, NUM_SPLITS=splits, BLOCK_S=_p2(splits), EXACT=False), cfg=cfg,
-                           grid=(rows * h,), num_warps=4, num_stages=1, shapes=shapes,
-                           tag=f"mla_combine_{b}x{s}x{t}x{h}"),)
+                  cfg=cfg, grid=(rows, _cdiv(h, bh), splits), shapes=shapes, tag=f"mla_decode_{tag}")
+    if splits == 1:
+        return (main,)
+    return (main, _kspec("dsv3c.codegen.kernels.mla_decode:mla_combine_kernel",
+                         ptrs={"part_ptr": torch.float32, "lse_ptr": torch.float32, "o_ptr": qd},
+                         ints={"H": h, "so_b": h * rp, "so_h": rp},
+                         consts=dict(R=rp, NUM_SPLITS=splits, BLOCK_S=_p2(splits), EXACT=False), cfg=cfg,
+                         grid=(rows * h,), num_warps=4, num_stages=1, shapes=shapes, tag=f"mla_combine_{tag}"))
+
+
+def build_latent_attention(ins, outs, attrs, tiles):
+    (qs, qd), _, (cs, cd), _ = ins
+    b, s, h, r = qs
+    t, dr = cs[1], ins[3][0][-1]
+    rp, drp = _latent_dims(r, dr)
+    # each query token is its own "sequence" whose length ends at its causal position
+    kernels = _mla_kernels(b * s, h, rp, drp, _cdiv(t, PAGE), t, qd, cd,
+                           {"B": b, "S": s, "T": t, "H": h, "R": r, "Dr": dr}, f"{b}x{s}x{t}x{h}", tiles)
     return kernels, ("paged_cache_copy",)
-
-
 
 
 # ---- runners: run a specialisation's kernels on real tensors -----------------------------------------
@@ -535,6 +581,15 @@ def _run_act_quant_rows(kq: KernelSpec, x2: Tensor) -> tuple[Tensor, Tensor]:
     if m and k:
         kq.launch(x_ptr=x2.contiguous(), y_ptr=q, s_ptr=s)
     return q, s
+
+
+def _run_swiglu_quant_rows(k: KernelSpec, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    m, f = gate.shape
+    hq = torch.empty(m, f, dtype=fp8.FP8, device=gate.device)
+    hs = torch.empty(m, _cdiv(f, QUANT_BLOCK), dtype=torch.float32, device=gate.device)
+    if hq.numel():
+        k.launch(g_ptr=gate.contiguous(), u_ptr=up.contiguous(), q_ptr=hq, s_ptr=hs)
+    return hq, hs
 
 
 def _run_gemm_rows(kg: KernelSpec, a: Tensor, a_s: Tensor, wq: Tensor, ws: Tensor) -> Tensor:
@@ -621,11 +676,7 @@ def _run_moe(call, x, ids, weights, packed):
     (gq, gs), (uq, us), (dq, ds) = packed
     gate = _grouped(kgu, aq, a_s, gq, gs, offsets)
     up = _grouped(kgu, aq, a_s, uq, us, offsets)
-    f = gate.shape[1]
-    hq = torch.empty(gate.shape, dtype=fp8.FP8, device=x.device)
-    hs = torch.empty(gate.shape[0], _cdiv(f, QUANT_BLOCK), dtype=torch.float32, device=x.device)
-    if hq.numel():
-        ksw.launch(g_ptr=gate.to(x.dtype), u_ptr=up.to(x.dtype), q_ptr=hq, s_ptr=hs)
+    hq, hs = _run_swiglu_quant_rows(ksw, gate.to(x.dtype), up.to(x.dtype))
     y = _grouped(kd, hq, hs, dq, ds, offsets)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # torch part: weighted_combine
     out.index_add_(0, tokens, y.float() * weights.reshape(-1)[order, None].float())
@@ -690,8 +741,24 @@ def run_mla_attention(call, q, k, v):
     return [o]
 
 
-def run_latent_attention(call, q_lat, q_pe, ckv, kpe):
+def _launch_mla(call, ql, qp, cache, table, lens) -> Tensor:
+    """o [rows, H, R] of MLA decode: query rows ql/qp against their pages of cache (table, lens per row)."""
     kernels = call.kernels
+    rows, h, rp = ql.shape
+    o = torch.empty(rows, h, rp, dtype=ql.dtype, device=ql.device)
+    splits = dict(kernels[0].constexprs)["NUM_SPLITS"]
+    part = torch.empty(rows, h, splits, rp, dtype=torch.float32, device=ql.device)
+    lse = torch.empty(rows, h, splits, dtype=torch.float32, device=ql.device)
+    if o.numel():
+        kernels[0].launch(ql_ptr=ql.contiguous(), qp_ptr=qp.contiguous(), kv_ptr=cache.contiguous(),
+                          bt_ptr=table.contiguous(), len_ptr=lens.contiguous(), o_ptr=o, part_ptr=part,
+                          lse_ptr=lse, sm_scale=float(call.attr("scale")))
+        if splits > 1:
+            kernels[1].launch(part_ptr=part, lse_ptr=lse, o_ptr=o)
+    return o
+
+
+def run_latent_attention(call, q_lat, q_pe, ckv, kpe):
     b, s, h, r = q_lat.shape
     t, dr = ckv.shape[1], kpe.shape[-1]
     rp, drp = _latent_dims(r, dr)
@@ -709,23 +776,95 @@ def run_latent_attention(call, q_lat, q_pe, ckv, kpe):
     table = (torch.arange(b, device=dev)[:, None] * pps + torch.arange(pps, device=dev)[None, :]).to(torch.int32)
     table = table.repeat_interleave(s, dim=0).contiguous()  # query (b, i) reads sequence b's pages
     lens = (t - s + 1 + torch.arange(s, device=dev)).repeat(b).to(torch.int32)  # causal: keys <= its position
-    o = torch.empty(b * s, h, rp, dtype=dt, device=dev)
-    splits = dict(kernels[0].constexprs)["NUM_SPLITS"]
-    part = torch.empty(b * s, h, splits, rp, dtype=torch.float32, device=dev)
-    lse = torch.empty(b * s, h, splits, dtype=torch.float32, device=dev)
-    kernels[0].launch(ql_ptr=ql, qp_ptr=qp, kv_ptr=cache, bt_ptr=table, len_ptr=lens, o_ptr=o, part_ptr=part,
-                      lse_ptr=lse, sm_scale=float(call.attr("scale")))
-    if splits > 1:
-        kernels[1].launch(part_ptr=part, lse_ptr=lse, o_ptr=o)
+    o = _launch_mla(call, ql, qp, cache, table, lens)
     return [o[..., :r].reshape(b, s, h, r)]
 
 
+# ---- kernel variants no dsv3 op lowers to on its own --------------------------------------------------
+#
+# The ops above compose these kernels (the MoE runner launches swiglu_quant and grouped_fp8_gemm between
+# others; latent_attention builds its own page table); these builder/runner pairs expose them alone, with
+# the same KernelSpec builders and launch helpers, for kernel tests and benches. They are not dsv3 ops: no
+# graph contains them and lowering never emits them. Each is specialised like an op (`specialise`, `run_op`).
+
+
+def build_rms_norm_quant(ins, outs, attrs, tiles):
+    """act_quant(rms_norm(x, w, eps)) in one kernel: x [..., N], w [N]; attrs eps, pow2_scale."""
+    (xs, xd), (_, wd) = ins
+    return (k_rmsnorm_quant(_rows(xs), xs[-1], xd, wd, attrs.get("pow2_scale", False), tiles),), ()
+
+
+def run_rms_norm_quant(call, x, w):
+    (k,) = call.kernels
+    n = x.shape[-1]
+    m = _rows(x.shape)
+    q = torch.empty(m, n, dtype=fp8.FP8, device=x.device)
+    s = torch.empty(m, _cdiv(n, QUANT_BLOCK), dtype=torch.float32, device=x.device)
+    if q.numel():
+        k.launch(x_ptr=x.reshape(-1, n).contiguous(), w_ptr=w.contiguous(), q_ptr=q, s_ptr=s,
+                 eps=float(call.attr("eps")))
+    return [q.reshape(x.shape), s.reshape(*x.shape[:-1], s.shape[-1])]
+
+
+def build_swiglu_quant(ins, outs, attrs, tiles):
+    """act_quant(swiglu(gate, up)) in one kernel (the MoE runner's middle step); attr pow2_scale."""
+    (gs, gd), _ = ins
+    return (k_swiglu_quant(_rows(gs), gs[-1], gd, tiles, attrs.get("pow2_scale", False)),), ()
+
+
+def run_swiglu_quant(call, gate, up):
+    (k,) = call.kernels
+    f = gate.shape[-1]
+    q, s = _run_swiglu_quant_rows(k, gate.reshape(-1, f), up.reshape(-1, f))
+    return [q.reshape(gate.shape), s.reshape(*gate.shape[:-1], s.shape[-1])]
+
+
+def build_grouped_fp8_gemm(ins, outs, attrs, tiles):
+    """Grouped FP8 GEMM of expert-sorted rows: a [T, K] e4m3, scales, w [E, N, K] e4m3, scales, offsets [E+1]."""
+    (as_, _), _, (ws, _), _, _ = ins
+    return (k_grouped(as_[0], ws[0], ws[1], as_[1], tiles),), ()
+
+
+def run_grouped_fp8_gemm(call, aq, a_s, wq, ws, offsets):
+    (k,) = call.kernels
+    return [_grouped(k, aq.contiguous(), a_s.contiguous(), wq, ws, offsets.to(torch.int32).contiguous())]
+
+
+def build_mla_decode_paged(ins, outs, attrs, tiles):
+    """MLA decode against a caller's paged cache: q_lat [B, H, R], q_pe [B, H, DR], kv_cache [P, 64, R + DR],
+    block_table [B, nb] int32, seq_lens [B] int32 (R, DR powers of two ≥ 16); attr scale."""
+    (qs, qd), (ps, _), (cs, cd), (bts, _), _ = ins
+    b, h, r = qs
+    dr, nb = ps[-1], bts[1]
+    if (r, dr) != _latent_dims(r, dr) or cs[1:] != (PAGE, r + dr):
+        raise ValueError(f"mla_decode_paged: widths {r} + {dr} must be powers of two >= 16 and the cache "
+                         f"[pages, {PAGE}, {r + dr}], got {cs}")
+    return _mla_kernels(b, h, r, dr, nb, nb * PAGE, qd, cd, {"B": b, "H": h, "pages": cs[0], "R": r, "Dr": dr},
+                        f"paged_{b}x{nb}x{h}", tiles), ()
+
+
+def run_mla_decode_paged(call, q_lat, q_pe, kv_cache, block_table, seq_lens):
+    return [_launch_mla(call, q_lat, q_pe, kv_cache, block_table, seq_lens)]
+
+
+VARIANTS = {name: Lowering(f"{__name__}:build_{name}", f"{__name__}:run_{name}")
+            for name in ("rms_norm_quant", "swiglu_quant", "grouped_fp8_gemm", "mla_decode_paged")}
+
+
+def lowering_of(op: str) -> Lowering:
+    """The builder/runner pair of a dsv3 op (its record) or of a kernel variant (VARIANTS)."""
+    if op in VARIANTS:
+        return VARIANTS[op]
+    lowering = record_of(op).lowering
+    if not isinstance(lowering, Lowering):
+        raise ValueError(f"dsv3 op {op!r} has no kernels: {lowering.reason}")
+    return lowering
 
 
 def specialise(op: str, ins: tuple, outs: tuple, attrs: tuple, tiles: Tiles) -> CallSpec | None:
     """The CallSpec of op at these input/output specs and attrs, registered under its content-hash id (None when
     the builder has no kernel for these attributes)."""
-    built = record_of(op).lowering.resolve("builder")(ins, outs, dict(attrs), tiles)
+    built = lowering_of(op).resolve("builder")(ins, outs, dict(attrs), tiles)
     if built is None:
         return None
     kernels, torch_parts = built
@@ -734,6 +873,83 @@ def specialise(op: str, ins: tuple, outs: tuple, attrs: tuple, tiles: Tiles) -> 
     if spec_id not in SPECS:
         SPECS[spec_id] = CallSpec(spec_id, op, attrs, ins, outs, tuple(kernels), tuple(torch_parts))
     return SPECS[spec_id]
+
+
+# ---- entry points: an op (or kernel variant) on tensors, or its AOT specs, the way lowering does it ----------
+
+DEFAULT_TARGET = "h800x2048"
+_REQUIRED = object()
+VARIANT_ATTRS = {"rms_norm_quant": {"eps": _REQUIRED, "pow2_scale": False}, "swiglu_quant": {"pow2_scale": False},
+                 "grouped_fp8_gemm": {}, "mla_decode_paged": {"scale": _REQUIRED}}
+
+
+def _normalised_attrs(op: str, n_tensors: int, attrs: dict) -> tuple:
+    """((name, value), ...) of op's non-tensor arguments in schema order, defaults filled in (as lower_triton)."""
+    if op in VARIANTS:
+        names, arity = VARIANT_ATTRS[op], None
+    else:
+        schema = getattr(torch.ops.dsv3, op).default._schema
+        names = {a.name: (a.default_value if a.has_default_value() else _REQUIRED)
+                 for a in schema.arguments if str(a.type) != "Tensor"}
+        arity = sum(str(a.type) == "Tensor" for a in schema.arguments)
+    if arity is not None and n_tensors != arity:
+        raise TypeError(f"{op}: takes {arity} tensors, got {n_tensors}")
+    unknown = set(attrs) - set(names)
+    missing = [n for n, d in names.items() if d is _REQUIRED and n not in attrs]
+    if unknown or missing:
+        raise TypeError(f"{op}: unknown attributes {sorted(unknown)}, missing {missing} (takes {list(names)})")
+    return tuple((n, attrs.get(n, d)) for n, d in names.items())
+
+
+def _output_specs(op: str, ins: tuple, attrs: tuple) -> tuple:
+    """((shape, dtype), ...) of op's results at these inputs, from its fake impl on meta tensors (() for variants)."""
+    if op in VARIANTS:
+        return ()
+    schema = getattr(torch.ops.dsv3, op).default._schema
+    metas = iter(torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in ins)
+    named = dict(attrs)
+    args = [named[a.name] if a.name in named else next(metas) for a in schema.arguments]
+    out = getattr(torch.ops.dsv3, op).default(*args)
+    return tuple((tuple(o.shape), o.dtype) for o in (out if isinstance(out, (tuple, list)) else (out,)))
+
+
+def call_spec(op: str, *inputs, target=DEFAULT_TARGET, mode: str = "prefill", tiles: dict | None = None,
+              **attrs) -> CallSpec:
+    """The CallSpec lowering makes for op (a dsv3 op or a VARIANTS name) at these inputs: tensors or
+    (shape, dtype) pairs, then the op's non-tensor arguments by name. `target` is a target name (or Target,
+    or None for a bare H800), `tiles` overrides the target's tile table per family (see `Tiles`)."""
+    ins = tuple((tuple(x.shape), x.dtype) if isinstance(x, Tensor) else (tuple(x[0]), x[1]) for x in inputs)
+    full = _normalised_attrs(op, len(ins), attrs)
+    tgt = targets.get_target(target) if target is not None else None
+    return specialise(op, ins, _output_specs(op, ins, full), full, Tiles(tgt, mode, tiles))
+
+
+def run_call(call: CallSpec, *tensors: Tensor):
+    """Run a CallSpec's kernels on tensors through its runner: one tensor, or a tuple for several results."""
+    call.check(tensors)
+    with torch.no_grad():
+        outs = lowering_of(call.op).resolve("runner")(call, *tensors)
+    for o, (shape, dtype) in zip(outs, call.outputs):
+        assert tuple(o.shape) == shape and o.dtype == dtype, (call.id, o.shape, o.dtype, shape, dtype)
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def run_op(op: str, *tensors: Tensor, target=DEFAULT_TARGET, mode: str = "prefill", tiles: dict | None = None,
+           **attrs):
+    """op on tensors as its lowered kernel_call runs it: specialised for the tensors' shapes and dtypes on
+    target/mode (tile overrides `tiles`), then its runner's Triton kernels (interpreted on CPU).
+
+        run_op("rms_norm", x, w, eps=1e-6)
+        run_op("fp8_gemm", xq, xs, wq, ws, out_dtype=torch.bfloat16, tiles={"fp8_gemm": {"BLOCK_M": 64}})
+    """
+    return run_call(call_spec(op, *tensors, target=target, mode=mode, tiles=tiles, **attrs), *tensors)
+
+
+def aot_specs(op: str, inputs, attrs: dict | None = None, target=DEFAULT_TARGET, mode: str = "prefill",
+              tiles: dict | None = None) -> list:
+    """The AOTSpecs (`KernelSpec.aot`, what kernel_build compiles) of op's kernels at inputs [(shape, dtype), ...]."""
+    call = call_spec(op, *inputs, target=target, mode=mode, tiles=tiles, **(attrs or {}))
+    return [k.aot() for k in call.kernels]
 
 
 def kernel_call_op():

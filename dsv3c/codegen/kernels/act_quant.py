@@ -5,16 +5,19 @@ scale = max(amax, 1e-4) / 448 (POW2: rounded up to a power of two), xq = e4m3(cl
 Divisions are correctly rounded (div_rn) so that the kernel matches the reference bit for bit.
 
 Triton's CPU interpreter mis-rounds float32 -> e4m3 (no carry into the exponent just below a
-power of two; triton-lang/triton#8322). Under the interpreter (constexpr EXACT, set by `launch`)
+power of two; triton-lang/triton#8322). Under the interpreter (constexpr EXACT, set by `KernelSpec.launch`)
 the values are first rounded to nearest-even on the e4m3 grid in float32, so the cast is exact;
 compiled kernels use the hardware's round-to-nearest-even conversion instead.
+
+Only the @triton.jit code lives here. Block sizes, grids, launch options and host tensors come from the
+code generator: its builder (`dsv3c.codegen.lowering`) makes the KernelSpecs, `KernelSpec.launch` runs
+them, `KernelSpec.aot` gives their AOTSpecs; `lowering.run_op` / `lowering.aot_specs` do it for one op.
 """
 
-import torch
 import triton
 import triton.language as tl
 
-from dsv3c.codegen.kernels.common import QUANT_BLOCK, TL_DTYPE, interpreting, round_e4m3
+from dsv3c.codegen.kernels.common import round_e4m3
 
 
 @triton.jit
@@ -38,35 +41,3 @@ def act_quant_kernel(x_ptr, y_ptr, s_ptr, M, K, BLOCK_M: tl.constexpr, BLOCK_K: 
         q = round_e4m3(q)
     tl.store(y_ptr + offs, q.to(tl.float8e4nv), mask=mask)
     tl.store(s_ptr + rows.to(tl.int64) * tl.cdiv(K, BLOCK_K) + pid_k, scale, mask=rows < M)
-
-
-def _block_m(m: int) -> int:
-    """Rows per program: a few rows of a small input, 32 otherwise."""
-    return min(32, triton.next_power_of_2(max(m, 1)))
-
-
-def launch(x: torch.Tensor, pow2_scale: bool = False, block_m: int | None = None):
-    """(xq e4m3 [..., K], scale float32 [..., ceil(K/128)]) = act_quant(x) on x's device."""
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k).contiguous()
-    m = x2.shape[0]
-    nkb = triton.cdiv(k, QUANT_BLOCK)
-    y = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty(m, nkb, dtype=torch.float32, device=x.device)
-    bm = block_m or _block_m(m)
-    if m and k:
-        act_quant_kernel[(triton.cdiv(m, bm), nkb)](
-            x2, y, s, m, k, BLOCK_M=bm, BLOCK_K=QUANT_BLOCK, POW2=pow2_scale, EXACT=interpreting(), num_warps=4)
-    return y.reshape(x.shape), s.reshape(*x.shape[:-1], nkb)
-
-
-def aot_spec(m: int = 4096, k: int = 7168, dtype: torch.dtype = torch.bfloat16, pow2_scale: bool = False):
-    """AOTSpec of act_quant on x [m, k] of `dtype` (the 671B hidden size by default), contiguous."""
-    from dsv3c.codegen.triton_aot import AOTSpec
-
-    bm = _block_m(m)
-    sig = {"x_ptr": f"*{TL_DTYPE[dtype]}", "y_ptr": "*fp8e4nv", "s_ptr": "*fp32", "M": "i32", "K": "i32"}
-    consts = {"BLOCK_M": bm, "BLOCK_K": QUANT_BLOCK, "POW2": pow2_scale, "EXACT": False}
-    div16 = ("x_ptr", "y_ptr", "s_ptr", "K") if k % 16 == 0 else ("x_ptr", "y_ptr", "s_ptr")
-    return AOTSpec(fn=act_quant_kernel, signature=sig, constexprs=consts, num_warps=4, num_stages=1,
-                   grid=(triton.cdiv(m, bm), triton.cdiv(k, QUANT_BLOCK), 1), divisible_by_16=div16)

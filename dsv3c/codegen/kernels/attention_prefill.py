@@ -7,14 +7,16 @@ A program owns BLOCK_M queries of one (sequence, head) and walks the key blocks 
 softmax in FP32 (base 2): first the blocks every query of the tile sees whole (no masking), then the
 diagonal blocks with the causal mask. The q/k head dim is split into two power-of-two chunks
 (192 = 128 + 64) so no tensor-core work is spent on padding; v's width is padded to a power of two.
+
+Only the @triton.jit code lives here. Block sizes, grids, launch options and host tensors come from the
+code generator: its builder (`dsv3c.codegen.lowering`) makes the KernelSpecs, `KernelSpec.launch` runs
+them, `KernelSpec.aot` gives their AOTSpecs; `lowering.run_op` / `lowering.aot_specs` do it for one op.
 """
 
-import torch
 import triton
 import triton.language as tl
 
-from dsv3c.codegen.kernels.common import TL_DTYPE, cast_out, interpreting, mma_operand
-
+from dsv3c.codegen.kernels.common import cast_out, mma_operand
 
 
 @triton.jit
@@ -101,56 +103,3 @@ def head_split(dqk: int) -> tuple[int, int]:
     da = max(16, 1 << (dqk.bit_length() - 1))
     rest = dqk - da
     return da, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
-
-
-def default_config(dqk: int) -> dict:
-    """Tile sizes and launch options for H800/H100 (bf16, dqk ≤ 256)."""
-    return dict(block_m=128, block_n=64 if dqk <= 256 else 32, num_warps=8, num_stages=2)
-
-
-def launch(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, block_m: int | None = None,
-    block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-) -> torch.Tensor:
-    """ref.mla_attention: o [B, S, H, DV] for q [B, S, H, DQK], k [B, T, H, DQK], v [B, T, H, DV], T ≥ S."""
-    bsz, s, h, dqk = q.shape
-    t, dv = k.shape[1], v.shape[-1]
-    assert dqk >= 16 and t >= s and k.shape == (bsz, t, h, dqk) and v.shape[:3] == (bsz, t, h)
-    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-    cfg = default_config(dqk)
-    block_m = block_m or cfg["block_m"]
-    block_n = block_n or cfg["block_n"]
-    o = torch.empty((bsz, s, h, dv), dtype=q.dtype, device=q.device)
-    if o.numel() == 0:
-        return o
-    da, db = head_split(dqk)
-    grid = (triton.cdiv(s, block_m), bsz * h)
-    prefill_attention_kernel[grid](
-        q, k, v, o, s, t, h, float(scale), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-        DQK=dqk, DV=dv, DA=da, DB=db, BLOCK_DV=max(16, triton.next_power_of_2(dv)), BLOCK_M=block_m,
-        BLOCK_N=block_n, EXACT=interpreting(), num_warps=num_warps or cfg["num_warps"],
-        num_stages=num_stages or cfg["num_stages"],
-    )
-    return o
-
-
-def aot_spec(batch: int = 1, seq: int = 4096, heads: int = 128, dqk: int = 192, dv: int = 128,
-             dtype: torch.dtype = torch.bfloat16, block_m: int | None = None, block_n: int | None = None,
-             num_warps: int | None = None, num_stages: int | None = None):
-    """AOTSpec of causal prefill attention for [batch, seq, heads] with the 671B head dims (192 / 128)."""
-    from dsv3c.codegen.triton_aot import AOTSpec
-
-    t = TL_DTYPE[dtype]
-    cfg = default_config(dqk)
-    block_m = block_m or cfg["block_m"]
-    da, db = head_split(dqk)
-    ptrs = ("q_ptr", "k_ptr", "v_ptr", "o_ptr")
-    sig = {p: f"*{t}" for p in ptrs}
-    sig.update({"S": "i32", "T": "i32", "H": "i32", "sm_scale": "fp32"})
-    strides = ("sqb", "sqs", "sqh", "skb", "skt", "skh", "svb", "svt", "svh", "sob", "sos", "soh")
-    sig.update({k: "i32" for k in strides})
-    consts = dict(DQK=dqk, DV=dv, DA=da, DB=db, BLOCK_DV=max(16, triton.next_power_of_2(dv)), BLOCK_M=block_m,
-                  BLOCK_N=block_n or cfg["block_n"], EXACT=False)
-    return AOTSpec(fn=prefill_attention_kernel, signature=sig, constexprs=consts,
-                   num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
-                   grid=(triton.cdiv(seq, block_m), batch * heads, 1), divisible_by_16=ptrs + strides)

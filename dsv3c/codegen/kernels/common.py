@@ -1,25 +1,13 @@
-"""Helpers shared by the kernel modules: interpreter detection and exact rounding for Triton's interpreter.
+"""Device helpers shared by the kernel modules: exact rounding for Triton's interpreter, FP8 tile quantisation.
 
 Triton's CPU interpreter truncates float32 → bfloat16, mis-rounds float32 → e4m3 just below a power of
 two (no carry into the exponent) and multiplies bf16 dot operands as raw bits. Under the interpreter
-(constexpr EXACT, set by each `launch`) values are first rounded to nearest-even on the target grid in
+(constexpr EXACT, set by `lowering.KernelSpec.launch`) values are first rounded to nearest-even on the target grid in
 float32, so the cast itself is exact; compiled kernels use the hardware conversions and skip that step.
 """
 
-import os
-
-import torch
 import triton
 import triton.language as tl
-
-QUANT_BLOCK = 128
-
-TL_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-
-def interpreting() -> bool:
-    """Whether Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit

@@ -8,15 +8,16 @@ is the promotion to FP32 every 128 elements of K. Ragged M, N, K are masked (zer
 
 Under the interpreter (constexpr EXACT) the FP32 result is rounded to nearest-even bf16 in
 float32 before the cast, because the interpreter truncates float32 -> bfloat16.
+
+Only the @triton.jit code lives here. Block sizes, grids, launch options and host tensors come from the
+code generator: its builder (`dsv3c.codegen.lowering`) makes the KernelSpecs, `KernelSpec.launch` runs
+them, `KernelSpec.aot` gives their AOTSpecs; `lowering.run_op` / `lowering.aot_specs` do it for one op.
 """
 
-import torch
 import triton
 import triton.language as tl
 
-from dsv3c.codegen.kernels.common import interpreting, round_bf16
-
-BLOCK_K = 128
+from dsv3c.codegen.kernels.common import round_bf16
 
 
 @triton.jit
@@ -65,42 +66,3 @@ def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, BLOCK_M: tl.co
     bs_ptrs = bs_ptr + (offs_n // BLOCK_K) * nkb
     acc = block_scaled_dot(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, mask_m, mask_n, K, nkb, BLOCK_M, BLOCK_N, BLOCK_K)
     store_bf16(c_ptr, acc, offs_m, offs_n, mask_m, mask_n, N, EXACT)
-
-
-def _tiles(m: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): 64-row tiles for few tokens, 128 otherwise."""
-    return (64, 128, 4, 4) if m <= 64 else (128, 128, 8, 3)
-
-
-def launch(xq, xs, wq, ws, block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
-    """y [..., N] bf16 = fp8_gemm(xq, xs, wq, ws) on the inputs' device."""
-    k = xq.shape[-1]
-    n = wq.shape[0]
-    a = xq.reshape(-1, k).contiguous()
-    a_s = xs.reshape(-1, xs.shape[-1]).contiguous()
-    m = a.shape[0]
-    bm, bn, warps, stages = _tiles(m)
-    bm, bn = block_m or bm, block_n or bn
-    c = torch.empty(m, n, dtype=torch.bfloat16, device=xq.device)
-    if m and n:
-        if k == 0:
-            c.zero_()
-        else:
-            fp8_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-                a, a_s, wq.contiguous(), ws.contiguous(), c, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K,
-                EXACT=interpreting(), num_warps=warps, num_stages=stages)
-    return c.reshape(*xq.shape[:-1], n)
-
-
-def aot_spec(m: int = 4096, n: int = 7168, k: int = 2048):
-    """AOTSpec of the FP8 GEMM [m, k]·[n, k]ᵀ -> [m, n] bf16 (an expert's down-projection shape by default)."""
-    from dsv3c.codegen.triton_aot import AOTSpec
-
-    bm, bn, warps, stages = _tiles(m)
-    sig = {"a_ptr": "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv", "bs_ptr": "*fp32", "c_ptr": "*bf16",
-           "M": "i32", "N": "i32", "K": "i32"}
-    consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": BLOCK_K, "EXACT": False}
-    div16 = ("a_ptr", "as_ptr", "b_ptr", "bs_ptr", "c_ptr") + tuple(
-        d for d, v in (("M", m), ("N", n), ("K", k)) if v % 16 == 0)
-    return AOTSpec(fn=fp8_gemm_kernel, signature=sig, constexprs=consts, num_warps=warps, num_stages=stages,
-                   grid=(triton.cdiv(m, bm), triton.cdiv(n, bn), 1), divisible_by_16=div16)

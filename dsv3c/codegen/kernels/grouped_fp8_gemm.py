@@ -7,14 +7,16 @@ ceil(K/128)]); y [T, N] bf16. Each expert's rows are cut into BLOCK_M-row tiles;
 computed in-kernel, so the launch needs no host sync of the counts) and computes one
 BLOCK_M x BLOCK_N tile with BLOCK_K = 128, promoting each 128-K dot to FP32 like `fp8_gemm`.
 The grid's M extent, cdiv(T, BLOCK_M) + min(E, T), bounds the tile count; spare programs do no work.
+
+Only the @triton.jit code lives here. Block sizes, grids, launch options and host tensors come from the
+code generator: its builder (`dsv3c.codegen.lowering`) makes the KernelSpecs, `KernelSpec.launch` runs
+them, `KernelSpec.aot` gives their AOTSpecs; `lowering.run_op` / `lowering.aot_specs` do it for one op.
 """
 
-import torch
 import triton
 import triton.language as tl
 
-from dsv3c.codegen.kernels.common import interpreting
-from dsv3c.codegen.kernels.fp8_gemm import BLOCK_K, block_scaled_dot, store_bf16
+from dsv3c.codegen.kernels.fp8_gemm import block_scaled_dot, store_bf16
 
 
 @triton.jit
@@ -48,41 +50,3 @@ def grouped_fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offsets_ptr, N,
     bs_ptrs = bs_ptr + (ex * tl.cdiv(N, BLOCK_K) + offs_n // BLOCK_K) * nkb
     acc = block_scaled_dot(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, mask_m, mask_n, K, k_iters, BLOCK_M, BLOCK_N, BLOCK_K)
     store_bf16(c_ptr, acc, offs_m, offs_n, mask_m, mask_n, N, EXACT)
-
-
-def _tiles(t: int, e: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): 64-row tiles when experts get few tokens each, else 128."""
-    return (64, 128, 4, 4) if t <= 64 * max(e, 1) else (128, 128, 8, 3)
-
-
-def launch(aq, a_scale, wq, ws, offsets, block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
-    """y [T, N] bf16 = grouped_fp8_gemm(aq, a_scale, wq, ws, offsets); rows outside offsets[0]:offsets[E] are 0."""
-    t, k = aq.shape
-    n_exp, n = wq.shape[0], wq.shape[1]
-    bm, bn, warps, stages = _tiles(t, n_exp)
-    bm, bn = block_m or bm, block_n or bn
-    c = torch.zeros(t, n, dtype=torch.bfloat16, device=aq.device)
-    if t and n and k and n_exp:
-        grid = (triton.cdiv(t, bm) + min(n_exp, t), triton.cdiv(n, bn))
-        grouped_fp8_gemm_kernel[grid](
-            aq.contiguous(), a_scale.contiguous(), wq.contiguous(), ws.contiguous(), c,
-            offsets.to(device=aq.device, dtype=torch.int32).contiguous(), n, k, n_exp, BLOCK_M=bm, BLOCK_N=bn,
-            BLOCK_K=BLOCK_K, E_POW2=triton.next_power_of_2(n_exp), EXACT=interpreting(), num_warps=warps,
-            num_stages=stages)
-    return c
-
-
-def aot_spec(t: int = 4096 * 8, experts: int = 256, n: int = 4096, k: int = 7168):
-    """AOTSpec of the grouped FP8 GEMM of t sorted tokens over `experts` weights [n, k] (671B gate_up by default)."""
-    from dsv3c.codegen.triton_aot import AOTSpec
-
-    bm, bn, warps, stages = _tiles(t, experts)
-    sig = {"a_ptr": "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv", "bs_ptr": "*fp32", "c_ptr": "*bf16",
-           "offsets_ptr": "*i32", "N": "i32", "K": "i32", "E": "i32"}
-    consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": BLOCK_K, "E_POW2": triton.next_power_of_2(experts),
-              "EXACT": False}
-    div16 = ("a_ptr", "as_ptr", "b_ptr", "bs_ptr", "c_ptr", "offsets_ptr") + tuple(
-        d for d, v in (("N", n), ("K", k)) if v % 16 == 0)
-    return AOTSpec(fn=grouped_fp8_gemm_kernel, signature=sig, constexprs=consts, num_warps=warps,
-                   num_stages=stages, grid=(triton.cdiv(t, bm) + min(experts, t), triton.cdiv(n, bn), 1),
-                   divisible_by_16=div16)

@@ -10,18 +10,16 @@ of the one latent head is loaded once and used by all BLOCK_H heads, both as key
 q_pe·k_peᵀ on tensor cores) and as values (p·c_kv). Softmax is online in FP32 (base 2). With more than
 one split (flash-decoding, for few sequences x long contexts) each split writes its normalised partial
 output and log-sum-exp, and a second kernel combines them.
+
+Only the @triton.jit code lives here. Block sizes, grids, launch options and host tensors come from the
+code generator: its builder (`dsv3c.codegen.lowering`) makes the KernelSpecs, `KernelSpec.launch` runs
+them, `KernelSpec.aot` gives their AOTSpecs; `lowering.run_op` / `lowering.aot_specs` do it for one op.
 """
 
-import math
-
-import torch
 import triton
 import triton.language as tl
 
-from dsv3c.codegen.kernels.common import TL_DTYPE, cast_out, interpreting, mma_operand
-
-PAGE = 64
-LOG2E = 1.4426950408889634
+from dsv3c.codegen.kernels.common import cast_out, mma_operand
 
 
 @triton.jit
@@ -109,70 +107,3 @@ def default_splits(batch: int, heads: int, max_len: int, block_h: int, sms: int 
     programs = batch * triton.cdiv(heads, block_h)
     want = triton.cdiv(2 * sms, programs)
     return max(1, min(want, triton.cdiv(max_len, 256), 32))
-
-
-def launch(
-    q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-    seq_lens: torch.Tensor, scale: float, num_splits: int | None = None, block_h: int = 32, block_n: int = 32,
-    num_warps: int = 8, num_stages: int = 2,
-) -> torch.Tensor:
-    """o_lat [B, H, R] for q_lat [B, H, R], q_pe [B, H, DR] against kv_cache [pages, 64, R + DR] (paged)."""
-    bsz, h, rank = q_lat.shape
-    dr = q_pe.shape[-1]
-    pages, page_size, width = kv_cache.shape
-    assert width == rank + dr and page_size % block_n == 0 and block_h >= 16 and block_n >= 16
-    assert rank == triton.next_power_of_2(rank) and dr == triton.next_power_of_2(dr) and min(rank, dr) >= 16
-    assert q_lat.stride(-1) == 1 and q_pe.stride(-1) == 1 and kv_cache.stride(-1) == 1
-    if num_splits is None:
-        num_splits = default_splits(bsz, h, block_table.shape[1] * page_size, block_h)
-    o = torch.empty((bsz, h, rank), dtype=q_lat.dtype, device=q_lat.device)
-    if num_splits > 1:
-        part = torch.empty((bsz, h, num_splits, rank), dtype=torch.float32, device=q_lat.device)
-        lse = torch.empty((bsz, h, num_splits), dtype=torch.float32, device=q_lat.device)
-    else:
-        part = lse = o  # unused
-    bt = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
-    grid = (bsz, triton.cdiv(h, block_h), num_splits)
-    mla_decode_kernel[grid](
-        q_lat, q_pe, kv_cache, bt, seq_lens, o, part, lse, h, float(scale),
-        q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), kv_cache.stride(0), kv_cache.stride(1),
-        bt.stride(0), o.stride(0), o.stride(1),
-        R=rank, DR=dr, PAGE_SIZE=page_size, BLOCK_H=block_h, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        EXACT=interpreting(), num_warps=num_warps, num_stages=num_stages,
-    )
-    if num_splits > 1:
-        mla_combine_kernel[(bsz * h,)](
-            part, lse, o, h, o.stride(0), o.stride(1), R=rank, NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), EXACT=interpreting(), num_warps=4,
-        )
-    return o
-
-
-def gather_pages(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int, b: int) -> torch.Tensor:
-    """Sequence b's first `length` cache rows [length, R + DR], gathered from its pages (for checks)."""
-    page_size = kv_cache.shape[1]
-    pages = block_table[b, : triton.cdiv(length, page_size)].long()
-    return kv_cache[pages].reshape(-1, kv_cache.shape[-1])[:length]
-
-
-def aot_spec(batch: int = 128, heads: int = 128, max_len: int = 4096, dtype: torch.dtype = torch.bfloat16,
-             num_splits: int = 1, block_h: int = 32, block_n: int = 32, num_warps: int = 8, num_stages: int = 2,
-             rank: int = 512, rope_dim: int = 64):
-    """AOTSpec of the paged MLA decode kernel (the 671B latent shapes: 128 heads, 512 + 64) for one batch size."""
-    from dsv3c.codegen.triton_aot import AOTSpec
-
-    t = TL_DTYPE[dtype]
-    sig = {"ql_ptr": f"*{t}", "qp_ptr": f"*{t}", "kv_ptr": f"*{t}", "bt_ptr": "*i32", "len_ptr": "*i32",
-           "o_ptr": f"*{t}", "part_ptr": "*fp32", "lse_ptr": "*fp32", "H": "i32", "sm_scale": "fp32"}
-    sig.update({k: "i32" for k in ("sql_b", "sql_h", "sqp_b", "sqp_h", "s_page", "s_tok", "sbt_b", "so_b", "so_h")})
-    consts = dict(R=rank, DR=rope_dim, PAGE_SIZE=PAGE, BLOCK_H=block_h, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-                  EXACT=False)
-    div16 = tuple(a for a in sig if a.endswith("_ptr") or (a.startswith("s") and a not in ("sm_scale", "sbt_b")))
-    return AOTSpec(fn=mla_decode_kernel, signature=sig, constexprs=consts, num_warps=num_warps,
-                   num_stages=num_stages, grid=(batch, triton.cdiv(heads, block_h), num_splits), divisible_by_16=div16)
-
-
-def softmax_scale(qk_head_dim: int = 192, mscale: float = 1.0, factor: float = 40.0) -> float:
-    """The 671B softmax scale: qk_head_dim^-0.5 · (0.1·mscale·ln(factor) + 1)² (about 0.1352)."""
-    m = 0.1 * mscale * math.log(factor) + 1.0
-    return qk_head_dim ** -0.5 * m * m

@@ -1,7 +1,7 @@
 """Sigmoid group-limited top-k router (DeepSeek-V3 `noaux_tc`) over router logits, one program per token block.
 
 Split of work: the router GEMM logits = x·W_gateᵀ ([T, 7168] x [7168, 256], FP32 as in ref.moe_gate) stays
-in torch (`moe_gate` below does it); the Triton kernel does everything after it, which is the part
+in torch (the moe_gate op's runner in `dsv3c.codegen.lowering` does it); the Triton kernel does everything after it, which is the part
 torch runs as a dozen small kernels: s = sigmoid(logits); s + b; per group the sum of its top-2 (s + b);
 keep the topk_group best groups; pick the top-k experts of the kept groups by (s + b); gather their
 plain s; normalise to sum 1 (optional; in log space, so underflowing scores keep their ratios);
@@ -11,9 +11,12 @@ Each selection is an iterated argmax, which takes the lowest index among exact t
 ref.moe_gate (lowest group / expert index wins), so the ids and their order equal the reference's.
 Experts are padded to a power of two; groups are contiguous slices of GROUP_SIZE experts and need
 not be a power of two.
+
+Only the @triton.jit code lives here. Block sizes, grids, launch options and host tensors come from the
+code generator: its builder (`dsv3c.codegen.lowering`) makes the KernelSpecs, `KernelSpec.launch` runs
+them, `KernelSpec.aot` gives their AOTSpecs; `lowering.run_op` / `lowering.aot_specs` do it for one op.
 """
 
-import torch
 import triton
 import triton.language as tl
 
@@ -86,55 +89,3 @@ def router_kernel(
     omask = rmask[:, None] & (kcols < TOP_K)[None, :]
     tl.store(w_ptr + r64 * stride_w + kcols[None, :], weights, mask=omask)
     tl.store(id_ptr + r64 * stride_i + kcols[None, :], ids.to(id_ptr.dtype.element_ty), mask=omask)
-
-
-def _meta(e: int, n_group: int, top_k: int) -> dict:
-    """The block constexprs for e experts in n_group groups picking top_k (a [BLOCK_T, BLOCK_E] tile of ~2K)."""
-    block_e = triton.next_power_of_2(e)
-    return dict(BLOCK_T=max(1, min(64, 2048 // block_e)), BLOCK_E=block_e,
-                BLOCK_G=triton.next_power_of_2(n_group), BLOCK_K=triton.next_power_of_2(top_k))
-
-
-def launch(
-    logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, top_k: int,
-    norm_topk_prob: bool, scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routing from router logits [T, E]: (weights [T, k] float32, ids [T, k] int64) as ref.moe_gate."""
-    t, e = logits.shape
-    assert e % n_group == 0 and topk_group <= n_group and top_k <= topk_group * (e // n_group)
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    weights = torch.empty((t, top_k), dtype=torch.float32, device=logits.device)
-    ids = torch.empty((t, top_k), dtype=torch.int64, device=logits.device)
-    meta = _meta(e, n_group, top_k)
-    if t:
-        router_kernel[(triton.cdiv(t, meta["BLOCK_T"]),)](
-            logits, bias.contiguous(), weights, ids, t, e, logits.stride(0), weights.stride(0), ids.stride(0),
-            float(scaling), N_GROUP=n_group, GROUP_SIZE=e // n_group, TOPK_GROUP=topk_group, TOP_K=top_k,
-            NORM=bool(norm_topk_prob), num_warps=4, **meta,
-        )
-    return weights, ids
-
-
-def moe_gate(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, top_k: int,
-    norm_topk_prob: bool, scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ref.moe_gate for tokens x [T, D]: the FP32 router GEMM in torch, then the Triton selection kernel."""
-    logits = x.float() @ weight.float().t()
-    return launch(logits, bias, n_group, topk_group, top_k, norm_topk_prob, scaling)
-
-
-def aot_spec(tokens: int = 4096, experts: int = 256, n_group: int = 8, topk_group: int = 4, top_k: int = 8,
-             norm_topk_prob: bool = True):
-    """AOTSpec of the router selection for [tokens, experts] float32 logits (the 671B routing by default)."""
-    from dsv3c.codegen.triton_aot import AOTSpec
-
-    meta = _meta(experts, n_group, top_k)
-    sig = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "w_ptr": "*fp32", "id_ptr": "*i64", "T": "i32", "E": "i32",
-           "stride_l": "i32", "stride_w": "i32", "stride_i": "i32", "scaling": "fp32"}
-    consts = dict(N_GROUP=n_group, GROUP_SIZE=experts // n_group, TOPK_GROUP=topk_group, TOP_K=top_k,
-                  NORM=norm_topk_prob, **meta)
-    div16 = ("logits_ptr", "bias_ptr", "w_ptr", "id_ptr") + (("stride_l",) if experts % 16 == 0 else ())
-    return AOTSpec(fn=router_kernel, signature=sig, constexprs=consts, num_warps=4, num_stages=1,
-                   grid=(triton.cdiv(tokens, meta["BLOCK_T"]), 1, 1), divisible_by_16=div16)
