@@ -14,6 +14,7 @@ from dsv3c import __version__
 from dsv3c.frontend.exporter import capture, check_shapes
 from dsv3c.cost.figures import model_figures
 from dsv3c.ir import Plan
+from dsv3c.layout import choose_layout
 from dsv3c.passmgr.dumps import Dumper
 from dsv3c.passmgr.pipeline import Printing, run_pipeline
 from dsv3c.report import build_plan, write_report
@@ -88,6 +89,8 @@ def compile_model(
     progress=None,
     repro: str = "",
     options: dict | None = None,
+    parallel: str | None = None,
+    expert_load=None,
 ) -> dict:
     """Compile cfg for target and mode; writes plan.json and report.txt (and kernels) to out; returns the plan."""
     tgt = targets.get_target(target)
@@ -98,6 +101,7 @@ def compile_model(
     if dump_mlir is not None and not 0 <= dump_mlir < cfg.num_hidden_layers:
         raise OptionError(f"--dump-mlir layer {dump_mlir} is out of range 0..{cfg.num_hidden_layers - 1}")
     check_shapes(cfg, mode, **shapes)  # reject impossible shapes before anything is written
+    layout = choose_layout(cfg, tgt, mode, parallel, expert_load)
     out = Path(out or f"build/{tgt.name}-{mode}")
     created = missing_parents(out)
     staging = prepare_output(out)
@@ -107,7 +111,8 @@ def compile_model(
         model = DeepseekV3(cfg, device="meta", dtype=torch.bfloat16)
         program = capture(cfg, mode, model=model, **shapes)
         stages["capture"] = time.perf_counter() - t0
-        ir_plan = Plan(program, tgt, options={**(options or {}), "out": str(staging)})
+        ir_plan = Plan(program, tgt, options={**(options or {}), "out": str(staging), "placement": layout.tables})
+        ir_plan.analyses.mesh = layout.mesh
         dumper = Dumper(dump_dir, dump_mlir) if dump_dir else None
         if dumper:
             settings = {"mode": mode, "target": tgt.name, **{k: v for k, v in shapes.items() if v}}
@@ -119,6 +124,8 @@ def compile_model(
         figures = model_figures(cfg, tgt, passes.REGISTRY)
         stages["model_figures"] = time.perf_counter() - t2
         plan = build_plan(__version__, parameter_counts(model), figures, ir_plan, records)
+        plan["parallel"] = layout.mesh.to_dict()
+        plan["experts"] = layout.placement_dict(cfg)
         if ir_plan.analyses.call_specs is not None:
             plan["program"] = save_program(ir_plan.program, ir_plan.analyses.call_specs, staging / PROGRAM_DIR)
         write_report(plan, staging)

@@ -284,7 +284,10 @@ def _check_complete(model: nn.Module, params: dict, filled: dict) -> None:
 
 @torch.no_grad()
 def load_checkpoint(model: nn.Module, path) -> dict:
-    """Copy an HF-layout safetensors checkpoint into model in place; returns {our fqn: (fp8, scale_inv)} as stored."""
+    """Copy an HF-layout safetensors checkpoint into model in place; returns {our fqn: (fp8, scale_inv)} as stored.
+
+    The same dict is kept as model.fp8_checkpoint (empty for a checkpoint without FP8 tensors).
+    """
     params = model.state_dict(keep_vars=True)
     if any(t.is_meta for t in params.values()):
         raise CheckpointError("model is on the meta device; build it on 'cpu' or 'cuda' to load weights")
@@ -310,6 +313,7 @@ def load_checkpoint(model: nn.Module, path) -> dict:
         if len(parts) == params[fqn].shape[0]:
             wq, s = zip(*(parts[e] for e in range(len(parts))))
             stored[fqn] = (torch.stack(wq), torch.stack(s))
+    model.fp8_checkpoint = stored  # read by capture, so fp8_quant runs on exactly these codes and scales
     return stored
 
 

@@ -8,7 +8,10 @@ from model_def.modules import Block, RMSNorm, RotaryEmbedding, linear
 
 
 class MTPModule(nn.Module):
-    """MTP depth k: h'_i = M_k [RMSNorm(h_i); RMSNorm(Emb(t_{i+k}))] → own block → shared head after own norm."""
+    """MTP depth k: h'_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h_i)] → own block → shared head after own norm.
+
+    h_i is the main model's output after its final norm (what the released weights were trained with).
+    """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, device=None):
         super().__init__()
@@ -19,7 +22,7 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)  # shared_head.norm
 
     def forward(self, h, next_emb, cos, sin, past, head):
-        """Logits for token i+k+1 from the main hidden state h_i and the embedding of token i+k."""
+        """Logits for token i+k+1 from the main model's normed hidden state h_i and the embedding of token i+k."""
         x = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(h)], dim=-1))
         x, entries = self.block(x, cos, sin, past)
         return head(self.norm(x)), entries
@@ -28,8 +31,10 @@ class MTPModule(nn.Module):
 class DeepseekV3(nn.Module):
     """The DeepSeek-V3 causal LM; on device 'meta' no weight is materialised."""
 
-    def __init__(self, cfg: ModelConfig, device="cpu", dtype: torch.dtype | None = None):
+    def __init__(self, cfg: ModelConfig, device=None, dtype: torch.dtype | None = None):
         super().__init__()
+        # no device: the default device, so `with torch.device("meta"): DeepseekV3(cfg)` builds on meta
+        device = torch.device(device) if device is not None else torch.get_default_device()
         self.cfg = cfg
         n = cfg.num_hidden_layers
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device)
@@ -38,7 +43,7 @@ class DeepseekV3(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
         self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, device)
         self.mtp = nn.ModuleList(MTPModule(cfg, n + k, device) for k in range(cfg.num_nextn_predict_layers))
-        if device != "meta":
+        if device.type != "meta":
             self.reset_parameters()
         if dtype is not None:
             self.to(dtype)
@@ -53,7 +58,7 @@ class DeepseekV3(nn.Module):
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+                p.copy_(torch.randn(p.shape, generator=gen, device="cpu") * std)  # CPU even in a device context
         for name, b in self.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.zero_()
@@ -73,7 +78,8 @@ class DeepseekV3(nn.Module):
         for i, layer in enumerate(self.layers):
             h, e = layer(h, cos, sin, None if past is None else past[i])
             entries.append(e)
-        logits = self.lm_head(self.norm(h))
+        h = self.norm(h)  # MTP reads the final norm's output, as transformers' and vLLM's DeepSeek MTP do
+        logits = self.lm_head(h)
         outs = [logits]
         if mtp and self.mtp:
             if past is None and not return_cache:

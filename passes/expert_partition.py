@@ -206,7 +206,8 @@ def _rewrite(program: Program, node: fx.Node, index: int, key: str, tables, ep: 
 def expert_partition(plan: Plan, opts: dict):
     """Partition every MoE layer's experts over the `ep` option's ranks; report placement and node-limit figures."""
     program = plan.program
-    ep = opts.get("ep", 1)
+    mesh = plan.analyses.mesh
+    ep = opts.get("ep", mesh.ep if mesh is not None else 1)
     if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
         raise PartitionError(f"ep must be a positive integer, got {ep!r}")
     gpn = opts.get("gpus_per_node") or plan.target.gpus_per_node

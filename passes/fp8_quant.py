@@ -1,9 +1,15 @@
 """fp8_quant: DeepSeek-V3's FP8 recipe — block-scaled E4M3 GEMMs where the precision policy says so.
 
 Prefill/decode: before each FP8 GEMM a `dsv3.act_quant` (1x128 tiles), the weight stored as E4M3 with
-one float32 scale per 128x128 block (the checkpoint's `weight_scale_inv`), and `dsv3.fp8_gemm`
+one float32 scale per 128x128 block, and `dsv3.fp8_gemm`
 (FP32 accumulation promoted every 128 of K). Training keeps master weights: `dsv3.fp8_linear`
 quantises in the op and runs Fprop, Dgrad and Wgrad in FP8.
+
+Weights loaded from an FP8 checkpoint keep the file's E4M3 codes and `weight_scale_inv` bit for bit:
+capture carries them in program.fp8_checkpoint (by fqn, with program.weight_fqns
+naming each placeholder's fqn); they are used while they still encode the weight exactly, otherwise
+(the weight was changed, or no checkpoint) the weight is quantised. Fused weights (mla_fuse's
+program.weight_segments) are assembled segment by segment.
 """
 
 import operator
@@ -47,9 +53,41 @@ def _quantised_weight(program: Program, cache: dict, node: fx.Node) -> tuple[fx.
             wq = torch.empty(w.shape, dtype=fp8.FP8, device="meta")
             ws = torch.empty(*lead, -(-n // 128), -(-k // 128), dtype=torch.float32, device="meta")
         else:
-            wq, ws = fp8.weight_quant(w)  # stacked experts [E, N, K] are quantised expert by expert
+            wq, ws = _codes(program, node.name, w)
         cache[node] = (program.add_weight(f"{node.name}_e4m3", wq), program.add_weight(f"{node.name}_scale_inv", ws))
     return cache[node]
+
+
+def _codes(program: Program, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E4M3, scale_inv) of weight placeholder `name`: the checkpoint's own, by segment when fused, else quantised."""
+    segments = program.weight_segments.get(name)
+    if segments:
+        return _segment_codes(program, w, segments)
+    return _stored_or_quantised(program, program.weight_fqns.get(name), w)
+
+
+def _stored_or_quantised(program: Program, fqn: str | None, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored (E4M3, scale_inv) of fqn when they still encode w exactly, else w quantised in 128x128 blocks."""
+    stored = program.fp8_checkpoint.get(fqn)
+    # a loaded weight equals its stored dequantisation cast to the model dtype, unless it was changed since
+    if stored is not None and torch.equal(fp8.weight_dequant(*stored).to(w.dtype), w):
+        return stored
+    return fp8.weight_quant(w)  # stacked experts [E, N, K] are quantised expert by expert
+
+
+def _segment_codes(program: Program, w: torch.Tensor, segments: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E4M3, scale_inv) of a fused weight, segment by segment (mla_fuse pads segments to whole blocks)."""
+    codes, scales, row = [], [], 0
+    for fqn, rows in segments:
+        part = w[row : row + rows]
+        row += rows
+        if fqn is None:  # zero padding: its rows lie in the previous segment's last block
+            codes.append(torch.zeros(part.shape, dtype=fp8.FP8))
+            continue
+        wq, ws = _stored_or_quantised(program, fqn, part)
+        codes.append(wq)
+        scales.append(ws)
+    return torch.cat(codes), torch.cat(scales)
 
 
 def _lower_linear(program: Program, node: fx.Node, cache: dict) -> None:

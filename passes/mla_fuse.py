@@ -1,7 +1,10 @@
 """mla_fuse: fuse the MLA down-projections, cache the latent, absorb the up-projections where cheaper.
 
 Per attention block (found by module path, e.g. 'layers.5.self_attn'):
-1. q_a_proj and kv_a_proj_with_mqa read the same x: one GEMM against [W^DQ; W^DKV,W^KR], then a split.
+1. q_a_proj and kv_a_proj_with_mqa read the same x: one GEMM against [W^DQ; 0; W^DKV,W^KR], then a split.
+   The zero rows pad W^DQ to whole 128-row blocks (none for V3's 1536), so FP8 blocks and scales stay
+   per segment and the FP8 GEMM's block indexing (scale row = output row // 128) needs no change;
+   program.weight_segments records each fused weight's (source fqn, rows) segments.
 2. Prefill/decode caches become latent: c^KV after its norm (r) and the RoPE key k^R (dr) per token.
 3. The cost model compares the plain form (up-project K and V for every key) with the absorbed form
    (q·W^UK against the latent cache, W^UV after attention) for the captured shapes and picks the cheaper.
@@ -18,6 +21,7 @@ import dsv3c.ops  # noqa: F401  (registers torch.ops.dsv3)
 from dsv3c.cost.mla import attention_form_costs, cheapest_buildable
 from dsv3c.ir import Plan, Program, module_path
 from dsv3c.ir.precision import resolve_policy
+from dsv3c.ops import fp8
 from dsv3c.ops.record import nbytes
 from passes.registry import Option, register
 
@@ -110,18 +114,28 @@ def _weight(program: Program, node: fx.Node) -> torch.Tensor:
 
 
 def _fuse_down_projections(program: Program, block: str, roles: dict) -> int:
-    """Replace q_a_proj and kv_a_proj_with_mqa (same input) by one GEMM and a split; 1 if done."""
+    """Replace q_a_proj and kv_a_proj_with_mqa (same input) by one GEMM and a split; 1 if done.
+
+    W^DQ is zero-padded to whole 128-row FP8 blocks, so a block-scaled quantisation of the fused
+    weight never shares a block (or a scale) between W^DQ and W^DKV: it equals quantising each alone.
+    """
     qa, kva = roles.get("q_a_proj"), roles.get("kv_a_proj_with_mqa")
     if qa is None or kva is None or qa.args[0] is not kva.args[0]:
         return 0
-    w = torch.cat([_weight(program, qa.args[1]), _weight(program, kva.args[1])], dim=0)
+    w_q, w_kv = _weight(program, qa.args[1]), _weight(program, kva.args[1])
+    pad = -w_q.shape[0] % fp8.BLOCK
+    w = torch.cat([w_q, w_q.new_zeros(pad, w_q.shape[1]), w_kv], dim=0)
     wnode = program.add_weight(block.replace(".", "_") + "_qkv_a_proj_weight", w)
+    fqns = program.weight_fqns
+    segments = [(fqns.get(qa.args[1].name), w_q.shape[0]), (None, pad), (fqns.get(kva.args[1].name), w_kv.shape[0])]
+    program.weight_segments[wnode.name] = segments
+    sizes = [w_q.shape[0], pad, w_kv.shape[0]] if pad else [w_q.shape[0], w_kv.shape[0]]
     with program.graph.inserting_before(qa):
         y = program.call(aten.linear.default, (qa.args[0], wnode), like=qa)
         y.meta["nn_module_stack"] = dict(list(qa.meta["nn_module_stack"].items())[:-1])
-        parts = program.call(aten.split_with_sizes.default, (y, [qa.meta["val"].shape[-1], kva.meta["val"].shape[-1]], -1), like=y)
+        parts = program.call(aten.split_with_sizes.default, (y, sizes, -1), like=y)
         q_part = program.call(operator.getitem, (parts, 0), like=y)
-        kv_part = program.call(operator.getitem, (parts, 1), like=y)
+        kv_part = program.call(operator.getitem, (parts, len(sizes) - 1), like=y)
     qa.replace_all_uses_with(q_part)
     kva.replace_all_uses_with(kv_part)
     return 1

@@ -72,7 +72,7 @@ def register(name: str, contract: str, adds=(), removes=(), reads=(), writes=(),
     return wrap
 
 
-DEFAULT_ORDER = ["dce", "mla_fuse", "fp8_quant", "cost", "lower_triton"]
+DEFAULT_ORDER = ["dce", "mla_fuse", "fp8_quant", "expert_partition", "cost", "lower_triton"]
 
 
 def default_pipeline() -> list[str]:

@@ -268,14 +268,16 @@ def kernel_call_cost(spec, args, out) -> Cost:
 define(kernel_call, cost=kernel_call_cost, lowering=NotLowered("is the lowered form: a Triton kernel launch"))
 
 
-def lowered_ops() -> frozenset:
-    """The dsv3 ops lower_triton replaces by kernel calls."""
-    return frozenset(name for name, r in RECORDS.items() if r.lowered)
+def lowered_ops(always: bool = False) -> frozenset:
+    """The dsv3 ops lower_triton replaces by kernel calls (with always, only those it replaces whatever their attributes)."""
+    return frozenset(name for name, r in RECORDS.items() if r.lowered and not (always and r.lowering.partial))
 
 
 def unlowered_reasons() -> dict:
     """The dsv3 ops that stay torch ops after lowering, with the reason (the kernel call itself excluded)."""
-    return {n: r.lowering.reason for n, r in RECORDS.items() if not r.lowered and n != "kernel_call"}
+    out = {n: r.lowering.reason for n, r in RECORDS.items() if not r.lowered and n != "kernel_call"}
+    out.update({n: r.lowering.partial for n, r in RECORDS.items() if r.lowered and r.lowering.partial})
+    return out
 
 
 # ---- per-op specialisation (builders) ----------------------------------------------------------------
@@ -445,6 +447,22 @@ def build_moe_experts_fp8_train(ins, outs, attrs, tiles):
     (xs, xd), (ids, _), _, (wg, _), *_ = ins
     e, f, d = wg
     return _moe_kernels(xs[0], ids[1], e, f, d, xd, tiles), ("weight_quant", "token_sort", "weighted_combine")
+
+
+def build_ep_experts(ins, outs, attrs, tiles):
+    """The received routes' experts on the grouped FP8 GEMMs (one route per row); None unless the GEMMs are FP8."""
+    if not attrs["fp8_gemms"]:
+        return None  # BF16 expert GEMMs: no kernel (as moe_experts), the op stays
+    (xs, xd), (tok, _), _, (wg, _), *_ = ins
+    s, f, d = wg
+    return _moe_kernels(tok[0], 1, s, f, d, xd, tiles), ("weight_quant", "route_sort", "route_gather")
+
+
+def build_ep_experts_fp8(ins, outs, attrs, tiles):
+    """As build_ep_experts over E4M3 local weights."""
+    (xs, xd), (tok, _), _, (gq, _), *_ = ins
+    s, f, d = gq
+    return _moe_kernels(tok[0], 1, s, f, d, xd, tiles), ("route_sort", "route_gather")
 
 
 def build_mla_attention(ins, outs, attrs, tiles):
@@ -621,6 +639,38 @@ def _grouped(k: KernelSpec, aq, a_s, wq, ws, offsets) -> Tensor:
     return c
 
 
+def _run_routes(call, x, tok, slot, packed):
+    """Per-route expert outputs: routes sorted by slot (padding, slot -1, last and left zero), grouped FP8 GEMMs."""
+    kq, kgu, ksw, kd = call.kernels
+    s = packed[0][0].shape[0]
+    key = torch.where(slot >= 0, slot, s)
+    order = torch.argsort(key, stable=True)  # torch part: route_sort
+    offsets = torch.zeros(s + 1, dtype=torch.int32, device=x.device)
+    offsets[1:] = torch.bincount(key, minlength=s + 1)[:s].cumsum(0).to(torch.int32)
+    rows = torch.where(slot[order] >= 0, tok[order], 0)  # torch part: route_gather
+    aq, a_s = _run_act_quant_rows(kq, x[rows])
+    (gq, gs), (uq, us), (dq, ds) = packed
+    gate = _grouped(kgu, aq, a_s, gq, gs, offsets)
+    up = _grouped(kgu, aq, a_s, uq, us, offsets)
+    hq = torch.empty(gate.shape, dtype=fp8.FP8, device=x.device)
+    hs = torch.empty(gate.shape[0], _cdiv(gate.shape[1], QUANT_BLOCK), dtype=torch.float32, device=x.device)
+    if hq.numel():
+        ksw.launch(g_ptr=gate.to(x.dtype), u_ptr=up.to(x.dtype), q_ptr=hq, s_ptr=hs)
+    y = _grouped(kd, hq, hs, dq, ds, offsets)
+    out = torch.zeros(y.shape, dtype=torch.bfloat16, device=x.device)
+    out[order] = y
+    return [out]
+
+
+def run_ep_experts(call, recv_x, recv_tok, recv_slot, w_gate, w_up, w_down):
+    packed = tuple(fp8.weight_quant(w) for w in (w_gate, w_up, w_down))  # torch part: weight_quant
+    return _run_routes(call, recv_x, recv_tok, recv_slot, packed)
+
+
+def run_ep_experts_fp8(call, recv_x, recv_tok, recv_slot, gq, gs, uq, us, dq, ds):
+    return _run_routes(call, recv_x, recv_tok, recv_slot, ((gq, gs), (uq, us), (dq, ds)))
+
+
 def run_moe_experts_fp8(call, x, ids, weights, gq, gs, uq, us, dq, ds):
     return _run_moe(call, x, ids, weights, ((gq, gs), (uq, us), (dq, ds)))
 
@@ -672,9 +722,13 @@ def run_latent_attention(call, q_lat, q_pe, ckv, kpe):
 
 
 
-def specialise(op: str, ins: tuple, outs: tuple, attrs: tuple, tiles: Tiles) -> CallSpec:
-    """The CallSpec of op at these input/output specs and attrs, registered under its content-hash id."""
-    kernels, torch_parts = record_of(op).lowering.resolve("builder")(ins, outs, dict(attrs), tiles)
+def specialise(op: str, ins: tuple, outs: tuple, attrs: tuple, tiles: Tiles) -> CallSpec | None:
+    """The CallSpec of op at these input/output specs and attrs, registered under its content-hash id (None when
+    the builder has no kernel for these attributes)."""
+    built = record_of(op).lowering.resolve("builder")(ins, outs, dict(attrs), tiles)
+    if built is None:
+        return None
+    kernels, torch_parts = built
     material = repr((op, ins, outs, attrs, tiles.key(), kernels))
     spec_id = f"{op}_{hashlib.sha1(material.encode()).hexdigest()[:12]}"
     if spec_id not in SPECS:

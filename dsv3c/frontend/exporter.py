@@ -76,13 +76,15 @@ def capture(
     args, kwargs, inputs = example_inputs(cfg, mode, batch, seq, kv_len, weight.device, weight.dtype)
     with torch.no_grad() if mode != "train" else torch.enable_grad():
         ep = torch.export.export(model, args, kwargs=kwargs, strict=False)
-    return _to_program(ep, cfg, mode, inputs, dict(batch=batch, seq=seq, kv_len=kv_len))
+    program = _to_program(ep, cfg, mode, inputs, dict(batch=batch, seq=seq, kv_len=kv_len))
+    program.fp8_checkpoint = dict(getattr(model, "fp8_checkpoint", {}))  # load_checkpoint's stored codes
+    return program
 
 
 def _to_program(ep, cfg: ModelConfig, mode: str, inputs: list[str], shapes: dict) -> Program:
     """Lift an ExportedProgram into a Program: weights by placeholder name, named user inputs/outputs."""
     gm = ep.graph_module
-    weights, user, constants = {}, [], []
+    weights, user, constants, fqns = {}, [], [], {}
     for spec in ep.graph_signature.input_specs:
         name = spec.arg.name
         if spec.kind == InputKind.USER_INPUT:
@@ -93,6 +95,7 @@ def _to_program(ep, cfg: ModelConfig, mode: str, inputs: list[str], shapes: dict
         else:  # parameters, buffers (non-persistent ones live in ep.constants) and lifted constants
             store = ep.state_dict if spec.target in ep.state_dict else ep.constants
             weights[name] = store[spec.target]
+            fqns[name] = spec.target
     renames = dict(zip(user, inputs, strict=True))
     for node in list(gm.graph.nodes):
         if node.op == "placeholder" and node.name in constants and not node.users:
@@ -101,4 +104,4 @@ def _to_program(ep, cfg: ModelConfig, mode: str, inputs: list[str], shapes: dict
             node.name = node.target = renames[node.name]
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    return Program(gm, weights, inputs, output_names(cfg, mode), mode, cfg, shapes)
+    return Program(gm, weights, inputs, output_names(cfg, mode), mode, cfg, shapes, weight_fqns=fqns)

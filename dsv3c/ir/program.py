@@ -6,7 +6,7 @@ knows what it was captured from (config, mode, shapes); everything passes comput
 Plan's typed analyses (dsv3c.ir.plan), not on the program.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx
@@ -25,6 +25,9 @@ class Program:
     cfg: object  # model_def.ModelConfig it was captured from
     shapes: dict  # batch, seq, kv_len of the capture
     ep: dict | None = None  # after expert_partition: how each EP rank binds its local expert weights
+    weight_fqns: dict = field(default_factory=dict)  # weight placeholder -> the model parameter it holds
+    weight_segments: dict = field(default_factory=dict)  # fused weight -> [(source fqn, rows), ...] it stacks
+    fp8_checkpoint: dict = field(default_factory=dict)  # fqn -> (E4M3 codes, scales) as stored in the checkpoint
 
     @property
     def graph(self) -> fx.Graph:

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from dsv3c.ops import fp8, ref
-from dsv3c.ops.record import Cost, NotLowered, define
+from dsv3c.ops.record import Cost, Lowering, NotLowered, define
 
 # ---- stages (pure functions shared by the ops and by simulate_ep) ---------------------------------
 
@@ -444,8 +444,10 @@ def _record_cost(fn):
 _COLLECTIVE = NotLowered("a collective: all_to_all_single on the EP process group (NCCL on GPUs), no Triton kernel")
 define(ep_dispatch, cost=_record_cost(cost_ep_dispatch), lowering=_COLLECTIVE,
        autograd=(_dispatch_backward, _dispatch_setup))
+_CODEGEN = "dsv3c.codegen.lowering"
 define(ep_experts, cost=_record_cost(cost_ep_experts), autograd=6,
-       lowering=NotLowered("no grouped-GEMM kernel over received routes yet; runs its torch reference"))
+       lowering=Lowering(f"{_CODEGEN}:build_ep_experts", f"{_CODEGEN}:run_ep_experts",
+                         partial="BF16 expert GEMMs (fp8_gemms false) have no grouped-GEMM kernel; they run as torch"))
 define(ep_experts_fp8, cost=_record_cost(cost_ep_experts_fp8),
-       lowering=NotLowered("no grouped FP8 GEMM over received routes yet; runs its torch reference"))
+       lowering=Lowering(f"{_CODEGEN}:build_ep_experts_fp8", f"{_CODEGEN}:run_ep_experts_fp8"))
 define(ep_combine, cost=_record_cost(cost_ep_combine), lowering=_COLLECTIVE, autograd=(_combine_backward, _combine_setup))

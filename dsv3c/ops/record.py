@@ -46,10 +46,14 @@ class Cost:
 
 @dataclass(frozen=True)
 class Lowering:
-    """How the code generator lowers an op: its builder and runner as 'module:function'."""
+    """How the code generator lowers an op: its builder and runner as 'module:function'.
+
+    partial: why the builder declines some attributes (it returns None and the op stays), or "" when it never does.
+    """
 
     builder: str
     runner: str
+    partial: str = ""
 
     def resolve(self, which: str) -> Callable:
         """The builder or runner function itself."""

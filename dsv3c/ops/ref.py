@@ -32,6 +32,21 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def topk_lowest_index(v: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest of v along the last dim, descending; among exact ties the lowest index first."""
+    # torch.topk leaves the order of ties unspecified; a stable descending sort keeps index order
+    return v.sort(dim=-1, descending=True, stable=True).indices[..., :k].contiguous()
+
+
+def normalised_sigmoid(logits: torch.Tensor) -> torch.Tensor:
+    """s_j / Σ s over the last dim for s = sigmoid(logits), in log space so underflowing scores keep their ratios."""
+    # s_j / Σ s = exp(ls_j - max ls) / Σ exp(ls - max ls), ls = log sigmoid: the largest term is 1, so the
+    # sum never vanishes even where sigmoid itself underflows (logits below about -88 in float32)
+    ls = F.logsigmoid(logits)
+    r = torch.exp(ls - ls.amax(-1, keepdim=True))
+    return r / r.sum(-1, keepdim=True)
+
+
 def moe_gate(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -42,20 +57,23 @@ def moe_gate(
     norm_topk_prob: bool,
     scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sigmoid group-limited routing: (weights g [T, k] float32, expert ids [T, k] int64) for tokens x [T, D]."""
-    scores = torch.sigmoid(x.float() @ weight.float().t())  # s_i,t in float32
+    """Sigmoid group-limited routing: (weights g [T, k] float32, expert ids [T, k] int64) for tokens x [T, D].
+
+    Tie rule (kept by the router kernel too): among exact ties of group scores or of s + b, the lowest
+    group / expert index wins, and ids are in descending (s + b) order, lower index first on ties.
+    """
+    logits = x.float() @ weight.float().t()
+    scores = torch.sigmoid(logits)  # s_i,t in float32
     biased = scores + bias.float()  # b_i steers selection only
     tokens, experts = biased.shape
     grouped = biased.view(tokens, n_group, experts // n_group)
     group_scores = grouped.topk(min(2, experts // n_group), dim=-1).values.sum(-1)
-    keep = group_scores.topk(topk_group, dim=-1).indices
+    keep = topk_lowest_index(group_scores, topk_group)
     group_mask = torch.zeros_like(group_scores).scatter(1, keep, 1.0).bool()
     expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(tokens, experts)
     choice = biased.masked_fill(~expert_mask, float("-inf"))
-    ids = choice.topk(top_k, dim=-1).indices
-    weights = scores.gather(1, ids)
-    if norm_topk_prob:
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    ids = topk_lowest_index(choice, top_k)
+    weights = normalised_sigmoid(logits.gather(1, ids)) if norm_topk_prob else scores.gather(1, ids)
     return weights * scaling, ids
 
 

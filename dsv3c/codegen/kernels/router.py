@@ -4,16 +4,27 @@ Split of work: the router GEMM logits = x·W_gateᵀ ([T, 7168] x [7168, 256], F
 in torch (`moe_gate` below does it); the Triton kernel does everything after it, which is the part
 torch runs as a dozen small kernels: s = sigmoid(logits); s + b; per group the sum of its top-2 (s + b);
 keep the topk_group best groups; pick the top-k experts of the kept groups by (s + b); gather their
-plain s; normalise to sum 1 (optional); multiply by the routed scaling factor.
+plain s; normalise to sum 1 (optional; in log space, so underflowing scores keep their ratios);
+multiply by the routed scaling factor.
 
-Each selection is an iterated argmax (lowest index on ties), so on distinct values the ids and their
-order equal torch.topk's (descending). Experts are padded to a power of two; groups are contiguous
-slices of GROUP_SIZE experts and need not be a power of two.
+Each selection is an iterated argmax, which takes the lowest index among exact ties: the tie rule of
+ref.moe_gate (lowest group / expert index wins), so the ids and their order equal the reference's.
+Experts are padded to a power of two; groups are contiguous slices of GROUP_SIZE experts and need
+not be a power of two.
 """
 
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _normalised_sigmoid(x, valid):
+    """s_j / Σ s per row over the valid columns for s = sigmoid(x), in log space like ref.normalised_sigmoid."""
+    ls = tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))  # log sigmoid, without overflow
+    ls = tl.where(valid[None, :], ls, float("-inf"))
+    r = tl.exp(ls - tl.max(ls, axis=1)[:, None])
+    return r / tl.sum(r, axis=1)[:, None]
 
 
 @triton.jit
@@ -50,7 +61,7 @@ def router_kernel(
     # keep the TOPK_GROUP best groups; experts outside them cannot be chosen
     keep = tl.zeros((BLOCK_T, BLOCK_E), tl.int1)
     for _ in tl.static_range(TOPK_GROUP):
-        gi = tl.argmax(gscore, axis=1)
+        gi = tl.argmax(gscore, axis=1, tie_break_left=True)
         keep = keep | (grp[None, :] == gi[:, None])
         gscore = tl.where(gcols[None, :] == gi[:, None], float("-inf"), gscore)
     choice = tl.where(keep & valid[None, :], biased, float("-inf"))
@@ -59,15 +70,17 @@ def router_kernel(
     kcols = tl.arange(0, BLOCK_K)
     ids = tl.zeros((BLOCK_T, BLOCK_K), tl.int32)
     weights = tl.zeros((BLOCK_T, BLOCK_K), tl.float32)
+    # normalised: log-sigmoid of the chosen logits, as ref.normalised_sigmoid (robust where sigmoid underflows)
+    picked = logits.to(tl.float32) if NORM else scores
     for j in tl.static_range(TOP_K):
-        ei = tl.argmax(choice, axis=1)
+        ei = tl.argmax(choice, axis=1, tie_break_left=True)
         hit = cols[None, :] == ei[:, None]
-        sj = tl.sum(tl.where(hit, scores, 0.0), axis=1)
+        sj = tl.sum(tl.where(hit, picked, 0.0), axis=1)
         ids = tl.where((kcols == j)[None, :], ei[:, None], ids)
         weights = tl.where((kcols == j)[None, :], sj[:, None], weights)
         choice = tl.where(hit, float("-inf"), choice)
     if NORM:
-        weights = weights / (tl.sum(weights, axis=1)[:, None] + 1e-20)
+        weights = _normalised_sigmoid(weights, kcols < TOP_K)
     weights = weights * scaling
 
     omask = rmask[:, None] & (kcols < TOP_K)[None, :]
