@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--passes", help="comma-separated pass list (see `dsv3c passes`)")
     c.add_argument("--out", help="output directory (default build/<target>-<mode>)")
     c.add_argument("--precision", metavar="C=DTYPE,...", help="override the FP8 policy, e.g. attention_proj=bf16")
+    c.add_argument("--parallel", default="auto", help="auto (train: search the layouts; default) or e.g. pp=16,ep=64")
+    c.add_argument("--schedule", choices=["1f1b", "zb1p", "dualpipev", "dualpipe"],
+                   help="train: pipeline schedule of the cost model (default: searched / dualpipe)")
+    c.add_argument("--micro-batches", type=_positive, help="train: micro-batches per step per pipeline")
+    c.add_argument("--global-batch", type=_positive, help="train: sequences per step (default 15360)")
+    c.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="sets",
+                   help="override a cost-model constant (repeatable), e.g. --set ib_GBps=40")
     c.add_argument("--dump-dir", help="write per-pass dumps here")
     c.add_argument("--dump-mlir", type=int, metavar="LAYER", help="also dump this layer as MLIR after each pass")
     c.add_argument("--print-after-all", action="store_true")
@@ -128,12 +135,26 @@ def cmd_compile(args, argv) -> int:
         cfg, target=args.target, mode=args.mode, out=args.out, batch=args.batch, seq=args.seq,
         kv_len=args.kv_len, pipeline=args.passes, dump_dir=args.dump_dir, dump_mlir=args.dump_mlir,
         printing=printing, progress=_progress if tty else None, repro=_repro(argv), options=options,
+        parallel=args.parallel, cost_options=_cost_options(args),
     )  # fmt: skip
     out = args.out or f"build/{plan['target']['name']}-{plan['mode']}"
     m = plan["model"]
     print(f"compiled {m['name']} for {plan['target']['name']} ({plan['mode']}): {len(plan['passes'])} passes, "
           f"{len(plan['kernels'])} kernels -> {out}/plan.json, {out}/report.txt")  # fmt: skip
     return 0
+
+
+def _cost_options(args) -> dict:
+    """The training cost model's options from compile's flags (--set checked here: one-line errors)."""
+    from dsv3c.cost.constants import ConstantError, Constants, parse_sets
+
+    try:
+        sets = parse_sets(args.sets)
+        Constants().with_overrides(sets)
+    except ConstantError as e:
+        raise UsageError(str(e)) from None
+    return {"schedule": args.schedule, "micro_batches": args.micro_batches, "seq": args.seq,
+            "global_batch": args.global_batch, "sets": sets}
 
 
 def _precision(text: str) -> dict:
@@ -290,6 +311,8 @@ def _user_errors() -> tuple:
     from dsv3c.frontend.exporter import CaptureError
     from dsv3c.driver import OptionError, OutputError
     from dsv3c.passmgr.dumpview import DumpError
+    from dsv3c.cost.constants import ConstantError
+    from dsv3c.cost.plan_cost import CostOptionError
     from dsv3c.schedules import ScheduleError
     from passes import PassSpecError
     from model_def import ConfigError
@@ -297,7 +320,7 @@ def _user_errors() -> tuple:
     from targets import TargetError
 
     return (UsageError, ConfigError, TargetError, CaptureError, CheckpointError, OutputError, OptionError, PassSpecError,
-            DumpError, ScheduleError)
+            DumpError, ScheduleError, ConstantError, CostOptionError)
 
 
 def main(argv=None) -> int:

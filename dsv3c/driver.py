@@ -17,6 +17,7 @@ from dsv3c.ir import Plan
 from dsv3c.layout import choose_layout
 from dsv3c.passmgr.dumps import Dumper
 from dsv3c.passmgr.pipeline import Printing, run_pipeline
+from dsv3c.cost.plan_cost import cost_plan
 from dsv3c.report import build_plan, write_report
 from dsv3c.runtime.artifact import PROGRAM_DIR, save_program
 from model_def import DeepseekV3, ModelConfig
@@ -74,6 +75,13 @@ def publish(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _cost_parallel(parallel, mesh):
+    """The cost model's layout: "auto" (search) unless --parallel named degrees, then the compiled mesh's."""
+    if not parallel or parallel == "auto":
+        return "auto"
+    return {"pp": mesh.pp, "ep": mesh.ep, "dp": mesh.dp, "tp": mesh.tp}
+
+
 def compile_model(
     cfg: ModelConfig,
     target: str,
@@ -91,6 +99,7 @@ def compile_model(
     options: dict | None = None,
     parallel: str | None = None,
     expert_load=None,
+    cost_options: dict | None = None,
 ) -> dict:
     """Compile cfg for target and mode; writes plan.json and report.txt (and kernels) to out; returns the plan."""
     tgt = targets.get_target(target)
@@ -126,6 +135,12 @@ def compile_model(
         plan = build_plan(__version__, parameter_counts(model), figures, ir_plan, records)
         plan["parallel"] = layout.mesh.to_dict()
         plan["experts"] = layout.placement_dict(cfg)
+        if mode == "train":
+            t3 = time.perf_counter()
+            plan.update(cost_plan(cfg, tgt, figures, {**(cost_options or {}), "out": staging,
+                                                       "parallel": _cost_parallel(parallel, layout.mesh),
+                                                       "policy": (options or {}).get("precision")}))
+            stages["cost_model"] = time.perf_counter() - t3
         if ir_plan.analyses.call_specs is not None:
             plan["program"] = save_program(ir_plan.program, ir_plan.analyses.call_specs, staging / PROGRAM_DIR)
         write_report(plan, staging)
