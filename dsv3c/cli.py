@@ -53,17 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--passes", help="comma-separated pass list (see `dsv3c passes`)")
     c.add_argument("--out", help="output directory (default build/<target>-<mode>)")
     c.add_argument("--precision", metavar="C=DTYPE,...", help="override the FP8 policy, e.g. attention_proj=bf16")
+    c.add_argument("--parallel", default="auto", help="auto (default; train: the fastest layout that fits, inference: "
+                   "DeepSeek-V3's unit) or degrees, e.g. pp=16,ep=64")
+    c.add_argument("--expert-load", metavar="FILE", help='expert load JSON {"layers": [[count, ...], ...]}: place '
+                   "redundant experts by it")
+    c.add_argument("--schedule", choices=["dualpipe", "dualpipev", "1f1b", "zb1p"], help="train: pipeline schedule")
+    c.add_argument("--micro-batches", type=_positive, help="train: micro-batches per step per pipeline")
+    c.add_argument("--global-batch", type=_positive, help="train: sequences per step (default 15360)")
+    c.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="sets",
+                   help="override a cost-model constant (repeatable), e.g. --set ib_GBps=40")
     c.add_argument("--dump-dir", help="write per-pass dumps here")
     c.add_argument("--dump-mlir", type=int, metavar="LAYER", help="also dump this layer as MLIR after each pass")
     c.add_argument("--print-after-all", action="store_true")
     c.add_argument("--print-after", action="append", default=[], metavar="PASS")
     c.add_argument("--print-after-change", action="store_true")
-    c.add_argument("--parallel", metavar="K=N,...", help="parallel degrees, e.g. pp=16,ep=64 (default: DeepSeek-V3's "
-                   "layout for the target and mode)")
-    c.add_argument("--expert-load", metavar="FILE", help='expert load JSON {"layers": [[count, ...], ...]}: place '
-                   "redundant experts by it")
-    c.add_argument("--schedule", choices=["dualpipe", "dualpipev", "1f1b", "zb1p"], help="pipeline schedule (train)")
-    c.add_argument("--micro-batches", type=_positive, help="micro-batches per pipeline step (train)")
 
     sub.add_parser("targets", help="list the named targets")
     sub.add_parser("passes", help="list the passes with their contracts, in default order")
@@ -158,7 +161,21 @@ def _compile(args, argv, cfg, options, printing) -> dict:
         kv_len=args.kv_len, pipeline=args.passes, dump_dir=args.dump_dir, dump_mlir=args.dump_mlir,
         printing=printing, progress=_progress if tty else _progress_lines, repro=_repro(argv), options=options,
         parallel=args.parallel, expert_load=args.expert_load, schedule=args.schedule, micro_batches=args.micro_batches,
+        cost_options=_cost_options(args),
     )  # fmt: skip
+
+
+def _cost_options(args) -> dict:
+    """The training cost model's options from compile's flags (--set checked here: one-line errors)."""
+    from dsv3c.cost.constants import ConstantError, Constants, parse_sets
+
+    try:
+        sets = parse_sets(args.sets)
+        Constants().with_overrides(sets)
+    except ConstantError as e:
+        raise UsageError(str(e)) from None
+    return {"schedule": args.schedule, "micro_batches": args.micro_batches, "seq": args.seq,
+            "global_batch": args.global_batch, "sets": sets}
 
 
 def _precision(text: str) -> dict:
@@ -328,6 +345,8 @@ def _user_errors() -> tuple:
     from dsv3c.driver import OptionError, OutputError
     from dsv3c.passmgr.dumpview import DumpError
     from dsv3c.eplb import PlacementError
+    from dsv3c.cost.constants import ConstantError
+    from dsv3c.cost.plan_cost import CostOptionError
     from dsv3c.schedules import ScheduleError
     from passes import PassSpecError
     from model_def import ConfigError
@@ -335,7 +354,7 @@ def _user_errors() -> tuple:
     from targets import TargetError
 
     return (UsageError, ConfigError, TargetError, CaptureError, CheckpointError, OutputError, OptionError, PassSpecError,
-            DumpError, ScheduleError, PlacementError)
+            DumpError, ScheduleError, PlacementError, ConstantError, CostOptionError)
 
 
 def main(argv=None) -> int:

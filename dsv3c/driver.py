@@ -18,6 +18,7 @@ from dsv3c.ir import Plan
 from dsv3c.layout import choose_layout
 from dsv3c.passmgr.dumps import Dumper
 from dsv3c.passmgr.pipeline import Printing, run_pipeline
+from dsv3c.cost import plan_cost
 from dsv3c.report import build_plan, write_report
 from dsv3c.runtime.artifact import PROGRAM_DIR, save_program
 from model_def import DeepseekV3, ModelConfig
@@ -102,6 +103,11 @@ def check_schedule(cfg, mode: str, pp: int, items: list) -> None:
         raise ScheduleError(f"{stages} pipeline stages for {cfg.num_hidden_layers} layers plus embedding and head")
 
 
+def _cost_parallel(mesh):
+    """The layout the cost model evaluates: the compiled mesh's degrees."""
+    return {"pp": mesh.pp, "ep": mesh.ep, "dp": mesh.dp, "tp": mesh.tp}
+
+
 def compile_model(
     cfg: ModelConfig,
     target: str,
@@ -121,6 +127,7 @@ def compile_model(
     expert_load=None,
     schedule: str | None = None,
     micro_batches: int | None = None,
+    cost_options: dict | None = None,
 ) -> dict:
     """Compile cfg for target and mode; writes plan.json and report.txt (and kernels) to out; returns the plan."""
     tgt = targets.get_target(target)
@@ -132,6 +139,20 @@ def compile_model(
     if dump_mlir is not None and not 0 <= dump_mlir < cfg.num_hidden_layers:
         raise OptionError(f"--dump-mlir layer {dump_mlir} is out of range 0..{cfg.num_hidden_layers - 1}")
     check_shapes(cfg, mode, **shapes)  # reject impossible shapes before anything is written
+    stages = {}
+    t2 = time.perf_counter()
+    figures = model_figures(cfg, tgt, passes.REGISTRY)
+    stages["model_figures"] = time.perf_counter() - t2
+    cost_opts = {**(cost_options or {}), "policy": (options or {}).get("precision"), "schedule": schedule,
+                 "micro_batches": micro_batches}
+    if mode == "train" and parallel in (None, "auto"):  # the fastest layout that fits decides the mesh
+        t3 = time.perf_counter()
+        chosen, cost_opts["search"] = plan_cost.choose_layout(cfg, tgt, figures, cost_opts)
+        stages["layout_search"] = time.perf_counter() - t3
+        parallel, cost_opts["chosen_by"] = f"pp={chosen.pp},ep={chosen.ep}", "auto"
+        cost_opts["schedule"], cost_opts["micro_batches"] = chosen.kind, chosen.micro_batches
+        if any(name == "pipeline_partition" for name, _ in items):
+            items = _with_schedule_options(items, mode, chosen.kind, chosen.micro_batches)
     layout = choose_layout(cfg, tgt, mode, parallel, expert_load)
     check_schedule(cfg, mode, layout.mesh.pp, items)
     out = Path(out or f"build/{tgt.name}-{mode}")
@@ -139,7 +160,6 @@ def compile_model(
     created = missing_parents(out)
     staging = prepare_output(out)
     try:
-        stages = {}
         t0 = time.perf_counter()
         model = DeepseekV3(cfg, device="meta", dtype=torch.bfloat16)
         program = capture(cfg, mode, model=model, **shapes)
@@ -153,12 +173,14 @@ def compile_model(
         t1 = time.perf_counter()
         records = run_pipeline(ir_plan, items, passes.REGISTRY, passes.CAPTURED_OPS, dumper, printing, progress, repro)
         stages["passes"] = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        figures = model_figures(cfg, tgt, passes.REGISTRY)
-        stages["model_figures"] = time.perf_counter() - t2
         plan = build_plan(__version__, parameter_counts(model), figures, ir_plan, records)
         plan["parallel"] = layout.mesh.to_dict()
         plan["experts"] = layout.placement_dict(cfg)
+        if mode == "train":
+            t3 = time.perf_counter()
+            plan.update(plan_cost.cost_plan(cfg, tgt, figures, {**cost_opts, "out": staging,
+                                                                 "parallel": _cost_parallel(layout.mesh)}))
+            stages["cost_model"] = time.perf_counter() - t3
         if ir_plan.analyses.call_specs is not None:
             plan["program"] = save_program(ir_plan.program, ir_plan.analyses.call_specs, staging / PROGRAM_DIR)
         write_report(plan, staging)

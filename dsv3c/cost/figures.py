@@ -74,6 +74,10 @@ def mode_figures(cfg: ModelConfig, mode: str, target, registry: dict, shapes: di
     out["model"] = model_flops(full, train) // tokens
     out["main"] = model_flops(main, train) // tokens
     out["hardware"] = hardware_flops(full) // tokens
+    if train:  # per-block costs for the training cost model (dsv3c.cost.train), at this micro-batch shape
+        from dsv3c.cost.blocks import blocks_from_per_layer
+
+        out["blocks"] = {"tokens": tokens, "seq": shapes["seq"], "blocks": blocks_from_per_layer(cfg, per_layer)}
     return out
 
 
@@ -101,4 +105,5 @@ def model_figures(cfg: ModelConfig, target, registry: dict) -> dict:
         "hardware_flops_per_token": {mode: f["hardware"] for mode, f in figures.items()},
         "kv_cache_bytes_per_token": {"naive": figures["decode"]["kv_naive"], "latent": figures["decode"]["kv_latent"]},
         "reference_shapes": REFERENCE_SHAPES,
+        "train_blocks": figures["train"].get("blocks"),
     }
