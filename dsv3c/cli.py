@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--micro-batches", type=_positive, help="with --pp: micro-batches per step (default 2*pp)")
     r.add_argument("--train", action="store_true", help="with --ranks: loss and gradients too (implied by --pp)")
     r.add_argument("--json", action="store_true", help="with --ranks/--pp: print one JSON object")
+    r.add_argument("--tokens", type=_positive, help="with --mode decode: greedy generation with and without MTP "
+                   "speculative decoding (prints tokens_equal, acceptance, steps)")
     r.add_argument("--expert-load-out", metavar="FILE", help="with --ep: write the observed expert load JSON")
 
     s = sub.add_parser("schedule", help="a pipeline schedule per rank with its simulated bubble and step")
@@ -195,6 +197,8 @@ def cmd_run(args, argv) -> int:
     """dsv3c run: exit 0 when the lowered graph's logits are within the FP8 tolerance (dsv3c.runtime.executor), else 1."""
     if args.pp:
         return _cmd_run_pipelined(args)
+    if args.tokens is not None:
+        return _run_speculative(args)
     if args.train and args.ranks is None and args.ep is None:
         raise UsageError("--train needs --ranks/--ep (expert-parallel) or --pp (pipelined)")
     import os
@@ -250,6 +254,26 @@ def _run_ep(args, cfg) -> int:
         print(f"ranks {result['ranks']} ep {result['ep']}: " + ", ".join(f"{k} {result[k]:.3g}" for k in keys if k in result)
               + (" ok" if result["ok"] else " OUT OF TOLERANCE"))  # fmt: skip
     return 0 if result["ok"] else 1
+
+
+def _run_speculative(args) -> int:
+    """dsv3c run --mode decode --tokens N: plain vs MTP-speculative greedy generation; exit 0 when the tokens agree."""
+    from dsv3c.runtime.speculative import SpecError, run_speculative
+
+    if args.mode != "decode":
+        raise UsageError("--tokens generates tokens: it needs --mode decode")
+    if args.ranks is not None or args.ep is not None or args.checkpoint:
+        raise UsageError("--tokens runs in one process on random weights: --ranks/--ep/--checkpoint do not apply yet")
+    try:
+        result = run_speculative(_load_config(args), args.tokens, seed=args.seed, prompt_len=args.seq or 8)
+    except SpecError as e:
+        raise UsageError(str(e)) from None
+    keys = ("tokens_equal", "acceptance", "steps_plain", "steps_speculative")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(", ".join(f"{k} {result[k]}" for k in keys))
+    return 0 if result["tokens_equal"] else 1
 
 
 def _cmd_run_pipelined(args) -> int:
