@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch", type=_positive)
     c.add_argument("--seq", type=_positive)
     c.add_argument("--kv-len", type=_positive)
+    c.add_argument("--mtp-acceptance", type=float, metavar="P",
+                   help="decode: MTP draft acceptance for the speculative-decoding speed-up (default 0.85)")
     c.add_argument("--passes", help="comma-separated pass list (see `dsv3c passes`)")
     c.add_argument("--out", help="output directory (default build/<target>-<mode>)")
     c.add_argument("--precision", metavar="C=DTYPE,...", help="override the FP8 policy, e.g. attention_proj=bf16")
@@ -130,6 +132,7 @@ def cmd_compile(args, argv) -> int:
         cfg, target=args.target, mode=args.mode, out=args.out, batch=args.batch, seq=args.seq,
         kv_len=args.kv_len, pipeline=args.passes, dump_dir=args.dump_dir, dump_mlir=args.dump_mlir,
         printing=printing, progress=_progress if tty else None, repro=_repro(argv), options=options,
+        inference=None if args.mtp_acceptance is None else {"mtp_acceptance": args.mtp_acceptance},
     )  # fmt: skip
     out = args.out or f"build/{plan['target']['name']}-{plan['mode']}"
     m = plan["model"]

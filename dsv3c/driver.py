@@ -73,6 +73,18 @@ def publish(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def inference_keys(cfg, tgt, mode: str, shapes: dict, inference: dict | None) -> dict:
+    """prefill/decode: the deployment unit (`parallel`) and its figures (`inference`); {} for train."""
+    from dsv3c.cost.inference import UnitError, inference_plan
+
+    if mode not in ("prefill", "decode"):
+        return {}
+    try:
+        return inference_plan(cfg, tgt, mode, shapes, inference)
+    except UnitError as e:
+        raise OptionError(str(e)) from None
+
+
 def compile_model(
     cfg: ModelConfig,
     target: str,
@@ -88,6 +100,7 @@ def compile_model(
     progress=None,
     repro: str = "",
     options: dict | None = None,
+    inference: dict | None = None,
 ) -> dict:
     """Compile cfg for target and mode; writes plan.json and report.txt (and kernels) to out; returns the plan."""
     tgt = targets.get_target(target)
@@ -98,6 +111,7 @@ def compile_model(
     if dump_mlir is not None and not 0 <= dump_mlir < cfg.num_hidden_layers:
         raise OptionError(f"--dump-mlir layer {dump_mlir} is out of range 0..{cfg.num_hidden_layers - 1}")
     check_shapes(cfg, mode, **shapes)  # reject impossible shapes before anything is written
+    extra = inference_keys(cfg, tgt, mode, shapes, inference)  # and impossible units or batches
     out = Path(out or f"build/{tgt.name}-{mode}")
     created = missing_parents(out)
     staging = prepare_output(out)
@@ -119,6 +133,9 @@ def compile_model(
         figures = model_figures(cfg, tgt, passes.REGISTRY)
         stages["model_figures"] = time.perf_counter() - t2
         plan = build_plan(__version__, parameter_counts(model), figures, ir_plan, records)
+        if extra:
+            plan.setdefault("parallel", extra["parallel"])  # unless the compile wrote its own mesh
+            plan["inference"] = extra["inference"]
         if ir_plan.analyses.call_specs is not None:
             plan["program"] = save_program(ir_plan.program, ir_plan.analyses.call_specs, staging / PROGRAM_DIR)
         write_report(plan, staging)

@@ -89,6 +89,10 @@ def report_text(plan: dict) -> str:
     if plan["kernels"]:
         rows = [[k["name"], k["op"], k["arch"], k["num_warps"], k["num_stages"], k["shared_bytes"]] for k in plan["kernels"]]
         sections.append(("Kernels", rows, ["kernel", "op", "arch", "warps", "stages", "shared bytes"]))
+    if "inference" in plan:
+        from dsv3c.cost.inference import report_sections
+
+        sections += report_sections(plan["inference"])
     parts = [f"dsv3c {plan['dsv3c_version']} — {m['name']} for {plan['target']['name']}\n"]
     for title, rows, *headers in sections:
         parts.append(f"{title}\n{tabulate(rows, headers=headers[0] if headers else (), disable_numparse=True)}\n")

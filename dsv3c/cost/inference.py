@@ -555,3 +555,68 @@ def inference_plan(cfg, target, mode: str, shapes: dict, options: dict | None = 
             out["mtp"] = mtp_speedup(cfg, target, unit, batch, context, c)
     out["constants"] = constants_table(c)
     return {"parallel": unit.to_dict(), "inference": out}
+
+
+# ---- report.txt -----------------------------------------------------------------------------------------------------------
+
+
+def _us(s: float) -> str:
+    return f"{s * 1e6:,.1f} us" if s < 1e-2 else f"{s * 1e3:,.2f} ms"
+
+
+def _mb(b: float) -> str:
+    return f"{b / 1e6:,.2f} MB"
+
+
+def report_sections(inf: dict) -> list[tuple]:
+    """report.txt sections (title, rows[, headers]) for plan.json's `inference`."""
+    u, cap = inf["unit"], inf["kv_capacity"]
+    secs = [("Inference unit", [["layout", u["layout"]], ["GPUs / nodes", f"{u['gpus']} / {u['nodes']}"],
+                                ["micro-batches (overlapped)", u["micro_batches"]]])]
+    if "ttft_seconds" in inf:
+        rows = [["prompt", f"{inf['prompt_tokens']:,} tokens x {inf['prompts_per_dp_group']} per DP group"],
+                ["time to first token", _us(inf["ttft_seconds"])],
+                ["prefill tokens/s per GPU", f"{inf['tokens_per_gpu_per_second']:,.0f}"]]
+        rows += [[k.replace("_seconds", "").replace("_", " ") + " (time)", _us(v)] for k, v in inf["split_seconds"].items()]
+        rows.append(["communication alone (bound)", _us(inf["communication_bound_seconds"])])
+        secs.append(("Prefill (roofline)", rows))
+        m = inf["communication_per_micro_batch"]["moe_block"]
+        rows = [[p, _mb(m[p]["ib_bytes"]), _mb(m[p]["nvlink_bytes"]), _us(m[p]["seconds"])] for p in ("dispatch", "combine")]
+        tp = inf["communication_per_micro_batch"]["tp_per_block"]
+        rows.append(["TP all-gather + reduce-scatter", "0", _mb(tp["nvlink_bytes"]), _us(tp["seconds"])])
+        secs.append((f"Communication per micro-batch per MoE block per GPU ({inf['tokens_per_gpu_per_micro_batch']:,.0f} "
+                     "tokens, two-hop)", rows, ["phase", "IB", "NVLink", "time"]))
+    else:
+        rows = [["batch per GPU / context", f"{inf['batch_per_gpu']:g} / {inf['context']:,} tokens"],
+                ["TPOT", _us(inf["tpot_seconds"])], ["tokens/s per GPU", f"{inf['tokens_per_gpu_per_second']:,.0f}"]]
+        rows += [[k.replace("_seconds", "").replace("_", " ") + " (time per step)", _us(v)] for k, v in inf["split_seconds"].items()]
+        rows.append(["communication alone (bound per step)", _us(inf["communication_bound_seconds"])])
+        rows.append(["tokens/s per GPU, communication bound", f"{inf['communication_bound_tokens_per_gpu_per_second']:,.0f}"])
+        secs.append(("Decode (roofline)", rows))
+        per = inf["per_layer_seconds"]
+        secs.append(("Decode time per layer (both micro-batches)",
+                     [[k, _us(v["compute_seconds"]), _us(v["memory_seconds"]), _us(v["exposed_communication_seconds"]),
+                       _us(v["seconds"])] for k, v in per.items() if isinstance(v, dict)],
+                     ["block", "compute", "memory", "exposed comm", "total"]))
+        m = inf["communication_per_micro_batch"]["moe"]
+        secs.append(("Communication per micro-batch per MoE block per GPU (low-latency, direct IB)",
+                     [[p, _mb(m[p]["ib_bytes"]), _us(m[p]["seconds"])] for p in ("dispatch", "combine")],
+                     ["phase", "IB", "time"]))
+        if "mtp" in inf:
+            t = inf["mtp"]
+            secs.append(("MTP speculative decoding", [
+                ["acceptance", f"{t['acceptance']:g} ({t['acceptance_source']})"],
+                ["tokens per step", f"{t['tokens_per_step']:g}"], ["step cost ratio", f"{t['step_cost_ratio']:.3f}"],
+                ["TPOT with MTP", _us(t["tpot_seconds"])],
+                ["tokens/s per GPU with MTP", f"{t['tokens_per_gpu_per_second']:,.0f}"],
+                ["speed-up", f"{t['speedup']:.3f}x"]]))
+    secs.append(("KV cache capacity per GPU", [
+        ["HBM", _mb(cap["hbm_bytes"])], ["weights", _mb(cap["weight_bytes"])],
+        ["buffers + reserved", _mb(cap["buffer_bytes"] + cap["reserved_bytes"])], ["left for the cache", _mb(cap["kv_free_bytes"])],
+        ["latent cache per token", f"{cap['kv_bytes_per_token']:,} B"], ["layout", cap["latent_cache"]],
+        ["tokens per GPU", f"{cap['tokens_per_gpu']:,}"],
+        [f"sequences of {cap['context']:,} per DP group", f"{cap['sequences_per_dp_group']:,}"],
+        [f"sequences of {cap['context']:,} per GPU", f"{cap['sequences_per_gpu']:g}"]]))
+    secs.append(("Inference constants", [[k, f"{v['value']:.6g}", v["source"]] for k, v in inf["constants"].items()],
+                 ["constant", "value", "source"]))
+    return secs
