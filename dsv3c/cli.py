@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch", type=_positive)
     c.add_argument("--seq", type=_positive)
     c.add_argument("--kv-len", type=_positive)
+    c.add_argument("--mtp-acceptance", type=float, metavar="P",
+                   help="decode: MTP draft acceptance for the speculative-decoding speed-up (default 0.85)")
     c.add_argument("--passes", help="comma-separated pass list (see `dsv3c passes`)")
     c.add_argument("--out", help="output directory (default build/<target>-<mode>)")
     c.add_argument("--precision", metavar="C=DTYPE,...", help="override the FP8 policy, e.g. attention_proj=bf16")
@@ -94,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--micro-batches", type=_positive, help="with --pp: micro-batches per step (default 2*pp)")
     r.add_argument("--train", action="store_true", help="with --ranks: loss and gradients too (implied by --pp)")
     r.add_argument("--json", action="store_true", help="with --ranks/--pp: print one JSON object")
+    r.add_argument("--tokens", type=_positive, help="with --mode decode: greedy generation with and without MTP "
+                   "speculative decoding (prints tokens_equal, acceptance, steps)")
     r.add_argument("--expert-load-out", metavar="FILE", help="with --ep: write the observed expert load JSON")
 
     s = sub.add_parser("schedule", help="a pipeline schedule per rank with its simulated bubble and step")
@@ -162,6 +166,7 @@ def _compile(args, argv, cfg, options, printing) -> dict:
         printing=printing, progress=_progress if tty else _progress_lines, repro=_repro(argv), options=options,
         parallel=args.parallel, expert_load=args.expert_load, schedule=args.schedule, micro_batches=args.micro_batches,
         cost_options=_cost_options(args),
+        inference=None if args.mtp_acceptance is None else {"mtp_acceptance": args.mtp_acceptance},
     )  # fmt: skip
 
 
@@ -239,6 +244,8 @@ def cmd_run(args, argv) -> int:
     """dsv3c run: exit 0 when the lowered graph's logits are within the FP8 tolerance (dsv3c.runtime.executor), else 1."""
     if args.pp:
         return _cmd_run_pipelined(args)
+    if args.tokens is not None:
+        return _run_speculative(args)
     if args.train and args.ranks is None and args.ep is None:
         raise UsageError("--train needs --ranks/--ep (expert-parallel) or --pp (pipelined)")
     import os
@@ -304,6 +311,26 @@ def _run_ep(args, cfg) -> int:
         print(f"ranks {result['ranks']} ep {result['ep']}: " + ", ".join(f"{k} {result[k]:.3g}" for k in keys if k in result)
               + (" ok" if result["ok"] else " OUT OF TOLERANCE"))  # fmt: skip
     return 0 if result["ok"] else 1
+
+
+def _run_speculative(args) -> int:
+    """dsv3c run --mode decode --tokens N: plain vs MTP-speculative greedy generation; exit 0 when the tokens agree."""
+    from dsv3c.runtime.speculative import SpecError, run_speculative
+
+    if args.mode != "decode":
+        raise UsageError("--tokens generates tokens: it needs --mode decode")
+    if args.ranks is not None or args.ep is not None or args.checkpoint:
+        raise UsageError("--tokens runs in one process on random weights: --ranks/--ep/--checkpoint do not apply yet")
+    try:
+        result = run_speculative(_load_config(args), args.tokens, seed=args.seed, prompt_len=args.seq or 8)
+    except SpecError as e:
+        raise UsageError(str(e)) from None
+    keys = ("tokens_equal", "acceptance", "steps_plain", "steps_speculative")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(", ".join(f"{k} {result[k]}" for k in keys))
+    return 0 if result["tokens_equal"] else 1
 
 
 def _cmd_run_pipelined(args) -> int:

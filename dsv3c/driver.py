@@ -108,6 +108,18 @@ def _cost_parallel(mesh):
     return {"pp": mesh.pp, "ep": mesh.ep, "dp": mesh.dp, "tp": mesh.tp}
 
 
+def inference_keys(cfg, tgt, mode: str, shapes: dict, inference: dict | None) -> dict:
+    """prefill/decode: the deployment unit (`parallel`) and its figures (`inference`); {} for train."""
+    from dsv3c.cost.inference import UnitError, inference_plan
+
+    if mode not in ("prefill", "decode"):
+        return {}
+    try:
+        return inference_plan(cfg, tgt, mode, shapes, inference)
+    except UnitError as e:
+        raise OptionError(str(e)) from None
+
+
 def compile_model(
     cfg: ModelConfig,
     target: str,
@@ -128,6 +140,7 @@ def compile_model(
     schedule: str | None = None,
     micro_batches: int | None = None,
     cost_options: dict | None = None,
+    inference: dict | None = None,
 ) -> dict:
     """Compile cfg for target and mode; writes plan.json and report.txt (and kernels) to out; returns the plan."""
     tgt = targets.get_target(target)
@@ -155,6 +168,7 @@ def compile_model(
             items = _with_schedule_options(items, mode, chosen.kind, chosen.micro_batches)
     layout = choose_layout(cfg, tgt, mode, parallel, expert_load)
     check_schedule(cfg, mode, layout.mesh.pp, items)
+    extra = inference_keys(cfg, tgt, mode, shapes, inference)  # and impossible units or batches
     out = Path(out or f"build/{tgt.name}-{mode}")
     validate.check_compile(cfg, tgt, mode, shapes, [n for n, _ in items], kv_len, out, dump_dir)
     created = missing_parents(out)
@@ -181,6 +195,9 @@ def compile_model(
             plan.update(plan_cost.cost_plan(cfg, tgt, figures, {**cost_opts, "out": staging,
                                                                  "parallel": _cost_parallel(layout.mesh)}))
             stages["cost_model"] = time.perf_counter() - t3
+        if extra:
+            plan.setdefault("parallel", extra["parallel"])  # unless the compile wrote its own mesh
+            plan["inference"] = extra["inference"]
         if ir_plan.analyses.call_specs is not None:
             plan["program"] = save_program(ir_plan.program, ir_plan.analyses.call_specs, staging / PROGRAM_DIR)
         write_report(plan, staging)

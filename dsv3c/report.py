@@ -97,6 +97,10 @@ def report_text(plan: dict) -> str:
     from dsv3c.cost.plan_cost import report_tables
 
     sections.extend(report_tables(plan))
+    if "inference" in plan:
+        from dsv3c.cost.inference import report_sections
+
+        sections += report_sections(plan["inference"])
     parts = [f"dsv3c {plan['dsv3c_version']} — {m['name']} for {plan['target']['name']}\n"]
     for title, rows, *headers in sections:
         parts.append(f"{title}\n{tabulate(rows, headers=headers[0] if headers else (), disable_numparse=True)}\n")
