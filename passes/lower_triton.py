@@ -116,7 +116,7 @@ def _terminal_progress(done: int, total: int, name: str, seconds: float) -> None
     removes=sorted(lowered_ops(always=True)),
     writes=["kernels", "call_specs"],
     # the other passes work on the dsv3 ops lowering replaces; only dce (op-agnostic) may follow it
-    invalidates=["mla_fuse", "fp8_quant", "expert_partition", "cost", "lower_triton"],
+    invalidates=["mla_fuse", "fp8_quant", "expert_partition", "cost", "pipeline_partition", "lower_triton"],
 )
 def lower_triton(plan: Plan, opts: dict):
     """Lower the graph to kernel calls, then (with an output directory) compile the kernels ahead of time."""
