@@ -63,10 +63,12 @@ def choose_layout(cfg, target, mode: str, parallel: str | None = None, expert_lo
     load = None
     if expert_load is not None:
         load = load_expert_load(expert_load, moe_layer_count(cfg), cfg.n_routed_experts)
-    elif "redundant" not in overrides and mode != "decode":
-        overrides["redundant"] = 0  # no load statistics: nothing to replicate for
     mesh = default_mesh(target.gpus, target.gpus_per_node, mode, experts=experts, layers=cfg.num_hidden_layers,
                         **overrides)
+    if load is None and "redundant" not in overrides and mesh.redundant and experts % mesh.ep == 0:
+        # no load statistics: nothing to replicate for, unless EP needs slots beyond the experts
+        mesh = default_mesh(target.gpus, target.gpus_per_node, mode, experts=experts, layers=cfg.num_hidden_layers,
+                            **{**overrides, "redundant": 0})
     layers = moe_layer_count(cfg)
     if not layers:
         return Layout(mesh, None, load)

@@ -185,7 +185,7 @@ def test_671b_plan_contract(big):
     names = [p["name"] for p in plan["passes"]]
     assert names == passes.default_pipeline()
     for record in plan["passes"]:
-        assert set(record) == {"name", "seconds", "nodes_before", "nodes_after", "stats"}
+        assert set(record) == {"name", "options", "seconds", "nodes_before", "nodes_after", "stats"}
         assert isinstance(record["seconds"], float) and record["seconds"] >= 0
         assert isinstance(record["nodes_before"], int) and isinstance(record["nodes_after"], int)
         assert record["nodes_after"] > 0 and isinstance(record["stats"], dict)
