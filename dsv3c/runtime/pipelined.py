@@ -12,7 +12,9 @@ Execution:
   * 1f1b, zb1p, dualpipev: torch.distributed.pipelining's own runtime. Each stage is a `PipelineStage`;
     `_PipelineScheduleRuntime._prepare_schedule_with_comms` takes the compute-only lists (F, B, I, W,
     OVERLAP_F_B), infers the stage→rank map, and inserts SEND/RECV (torch's `_add_send_recv`) and
-    REDUCE_GRAD; `step` runs them. Loss: `lm_loss` per micro-batch, scale_grads=True (mean).
+    REDUCE_GRAD; `step` runs them. Loss: `lm_loss` per micro-batch, scale_grads=True (mean). Each stage gets
+    its input/output shapes statically (meta tensors), so the runtime skips its dynamic metadata inference
+    (a forward and backward of every stage on uninitialised buffers, EP all-to-alls included).
   * dualpipe (bidirectional): torch's runtime cannot express it: its stage graph is one chain 0→1→…→N−1
     (stage k sends to k+1, stage 0 is the only first and N−1 the only last stage), while DualPipe has two
     chains over the same ranks, 0→…→pp−1 and pp→…→2pp−1, with stage pp+s a second copy of stage s's
@@ -535,13 +537,14 @@ def _torchrun_main(argv=None) -> int:
     ap.add_argument("--layers", type=int, help="override num_hidden_layers")
     ap.add_argument("--schedule", default="1f1b")
     ap.add_argument("--pp", type=int, required=True)
+    ap.add_argument("--ep", type=int, default=1, help="expert parallelism over each stage's dp replicas (WORLD_SIZE/pp)")
     ap.add_argument("--micro-batches", type=int)
     ap.add_argument("--seq", type=int, default=8)
     args = ap.parse_args(argv)
     cfg = ModelConfig.preset(args.model)
     if args.layers:
         cfg = replace(cfg, num_hidden_layers=args.layers)
-    result = worker_main(cfg, args.schedule, args.pp, args.micro_batches or 2 * args.pp, seq=args.seq)
+    result = worker_main(cfg, args.schedule, args.pp, args.micro_batches or 2 * args.pp, args.ep, seq=args.seq)
     if result is None:
         return 0
     print(json.dumps(result))

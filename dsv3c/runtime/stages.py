@@ -99,6 +99,9 @@ class StageModule(nn.Module):
     """Layers [start, end) of a DeepseekV3 (deep-copied), with the embedding when first and the norm, head,
     MTP and a tied embedding copy when last.
 
+    With ep > 1 every MoE layer of the stage (decoder layers and the MTP block) keeps only EP rank ep_rank's
+    routed experts (EPExperts); `ep_shards` maps those parameters' local names to (first expert, experts).
+
     forward(x, input_ids=None): x is the token ids on the first stage, else the hidden state [B, S, D];
     input_ids (the micro-batch's tokens) is needed by the last stage for the MTP embedding. Returns the
     hidden state, or on the last stage (logits,) or (logits, mtp_logits).
