@@ -354,7 +354,7 @@ def _cmd_run_pipelined(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{result['schedule']} pp={result['pp']} ranks={result['ranks']} micro-batches={result['micro_batches']} "
+        print(f"{result['schedule']} pp={result['pp']} ep={result['ep']} ranks={result['ranks']} micro-batches={result['micro_batches']} "
               f"({result['executor']}): loss {result['loss']:.6f} (reference {result['reference_loss']:.6f}), "
               f"loss rel err {result['loss_rel_err']:.2e} (tol {result['loss_tol']:g}), "
               f"grad max cos-diff {result['grad_max_cos_diff']:.2e} (tol {result['cos_tol']:g}), "

@@ -2,7 +2,8 @@
 
 All four kinds run in ONE set of two spawned gloo processes (a module fixture): the process start and torch's
 imports cost more than the tiny runs. Shapes: the tiny preset with 4 layers (so DualPipeV's 2·pp = 4 stages
-each hold one), pp 2, 4 micro-batches of one 8-token sequence, float32.
+each hold one), pp 2, 4 micro-batches of one 8-token sequence, float32. The combined pipeline + expert
+parallelism run (ranks 4 = pp 2 x ep 2) uses its own four processes: 1f1b, 2 micro-batches per replica.
 """
 
 import dataclasses
@@ -109,3 +110,29 @@ def test_cli_usage_error(capsys):
     assert main(["run", "--pp", "2", "--schedule", "dualpipe", "--micro-batches", "2", "--train", "--json"]) == 2
     err = capsys.readouterr().err
     assert "dualpipe" in err and len(err.strip().splitlines()) == 1
+
+
+def test_pipeline_with_expert_parallelism_matches_single_process():
+    """ranks 4, pp 2, ep 2: each stage's two data-parallel replicas form its EP group; every MoE layer (decoder
+    and MTP) holds half of the routed experts and exchanges tokens with all_to_all over that group. Loss and
+    every gradient (experts assembled from their owners, dense ones averaged over dp) match the reference."""
+    r = pipelined.run_pipelined(ModelConfig.preset("tiny"), "1f1b", 2, 2, ranks=4, ep=2)  # 3 layers: 1 dense, 2 MoE + MTP
+    assert (r["pp"], r["dp"], r["ep"], r["ranks"]) == (2, 2, 2, 4)
+    assert r["losses_seen"] == 4 and not r["grads_missing"]
+    assert r["ep_partitioned_params"] == 3 * 3  # layers 1, 2 and the MTP block: gate/up/down each
+    assert r["ep_remote_routes"] > 0  # tokens really crossed ranks
+    assert r["loss_rel_err"] <= LOSS_TOL, r
+    assert r["grad_max_cos_diff"] <= COS_TOL and r["expert_grad_max_cos_diff"] <= COS_TOL, r
+    assert r["ok"]
+
+
+@pytest.mark.parametrize("ranks,ep,msg", [(4, 4, "ep must be 1 or ranks/pp"), (2, 2, "ep must be 1 or ranks/pp")])
+def test_bad_expert_parallel_combinations(ranks, ep, msg):
+    with pytest.raises(PipelineArgError, match=msg):
+        make_spec(ModelConfig.preset("tiny"), "1f1b", 2, 2, ranks=ranks, ep=ep)
+
+
+def test_ep_must_divide_the_experts():
+    cfg = dataclasses.replace(ModelConfig.preset("tiny"), n_routed_experts=15, n_group=3, topk_group=1)
+    with pytest.raises(PipelineArgError, match="does not divide the 15 routed experts"):
+        make_spec(cfg, "1f1b", 2, 2, ranks=4, ep=2)

@@ -124,8 +124,12 @@ def _reference_autograd(op, n_tensor_inputs: int) -> None:
         with torch.enable_grad():
             outs = fn(*inputs, *ctx.rest)
         outs = outs if isinstance(outs, tuple) else (outs,)
-        pairs = [(o, g) for o, g in zip(outs, grads) if o.is_floating_point() and g is not None]
+        # an output that does not depend on the inputs for this data (e.g. ep_experts on a rank that received
+        # no route) contributes nothing
+        pairs = [(o, g) for o, g in zip(outs, grads) if o.is_floating_point() and g is not None and o.requires_grad]
         wanted = [t for t in inputs if t.requires_grad]
+        if not pairs:
+            return (*[None] * len(inputs), *[None] * len(ctx.rest))
         got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
         return (*[next(got) if t.requires_grad else None for t in inputs], *[None] * len(ctx.rest))
 

@@ -12,7 +12,9 @@ Execution:
   * 1f1b, zb1p, dualpipev: torch.distributed.pipelining's own runtime. Each stage is a `PipelineStage`;
     `_PipelineScheduleRuntime._prepare_schedule_with_comms` takes the compute-only lists (F, B, I, W,
     OVERLAP_F_B), infers the stage→rank map, and inserts SEND/RECV (torch's `_add_send_recv`) and
-    REDUCE_GRAD; `step` runs them. Loss: `lm_loss` per micro-batch, scale_grads=True (mean).
+    REDUCE_GRAD; `step` runs them. Loss: `lm_loss` per micro-batch, scale_grads=True (mean). Each stage gets
+    its input/output shapes statically (meta tensors), so the runtime skips its dynamic metadata inference
+    (a forward and backward of every stage on uninitialised buffers, EP all-to-alls included).
   * dualpipe (bidirectional): torch's runtime cannot express it: its stage graph is one chain 0→1→…→N−1
     (stage k sends to k+1, stage 0 is the only first and N−1 the only last stage), while DualPipe has two
     chains over the same ranks, 0→…→pp−1 and pp→…→2pp−1, with stage pp+s a second copy of stage s's
@@ -29,7 +31,18 @@ Gradients: each rank sums, by model parameter name, the gradients of its stage c
 the first and last stage, DualPipe's two copies of each stage); rank 0 gathers them (gather_object) and
 sums across ranks. With ranks = pp × dp, dp > 1 replicates the pipeline: replica d runs micro-batches
 d·M..(d+1)·M−1, gradients are averaged over the dp group (all_reduce), and the reference runs all dp·M
-micro-batches. (dp is where expert parallelism will go; `ep` must be 1 for now.)
+micro-batches.
+
+Expert parallelism (ep = dp > 1): the dp replicas of a pipeline stage (global ranks j, j+pp, …) form that
+stage's EP group (its own process group, created on every rank in the same order); replica d is EP rank d.
+Every MoE layer of a stage (decoder layers and the MTP block) holds only its EP rank's routed experts
+(contiguous: experts d·E/ep … (d+1)·E/ep − 1; stages.EPExperts) and runs dsv3.ep_dispatch → ep_experts →
+ep_combine: real all_to_all_single over the EP group, forward and (hand-written) backward, with the
+EPContext active over the whole step. The replicas run identical action lists, so every EP collective of a
+stage is met by its peers at the same point of their lists, whatever the kind (no deadlock with the pipeline
+P2P). Gradients: dense parameters are averaged over the dp group as above; an expert's gradient on its
+owner already sums every replica's tokens routed to it (each replica's mean over its M micro-batches), so it
+is divided by dp, not all-reduced, and rank 0 assembles each expert tensor from its owners' slices.
 
 The check (rank 0): `reference_loss_and_grads` on the whole model; loss relative error and, per parameter,
 cos-diff = 1 − 2Σxy / Σ(x² + y²) and ‖x − y‖ / ‖y‖, computed in float64. Passes when
@@ -38,6 +51,7 @@ loss_rel_err ≤ LOSS_TOL and every cos-diff ≤ COS_TOL.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -50,8 +64,9 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from dsv3c.runtime.ep_context import EPContext, active
 from dsv3c.runtime.stages import (
-    MTP_LAMBDA, StageModule, build_model, lm_loss, make_batch, reference_loss_and_grads, split_layers,
+    MTP_LAMBDA, EPExperts, StageModule, build_model, lm_loss, make_batch, reference_loss_and_grads, split_layers,
 )  # fmt: skip
 
 KINDS = ("1f1b", "zb1p", "dualpipev", "dualpipe")
@@ -74,8 +89,10 @@ def check_args(
         raise PipelineArgError("pp, ranks and micro-batches must be positive")
     if ranks % pp:
         raise PipelineArgError(f"--pp {pp} does not divide --ranks {ranks}")
-    if ep != 1:
-        raise PipelineArgError(f"--ep {ep}: the pipelined runner has no expert parallelism yet (ep must be 1)")
+    if ep < 1 or ep != 1 and ep != ranks // pp:
+        raise PipelineArgError(
+            f"--ep {ep}: a stage's EP group is its {ranks // pp} data-parallel replica(s), so ep must be 1 or ranks/pp"
+        )
     if kind in ("dualpipe", "dualpipev") and pp < 2 or kind == "dualpipe" and pp % 2:
         raise PipelineArgError(f"{kind} needs an {'even ' if kind == 'dualpipe' else ''}pp >= 2, got {pp}")
     if kind == "dualpipe" and (micro_batches % 2 or micro_batches < 2 * pp):
@@ -115,14 +132,14 @@ def stage_layout(kind: str, pp: int):
     return n, rank, [k % pp for k in range(n)], pp  # dualpipe: stage pp+s is a copy of block s
 
 
-def _stage_modules(model, kind, pp, pp_rank, ranges):
+def _stage_modules(model, kind, pp, pp_rank, ranges, ep=1, ep_rank=0):
     n, rank, block, nblocks = stage_layout(kind, pp)
     spans = split_layers(model.cfg.num_hidden_layers, nblocks, ranges)
     mods = {}
     for k in range(n):
         if rank[k] == pp_rank:
             a, b = spans[block[k]]
-            mods[k] = StageModule(model, a, b, first=block[k] == 0, last=block[k] == nblocks - 1)
+            mods[k] = StageModule(model, a, b, first=block[k] == 0, last=block[k] == nblocks - 1, ep=ep, ep_rank=ep_rank)
     return mods
 
 
@@ -294,7 +311,29 @@ def _torch_runtime_step(mods, kind, pp, pp_rank, micro_batches, actions, pp_grou
     from torch.distributed.pipelining.schedules import _Action, _PipelineScheduleRuntime
 
     n = len(stage_layout(kind, pp)[1])
-    stages = [PipelineStage(mods[k], k, n, device, group=pp_group) for k in sorted(mods)]
+    mb = batch.shape[0] // micro_batches
+    seq = batch.shape[1]
+
+    def example(k):
+        """Static (meta) input and output of stage k: torch's runtime then skips its dynamic metadata
+        inference, which would run a forward and a backward of every stage on uninitialised buffers (and,
+        with expert parallelism, their all-to-alls)."""
+        mod = mods[k]
+        hidden = torch.empty(mb, seq, mod.hidden_size, device="meta", requires_grad=True)
+        x = torch.empty(mb, seq, dtype=batch.dtype, device="meta") if mod.first else hidden
+        if not mod.last:
+            return x, hidden
+        v = mod.lm_head.weight.shape[0]
+        outs = (torch.empty(mb, seq, v, device="meta", requires_grad=True),)
+        if len(mod.mtp):
+            outs += (torch.empty(mb, seq - 1, v, device="meta", requires_grad=True),)
+        return x, outs
+
+    stages = []
+    for k in sorted(mods):
+        inp, out = example(k)
+        grads = {"input_grads": None if mods[k].first else inp, "output_grads": None if mods[k].last else out}
+        stages.append(PipelineStage(mods[k], k, n, device, input_args=inp, output_args=out, group=pp_group, **grads))
     loss_fn = partial(lm_loss, mtp_lambda=mtp_lambda)
     sched = _PipelineScheduleRuntime(stages, micro_batches, loss_fn=loss_fn, scale_grads=True)
     sched._prepare_schedule_with_comms({r: [_Action.from_str(a) for a in acts] for r, acts in enumerate(actions)})
@@ -359,45 +398,70 @@ def _step(rank, world, spec, device):
     d, pp_rank = divmod(rank, pp)  # rank = d·pp + pp_rank
     pp_groups = [dist.new_group(list(range(i * pp, (i + 1) * pp))) for i in range(dp)] if dp > 1 else [dist.group.WORLD]
     dp_groups = [dist.new_group(list(range(j, world, pp))) for j in range(pp)] if dp > 1 else None
+    ep = spec.get("ep", 1)
+    # a stage's EP group: its dp replicas (global ranks pp_rank, pp_rank + pp, …), EP rank d; created on every
+    # rank in the same order
+    ep_groups = [dist.new_group(list(range(j, world, pp))) for j in range(pp)] if ep > 1 else None
     model = build_model(cfg, spec["seed"])
     batch_all = make_batch(cfg, m * dp, spec["mb_size"], spec["seq"], spec["seed"])
     batch = batch_all[d * m * spec["mb_size"] : (d + 1) * m * spec["mb_size"]].to(device)
-    mods = {k: mod.to(device) for k, mod in _stage_modules(model, kind, pp, pp_rank, spec.get("ranges")).items()}
+    mods = {k: mod.to(device)
+            for k, mod in _stage_modules(model, kind, pp, pp_rank, spec.get("ranges"), ep, d).items()}  # fmt: skip
     actions = spec["actions"]
-    if kind == "dualpipe":
-        lowered = lower_bidirectional(actions, pp)[pp_rank]
-        ex = BidirectionalExecutor(mods, pp, m, [d * pp + r for r in range(pp)],
-                                   (spec["mb_size"], spec["seq"], cfg.hidden_size), device, lam)  # fmt: skip
-        losses = ex.step(lowered, list(batch.chunk(m, dim=0)))
-    else:
-        losses = _torch_runtime_step(mods, kind, pp, pp_rank, m, actions, pp_groups[d], device, batch, lam)
-    grads = {}
+    ep_ctx = EPContext(rank=d, size=ep, group=ep_groups[pp_rank]) if ep > 1 else None
+    with active(ep_ctx) if ep_ctx else contextlib.nullcontext():  # forward and backward exchange tokens
+        if kind == "dualpipe":
+            lowered = lower_bidirectional(actions, pp)[pp_rank]
+            ex = BidirectionalExecutor(mods, pp, m, [d * pp + r for r in range(pp)],
+                                       (spec["mb_size"], spec["seq"], cfg.hidden_size), device, lam)  # fmt: skip
+            losses = ex.step(lowered, list(batch.chunk(m, dim=0)))
+        else:
+            losses = _torch_runtime_step(mods, kind, pp, pp_rank, m, actions, pp_groups[d], device, batch, lam)
+    grads, shards = {}, {}
     for mod in mods.values():
         for name, p in mod.named_parameters():
             if p.grad is not None:
                 g = mod.global_name(name)
                 grads[g] = grads[g] + p.grad if g in grads else p.grad.clone()
+                if name in mod.ep_shards:
+                    shards[g] = mod.ep_shards[name]
     if dp > 1:  # average the replicas' gradients over the dp group
         for g in sorted(grads):
+            if g in shards:
+                # an EP-partitioned expert: only this rank holds it, and its gradient already sums every
+                # replica's tokens routed to it (each replica's mean over its m micro-batches): / dp
+                first, n_exp = shards[g]
+                full = grads[g].new_zeros((n_exp, *grads[g].shape[1:]))
+                full[first : first + grads[g].shape[0]] = grads[g] / dp
+                grads[g] = full
+                continue
             dist.all_reduce(grads[g], group=dp_groups[pp_rank])
             grads[g] /= dp
     step_s = time.perf_counter() - t0
     gathered = [None] * world if rank == 0 else None
-    payload = ({k: v.cpu() for k, v in grads.items()}, {d * m + i: l for i, l in losses.items()})
+    remote = sum(x.remote_routes for mod in mods.values() for x in mod.modules() if isinstance(x, EPExperts))
+    payload = ({k: v.cpu() for k, v in grads.items()}, {d * m + i: l for i, l in losses.items()}, sorted(shards), remote)
     dist.gather_object(payload, gathered, dst=0)
     if rank != 0:
         return None
-    total, all_losses = {}, {}
-    for g_r, l_r in gathered:
+    total, all_losses, sharded, remote = {}, {}, set(), 0
+    for g_r, l_r, s_r, n_r in gathered:
         for k, v in g_r.items():
             total[k] = total[k] + v if k in total else v
         all_losses.update(l_r)
+        sharded.update(s_r)
+        remote += n_r
     for k in total:  # replicas beyond the first repeat replica 0's (already averaged) gradients
-        total[k] = total[k] / dp
+        if k not in sharded:  # (the owners' zero-padded slices of an EP-partitioned expert add up to it)
+            total[k] = total[k] / dp
     loss = float(torch.tensor([all_losses[i] for i in sorted(all_losses)], dtype=torch.float64).mean())
     ref_model = build_model(cfg, spec["seed"]).to(device)
     ref_loss, ref_grads = reference_loss_and_grads(ref_model, batch_all.to(device), m * dp, lam)
     cmp = _compare(ref_loss, ref_grads, loss, total)
+    if sharded:  # the EP-partitioned experts alone (gathered from their owners)
+        ecmp = _compare(ref_loss, {k: ref_grads[k] for k in sharded}, loss, {k: total[k] for k in sharded})
+        cmp.update(expert_grad_max_cos_diff=ecmp["grad_max_cos_diff"], expert_grad_max_rel_err=ecmp["grad_max_rel_err"],
+                   ep_partitioned_params=len(sharded), ep_remote_routes=remote)  # fmt: skip
     ok = cmp["loss_rel_err"] <= LOSS_TOL and cmp["grad_max_cos_diff"] <= COS_TOL and not cmp["grads_missing"]
     return {"schedule": kind, "pp": pp, "dp": dp, "ep": spec["ep"], "ranks": world, "micro_batches": m,
             "micro_batch_size": spec["mb_size"], "seq": spec["seq"], "model": cfg.name, "layers": cfg.num_hidden_layers,
@@ -419,6 +483,8 @@ def make_spec(
 ) -> dict:
     """The picklable description of one run (validated)."""
     check_args(kind, pp, micro_batches, ranks, ep, None if ranges else cfg.num_hidden_layers)
+    if ep > 1 and cfg.n_routed_experts % ep:
+        raise PipelineArgError(f"--ep {ep} does not divide the {cfg.n_routed_experts} routed experts")
     if seq < 3:
         raise PipelineArgError(f"seq must be >= 3 for the MTP loss, got {seq}")
     raw = {k: v for k, v in asdict(cfg).items() if k not in ("name", "extra")}
@@ -471,13 +537,14 @@ def _torchrun_main(argv=None) -> int:
     ap.add_argument("--layers", type=int, help="override num_hidden_layers")
     ap.add_argument("--schedule", default="1f1b")
     ap.add_argument("--pp", type=int, required=True)
+    ap.add_argument("--ep", type=int, default=1, help="expert parallelism over each stage's dp replicas (WORLD_SIZE/pp)")
     ap.add_argument("--micro-batches", type=int)
     ap.add_argument("--seq", type=int, default=8)
     args = ap.parse_args(argv)
     cfg = ModelConfig.preset(args.model)
     if args.layers:
         cfg = replace(cfg, num_hidden_layers=args.layers)
-    result = worker_main(cfg, args.schedule, args.pp, args.micro_batches or 2 * args.pp, seq=args.seq)
+    result = worker_main(cfg, args.schedule, args.pp, args.micro_batches or 2 * args.pp, args.ep, seq=args.seq)
     if result is None:
         return 0
     print(json.dumps(result))

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_def.model import DeepseekV3
+from model_def.modules import MoE
 
 MTP_LAMBDA = 0.3
 
@@ -58,18 +59,58 @@ def split_layers(num_layers: int, num_stages: int, ranges=None) -> list[tuple[in
     return out
 
 
+class EPExperts(nn.Module):
+    """A MoE layer's routed experts partitioned over an EP group: this EP rank holds the contiguous experts
+    ep_rank·E/ep … (ep_rank+1)·E/ep − 1 and runs dsv3.ep_dispatch → ep_experts → ep_combine, which exchange
+    tokens with all_to_all_single over the process group of the active EPContext (dsv3c.runtime.ep_context;
+    the caller keeps it active over the forward AND the backward, whose exchanges mirror the forward's).
+    forward(x [T, D], ids [T, k], weights [T, k]) -> [T, D], as model_def's Experts."""
+
+    def __init__(self, experts: nn.Module, ep: int, ep_rank: int, layer: int):
+        super().__init__()
+        e = experts.gate_proj.shape[0]
+        if e % ep:
+            raise ValueError(f"{e} routed experts cannot be split over ep={ep}")
+        per = e // ep
+        self.ep, self.ep_rank, self.layer, self.num_experts, self.first_expert = ep, ep_rank, layer, e, ep_rank * per
+        self.remote_routes = 0  # (token, expert) routes this rank sent to another EP rank (forward calls)
+        sl = slice(self.first_expert, self.first_expert + per)
+        for w in ("gate_proj", "up_proj", "down_proj"):
+            setattr(self, w, nn.Parameter(getattr(experts, w).detach()[sl].clone()))
+        # the identity placement (one slot per logical expert, slots GPU-major): rank r holds slots r·S … r·S+S−1
+        self.register_buffer("phy2log", torch.arange(e), persistent=False)
+        self.register_buffer("log2phy", torch.arange(e)[:, None], persistent=False)
+        self.register_buffer("logcnt", torch.ones(e, dtype=torch.int64), persistent=False)
+
+    def forward(self, x, ids, weights):
+        import dsv3c.ops.ep  # noqa: F401  (registers torch.ops.dsv3.ep_*)
+
+        ops = torch.ops.dsv3
+        recv_x, recv_tok, recv_slot, counts, order, _ = ops.ep_dispatch(
+            x, ids, self.phy2log, self.log2phy, self.logcnt, self.ep, self.layer, False, 8, 1.0, 1.0
+        )
+        if counts.device.type != "meta":  # (not during the pipeline runtime's shape inference)
+            self.remote_routes += int(counts[2].sum() - counts[2][self.ep_rank])
+        y = ops.ep_experts(recv_x, recv_tok, recv_slot, self.gate_proj, self.up_proj, self.down_proj, False, self.ep)
+        return ops.ep_combine(y, weights, counts, order, self.ep, 8, x.dtype)
+
+
 class StageModule(nn.Module):
     """Layers [start, end) of a DeepseekV3 (deep-copied), with the embedding when first and the norm, head,
     MTP and a tied embedding copy when last.
+
+    With ep > 1 every MoE layer of the stage (decoder layers and the MTP block) keeps only EP rank ep_rank's
+    routed experts (EPExperts); `ep_shards` maps those parameters' local names to (first expert, experts).
 
     forward(x, input_ids=None): x is the token ids on the first stage, else the hidden state [B, S, D];
     input_ids (the micro-batch's tokens) is needed by the last stage for the MTP embedding. Returns the
     hidden state, or on the last stage (logits,) or (logits, mtp_logits).
     """
 
-    def __init__(self, model: DeepseekV3, start: int, end: int, first: bool, last: bool):
+    def __init__(self, model: DeepseekV3, start: int, end: int, first: bool, last: bool, ep: int = 1, ep_rank: int = 0):
         super().__init__()
         self.start, self.end, self.first, self.last = start, end, first, last
+        self.hidden_size = model.cfg.hidden_size
         self.rotary = copy.deepcopy(model.rotary)
         if first or (last and len(model.mtp)):
             self.embed_tokens = copy.deepcopy(model.embed_tokens)
@@ -78,6 +119,16 @@ class StageModule(nn.Module):
             self.norm = copy.deepcopy(model.norm)
             self.lm_head = copy.deepcopy(model.lm_head)
             self.mtp = copy.deepcopy(model.mtp)
+        self.ep_shards = {}  # local parameter name -> (first expert held, experts in the model) when ep > 1
+        if ep > 1:  # every MoE layer of the stage (the decoder layers' and the MTP block's)
+            n_layers = model.cfg.num_hidden_layers
+            moes = [(f"layers.{i}.mlp", start + i, layer.mlp) for i, layer in enumerate(self.layers)]
+            moes += [(f"mtp.{j}.block.mlp", n_layers + j, m.block.mlp) for j, m in enumerate(getattr(self, "mtp", []))]
+            for prefix, index, moe in moes:
+                if isinstance(moe, MoE):
+                    moe.experts = part = EPExperts(moe.experts, ep, ep_rank, index)
+                    for w in ("gate_proj", "up_proj", "down_proj"):
+                        self.ep_shards[f"{prefix}.experts.{w}"] = (part.first_expert, part.num_experts)
 
     def global_name(self, local: str) -> str:
         """The model's name of this stage's parameter `local` (layer indices shifted by start)."""
