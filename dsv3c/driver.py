@@ -152,6 +152,11 @@ def compile_model(
     if dump_mlir is not None and not 0 <= dump_mlir < cfg.num_hidden_layers:
         raise OptionError(f"--dump-mlir layer {dump_mlir} is out of range 0..{cfg.num_hidden_layers - 1}")
     check_shapes(cfg, mode, **shapes)  # reject impossible shapes before anything is written
+    out = Path(out or f"build/{tgt.name}-{mode}")
+    validate.check_compile(cfg, tgt, mode, shapes, [n for n, _ in items], kv_len, out, dump_dir)
+    if parallel not in (None, "auto"):
+        choose_layout(cfg, tgt, mode, parallel, expert_load)  # impossible degrees fail before any capture
+    extra = inference_keys(cfg, tgt, mode, shapes, inference)  # and impossible units or batches
     stages = {}
     t2 = time.perf_counter()
     figures = model_figures(cfg, tgt, passes.REGISTRY)
@@ -168,9 +173,6 @@ def compile_model(
             items = _with_schedule_options(items, mode, chosen.kind, chosen.micro_batches)
     layout = choose_layout(cfg, tgt, mode, parallel, expert_load)
     check_schedule(cfg, mode, layout.mesh.pp, items)
-    extra = inference_keys(cfg, tgt, mode, shapes, inference)  # and impossible units or batches
-    out = Path(out or f"build/{tgt.name}-{mode}")
-    validate.check_compile(cfg, tgt, mode, shapes, [n for n, _ in items], kv_len, out, dump_dir)
     created = missing_parents(out)
     staging = prepare_output(out)
     try:

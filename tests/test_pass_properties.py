@@ -35,7 +35,8 @@ SKIP: dict[str, str] = {}
 # Passes slow enough to get their own, smaller example budget (the Triton interpreter runs every kernel).
 SLOW = {"lower_triton"}
 # Option values that make a pass runnable in one process (others: drawn from the option's choices, else default).
-FIXED_OPTIONS = {"expert_partition": {"ep": 1}}
+FIXED_OPTIONS = {"expert_partition": {"ep": 1},
+                 "pipeline_partition": {"kind": "1f1b"}}  # one process: pp = 1, which DualPipe cannot take
 
 
 def tolerance(name: str, legal_before: frozenset):
