@@ -337,7 +337,7 @@ def test_aot_writes_ptx_and_cubin_per_kernel_entry(compiled):
     ptx = (cold["out"] / gemm["files"]["ptx"]).read_text()
     assert "wgmma" in ptx and "e4m3" in ptx
     ops = {op for k in kernels for op in k["op"].split(",")}
-    assert ops == {"act_quant", "fp8_gemm", "mla_attention", "moe_experts_fp8", "moe_gate", "rms_norm", "rope", "swiglu"}
+    assert ops == {"act_quant", "fp8_gemm", "mla_attention", "ep_experts_fp8", "moe_gate", "rms_norm", "rope", "swiglu"}
     # one progress report per compiled binary (identical specialisations share one)
     assert len(cold["compiled"]) == stats["compiled_files"] == len({k["files"]["cubin"] for k in kernels})
 
