@@ -5,8 +5,7 @@ gloo on CPU, a free localhost port), or runs as one of them under torchrun (`wor
 GPUs). Every rank builds the same float32 model from the same seed and the same batch, keeps its pipeline
 stages (dsv3c.runtime.stages) and executes its action list, one training step (forward, loss, backward; no
 optimizer step). The action lists are plain data, `list[list[str]]` per pipeline rank in
-torch.distributed.pipelining's notation, from `dsv3c.schedules.build` when present, else
-dsv3c.runtime.schedule_fallback.
+torch.distributed.pipelining's notation, from `dsv3c.schedules.build`.
 
 Execution:
   * 1f1b, zb1p, dualpipev: torch.distributed.pipelining's own runtime. Each stage is a `PipelineStage`;
@@ -108,13 +107,9 @@ def check_args(
 
 
 def schedule_actions(kind: str, pp: int, micro_batches: int) -> list[list[str]]:
-    """Per pipeline rank, the compute actions: dsv3c.schedules.build when present, else the fallback."""
-    try:
-        from dsv3c.schedules import build
-    except ModuleNotFoundError as e:  # not on this branch yet; a broken dsv3c.schedules still raises
-        if e.name not in ("dsv3c.schedules",):
-            raise
-        from dsv3c.runtime.schedule_fallback import actions as build
+    """Per pipeline rank, the compute actions of dsv3c.schedules.build."""
+    from dsv3c.schedules import build
+
     return [list(map(str, acts)) for acts in build(kind, pp, micro_batches)]
 
 
