@@ -31,7 +31,7 @@ Autograd is explicit: dispatch's backward sends the gradients of the received to
 home ranks (combine direction) and sums them per token; combine's backward sends g·dy to the expert
 ranks (dispatch direction) and computes dg on the home rank. Gradients travel in the forward dtype.
 
-With no EP context active (`dsv3c.runtime.ep_context`) the ops run on one rank: ep must be 1 and
+With no EP context active (`dsv3c.ops.ep_context`) the ops run on one rank: ep must be 1 and
 every exchange is the identity. `simulate_ep` runs the same stages for all ranks in one process.
 
 Each op has a `cost_<op>(args, out) -> dict` (flops, bwd_flops, bytes, ib_bytes, nvlink_bytes) over
@@ -134,12 +134,12 @@ def home_sum(y_sorted: Tensor, order: Tensor, weights: Tensor, out_dtype) -> Ten
 
 def _context(ep: int):
     """The active EP context (checked against ep), or None when ep == 1 runs locally."""
-    from dsv3c.runtime.ep_context import current
+    from dsv3c.ops.ep_context import current
 
     ctx = current()
     if ctx is None:
         if ep != 1:
-            raise RuntimeError(f"the EP ops were built for ep={ep} but no EP group is active (dsv3c.runtime.ep_context)")
+            raise RuntimeError(f"the EP ops were built for ep={ep} but no EP group is active (dsv3c.ops.ep_context)")
         return None
     if ctx.size != ep:
         raise RuntimeError(f"the EP ops were built for ep={ep} but the active EP group has {ctx.size} ranks")

@@ -111,7 +111,7 @@ def cos_diff(x: torch.Tensor, y: torch.Tensor) -> float:
 def _worker(rank: int, world: int, ep: int, cfg, train: bool, seed: int, batch: int, seq: int, gpus_per_node: int,
             init: str, out_path: str | None, placement=None, load_path: str | None = None) -> dict | None:  # fmt: skip
     """One rank: partitioned run on its micro-batch, eager reference, errors reduced to rank 0."""
-    from dsv3c.runtime.ep_context import EPContext, active
+    from dsv3c.ops.ep_context import EPContext, active
 
     torch.set_num_threads(1)
     backend = "nccl" if torch.cuda.is_available() and init == "env://" else "gloo"

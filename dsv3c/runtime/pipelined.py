@@ -63,7 +63,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from dsv3c.runtime.ep_context import EPContext, active
+from dsv3c.ops.ep_context import EPContext, active
 from dsv3c.runtime.stages import (
     MTP_LAMBDA, EPExperts, StageModule, build_model, lm_loss, make_batch, reference_loss_and_grads, split_layers,
 )  # fmt: skip
