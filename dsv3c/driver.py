@@ -172,6 +172,10 @@ def compile_model(
         if any(name == "pipeline_partition" for name, _ in items):
             items = _with_schedule_options(items, mode, chosen.kind, chosen.micro_batches)
     layout = choose_layout(cfg, tgt, mode, parallel, expert_load)
+    if mode == "train" and cost_opts.get("micro_batches") is None:  # given degrees: the step's micro-batches
+        cost_opts["micro_batches"] = plan_cost.micro_batches_per_step(cost_opts, layout.mesh.dp)
+        if any(name == "pipeline_partition" for name, _ in items):
+            items = _with_schedule_options(items, mode, None, cost_opts["micro_batches"])
     check_schedule(cfg, mode, layout.mesh.pp, items)
     created = missing_parents(out)
     staging = prepare_output(out)

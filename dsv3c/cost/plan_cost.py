@@ -30,6 +30,11 @@ def _layout_row(ev: dict) -> dict:
             "peak_memory_bytes": m["peak_total"], "peak_gb": m["peak_total"] / GB}
 
 
+def micro_batches_per_step(options: dict, dp: int) -> int:
+    """Micro-batches of one sequence each per pipeline and step: the global batch over the data-parallel ranks."""
+    return max(1, (options.get("global_batch") or DEFAULT_GLOBAL_BATCH) // dp)
+
+
 def choose_layout(cfg, target, figures: dict | None, options: dict):
     """(the fastest training layout that fits, the search) for `--parallel auto`; CostOptionError when none fits."""
     seq = options.get("seq") or 4096
