@@ -222,7 +222,9 @@ def expert_partition(plan: Plan, opts: dict):
         per_rank = check_tables(*tables, experts, ep)
         n_group, topk_group, top_k = _gate_args(program, node)
         bound = min(spans, max_nodes_per_token(tables[0], experts, n_group, topk_group, per_rank, gpn))
-        if spans > 1 and bound > topk_group:
+        # decode's low-latency dispatch sends each token straight to its experts' GPUs over IB (no NVLink
+        # forwarding), so the node limit, which bounds the IB hops of two-hop dispatch, binds train and prefill
+        if spans > 1 and bound > topk_group and program.mode != "decode":
             raise PartitionError(
                 f"{key}: with EP {ep} over {spans} nodes of {gpn} GPUs a token can reach {bound} nodes, "
                 f"more than topk_group={topk_group}; map expert groups to nodes"
