@@ -210,6 +210,12 @@ def test_prefill_attention_671b_dims():
     _check_prefill(1, 33, 19, 2, 192, 128, torch.bfloat16, 16, 32, 0)
 
 
+@pytest.mark.parametrize("dqk, dv", [(12, 8), (12, 16), (8, 8)])
+def test_prefill_attention_heads_narrower_than_a_dot(dqk, dv):
+    """dqk < 16, the smallest tl.dot: the first chunk must stop at the head (it read the next head's values)."""
+    _check_prefill(1, 5, 3, 3, dqk, dv, torch.float32, 16, 16, 0)
+
+
 def _specs():
     """(label, AOTSpec, PTX must contain) for one small specialisation of every kernel here (671B widths)."""
     bf, f32 = torch.bfloat16, torch.float32

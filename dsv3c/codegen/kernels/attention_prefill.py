@@ -33,7 +33,7 @@ def _attend(
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < T
         krow = k_ptr + n[:, None].to(tl.int64) * skt
-        ka = mma_operand(tl.load(krow + da[None, :], mask=nmask[:, None], other=0.0), dt, EXACT)
+        ka = mma_operand(tl.load(krow + da[None, :], mask=nmask[:, None] & (da < DQK)[None, :], other=0.0), dt, EXACT)
         s = tl.dot(qa, tl.trans(ka))
         if DB > 0:
             db = DA + tl.arange(0, DB)
@@ -71,7 +71,8 @@ def prefill_attention_kernel(
     dt: tl.constexpr = k_ptr.dtype.element_ty
     qrow = q_ptr + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqs
     da = tl.arange(0, DA)
-    qa = mma_operand(tl.load(qrow + da[None, :], mask=mmask[:, None], other=0.0), dt, EXACT)
+    # DA is at least 16 (the smallest tl.dot), so for dqk < 16 it runs past the head: mask it by DQK
+    qa = mma_operand(tl.load(qrow + da[None, :], mask=mmask[:, None] & (da < DQK)[None, :], other=0.0), dt, EXACT)
     qb = qa  # unused when DB == 0
     if DB > 0:
         db = DA + tl.arange(0, DB)
