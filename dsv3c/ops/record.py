@@ -40,8 +40,8 @@ class Cost:
 
     def as_dict(self) -> dict:
         """The cost as a plain dict (what `node.meta['cost']` holds)."""
-        return {"flops": self.flops, "bwd_flops": self.bwd_flops, "bytes": self.bytes,
-                "ib_bytes": self.ib_bytes, "nvlink_bytes": self.nvlink_bytes}  # fmt: skip
+        return {"flops": round(self.flops), "bwd_flops": round(self.bwd_flops), "bytes": round(self.bytes),
+                "ib_bytes": round(self.ib_bytes), "nvlink_bytes": round(self.nvlink_bytes)}  # fmt: skip
 
 
 @dataclass(frozen=True)
