@@ -154,8 +154,9 @@ def compile_model(
     check_shapes(cfg, mode, **shapes)  # reject impossible shapes before anything is written
     out = Path(out or f"build/{tgt.name}-{mode}")
     validate.check_compile(cfg, tgt, mode, shapes, [n for n, _ in items], kv_len, out, dump_dir)
-    if parallel not in (None, "auto"):
-        choose_layout(cfg, tgt, mode, parallel, expert_load)  # impossible degrees fail before any capture
+    layout = None
+    if parallel not in (None, "auto"):  # impossible degrees fail before any capture
+        layout = choose_layout(cfg, tgt, mode, parallel, expert_load)
     extra = inference_keys(cfg, tgt, mode, shapes, inference)  # and impossible units or batches
     stages = {}
     t2 = time.perf_counter()
@@ -165,13 +166,13 @@ def compile_model(
                  "micro_batches": micro_batches}
     if mode == "train" and parallel in (None, "auto"):  # the fastest layout that fits decides the mesh
         t3 = time.perf_counter()
-        chosen, cost_opts["search"] = plan_cost.choose_layout(cfg, tgt, figures, cost_opts)
+        chosen, cost_opts["search"] = plan_cost.fastest_layout(cfg, tgt, figures, cost_opts)
         stages["layout_search"] = time.perf_counter() - t3
         parallel, cost_opts["chosen_by"] = f"pp={chosen.pp},ep={chosen.ep}", "auto"
         cost_opts["schedule"], cost_opts["micro_batches"] = chosen.kind, chosen.micro_batches
         if any(name == "pipeline_partition" for name, _ in items):
             items = _with_schedule_options(items, mode, chosen.kind, chosen.micro_batches)
-    layout = choose_layout(cfg, tgt, mode, parallel, expert_load)
+    layout = layout or choose_layout(cfg, tgt, mode, parallel, expert_load)
     if mode == "train" and cost_opts.get("micro_batches") is None:  # given degrees: the step's micro-batches
         cost_opts["micro_batches"] = plan_cost.micro_batches_per_step(cost_opts, layout.mesh.dp)
         if any(name == "pipeline_partition" for name, _ in items):

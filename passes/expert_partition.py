@@ -34,6 +34,8 @@ import torch
 from torch import fx
 
 import dsv3c.ops  # noqa: F401  (registers torch.ops.dsv3)
+from dsv3c.eplb import contiguous_phy2log, inverse_tables
+from dsv3c.placement import ExpertPlacement, max_nodes_per_token_bound
 from dsv3c.ir import Plan, Program, layer_of
 from passes.registry import Option, register
 
@@ -45,16 +47,11 @@ class PartitionError(ValueError):
     """An EP degree, placement or node size the model's experts cannot be partitioned with."""
 
 
-def contiguous_placement(experts: int, layers: int = 1):
-    """(phy2log [L, E], log2phy [L, E, 1], logcnt [L, E]): slot p holds expert p, no replicas."""
-    phy2log = torch.arange(experts).repeat(layers, 1)
-    return phy2log, phy2log.clone().unsqueeze(-1), torch.ones(layers, experts, dtype=torch.long)
-
-
 def layer_tables(placement, index: int, key: str, experts: int):
     """The (phy2log [P], log2phy [E, R], logcnt [E]) of MoE layer number `index` (named `key`)."""
-    if placement is None:
-        return tuple(t[0] for t in contiguous_placement(experts))
+    if placement is None:  # contiguous, no replicas
+        phy2log = contiguous_phy2log(1, experts)
+        return (phy2log[0], *(t[0] for t in inverse_tables(phy2log, experts)))
     if isinstance(placement, dict):
         if key not in placement:
             raise PartitionError(f"placement has no tables for MoE layer {key}")
@@ -89,26 +86,14 @@ def check_tables(phy2log, log2phy, logcnt, experts: int, ep: int) -> int:
     return slots // ep
 
 
-def _node_sets(phy2log, experts: int, per_rank: int, gpus_per_node: int) -> list[set]:
-    """For each logical expert, the nodes of all its replicas."""
-    sets = [set() for _ in range(experts)]
-    for p, e in enumerate(phy2log.tolist()):
-        sets[e].add(p // per_rank // gpus_per_node)
-    return sets
-
-
 def max_nodes_per_token(phy2log, experts: int, n_group: int, topk_group: int, per_rank: int, gpus_per_node: int) -> int:
-    """The most nodes one token can reach: max over topk_group-sets of groups of their nodes' union."""
-    sets = _node_sets(phy2log, experts, per_rank, gpus_per_node)
-    size = experts // n_group
-    groups = [set().union(*sets[g * size : (g + 1) * size]) for g in range(n_group)]
-    best = 0
-    combos = itertools.combinations(range(n_group), topk_group)
-    if math.comb(n_group, topk_group) > 20000:  # too many to enumerate: sum of the largest (an upper bound)
-        return min(len(set().union(*groups)), sum(sorted(map(len, groups))[-topk_group:]))
-    for combo in combos:
-        best = max(best, len(set().union(*(groups[g] for g in combo))))
-    return best
+    """The most nodes one token can reach: max over topk_group-sets of groups of their replicas' nodes' union."""
+    ranks = phy2log.numel() // per_rank
+    gpn = min(gpus_per_node, ranks)
+    if ranks % gpn:
+        raise PartitionError(f"EP {ranks} is not whole nodes of {gpus_per_node} GPUs")
+    tables = (phy2log[None], *inverse_tables(phy2log[None], experts))
+    return max_nodes_per_token_bound(ExpertPlacement(ranks, gpn, *tables), n_group, topk_group).max
 
 
 def expected_targets(phy2log, log2phy, experts: int, n_group: int, topk_group: int, top_k: int, per_rank: int,

@@ -19,7 +19,7 @@ from dsv3c.ops import ref
 from dsv3c.passmgr.verify import verify
 from dsv3c.runtime.ep_run import run_ep
 from model_def import DeepseekV3, ModelConfig
-from passes.expert_partition import PartitionError, contiguous_placement
+from passes.expert_partition import PartitionError
 
 TINY = ModelConfig.preset("tiny")
 # two MoE layers (one main, the MTP block's), one dense: keeps capture and the gloo runs short
@@ -156,10 +156,6 @@ def test_dispatch_counts_ib_only_when_ep_spans_nodes(ep, gpn, quant):
     if spans and quant:  # FP8 + scales per (token, node) against BF16 per route
         assert c["ib_bytes"] < cc["ib_bytes"]
 
-
-def test_contiguous_placement_helper():
-    phy2log, log2phy, logcnt = contiguous_placement(8, layers=2)
-    assert phy2log.shape == (2, 8) and log2phy.shape == (2, 8, 1) and logcnt.sum() == 16
 
 
 @pytest.mark.parametrize("ranks,train", [(2, False), (2, True), (4, False), (4, True)])

@@ -35,7 +35,7 @@ def micro_batches_per_step(options: dict, dp: int) -> int:
     return max(1, (options.get("global_batch") or DEFAULT_GLOBAL_BATCH) // dp)
 
 
-def choose_layout(cfg, target, figures: dict | None, options: dict):
+def fastest_layout(cfg, target, figures: dict | None, options: dict):
     """(the fastest training layout that fits, the search) for `--parallel auto`; CostOptionError when none fits."""
     seq = options.get("seq") or 4096
     gb = options.get("global_batch") or DEFAULT_GLOBAL_BATCH
