@@ -373,7 +373,7 @@ def _user_errors() -> tuple:
     from dsv3c.passmgr.dumpview import DumpError
     from dsv3c.eplb import PlacementError
     from dsv3c.cost.constants import ConstantError
-    from dsv3c.cost.plan_cost import CostOptionError
+    from dsv3c.parallel import ParallelError
     from dsv3c.schedules import ScheduleError
     from passes import PassSpecError
     from model_def import ConfigError
@@ -381,7 +381,7 @@ def _user_errors() -> tuple:
     from targets import TargetError
 
     return (UsageError, ConfigError, TargetError, CaptureError, CheckpointError, OutputError, OptionError, PassSpecError,
-            DumpError, ScheduleError, PlacementError, ConstantError, CostOptionError)
+            DumpError, ScheduleError, PlacementError, ConstantError, ParallelError)
 
 
 def main(argv=None) -> int:

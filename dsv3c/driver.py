@@ -13,12 +13,15 @@ import targets
 from dsv3c import __version__
 from dsv3c import outdir, validate
 from dsv3c.frontend.exporter import capture, check_shapes
-from dsv3c.cost.figures import model_figures
+from dsv3c.cost.constants import Constants
+from dsv3c.cost.facts import analyse
+from dsv3c.cost.figures import REFERENCE_SHAPES, lift_positions, model_figures
+from dsv3c.cost.inference import UnitError
+from dsv3c.cost.plan_cost import inference_keys, schedule_timing, train_keys
 from dsv3c.ir import Plan
-from dsv3c.layout import choose_layout
+from dsv3c.parallel import ParallelError, plan_parallel
 from dsv3c.passmgr.dumps import Dumper
 from dsv3c.passmgr.pipeline import Printing, run_pipeline
-from dsv3c.cost import plan_cost
 from dsv3c.report import build_plan, write_report
 from dsv3c.runtime.artifact import PROGRAM_DIR, save_program
 from model_def import DeepseekV3, ModelConfig
@@ -76,48 +79,12 @@ def publish(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _with_schedule_options(items: list, mode: str, kind: str | None, micro_batches: int | None) -> list:
-    """The pass list with --schedule/--micro-batches as pipeline_partition's options (so pipeline.txt replays them)."""
-    wanted = {k: v for k, v in (("kind", kind), ("micro_batches", micro_batches)) if v is not None}
-    if not wanted:
-        return items
-    if mode != "train":
-        raise OptionError("--schedule and --micro-batches apply to training (--mode train) only")
-    if not any(name == "pipeline_partition" for name, _ in items):
-        raise OptionError("--schedule and --micro-batches need the pipeline_partition pass in --passes")
-    return [(n, {**o, **wanted} if n == "pipeline_partition" else o) for n, o in items]
-
-
-def check_schedule(cfg, mode: str, pp: int, items: list) -> None:
-    """Reject, before any work, a pipeline schedule the mesh and model cannot run (ScheduleError)."""
-    from dsv3c.schedules import ScheduleError, validate
-
-    opts = next((o for n, o in items if n == "pipeline_partition"), None)
-    if opts is None or mode != "train":
-        return
-    pp = opts.get("pp", pp)
-    kind = opts.get("kind", "dualpipe" if pp > 1 and pp % 2 == 0 else "1f1b")
-    validate(kind, pp, opts.get("micro_batches", 2 * pp))
-    stages = 2 * pp if kind == "dualpipev" else pp
-    if stages > cfg.num_hidden_layers + 2:
-        raise ScheduleError(f"{stages} pipeline stages for {cfg.num_hidden_layers} layers plus embedding and head")
-
-
-def _cost_parallel(mesh):
-    """The layout the cost model evaluates: the compiled mesh's degrees."""
-    return {"pp": mesh.pp, "ep": mesh.ep, "dp": mesh.dp, "tp": mesh.tp}
-
-
-def inference_keys(cfg, tgt, mode: str, shapes: dict, inference: dict | None) -> dict:
-    """prefill/decode: the deployment unit (`parallel`) and its figures (`inference`); {} for train."""
-    from dsv3c.cost.inference import UnitError, inference_plan
-
-    if mode not in ("prefill", "decode"):
-        return {}
-    try:
-        return inference_plan(cfg, tgt, mode, shapes, inference)
-    except UnitError as e:
-        raise OptionError(str(e)) from None
+def compile_facts(cfg, tgt, mode: str, shapes: dict, figures: dict, options: dict):
+    """The block facts the compile is priced on: the figures' capture when the shapes are the reference ones."""
+    if shapes == REFERENCE_SHAPES[mode]:
+        return figures["facts"][mode]
+    facts, _ = analyse(lift_positions(cfg, shapes), mode, shapes, tgt, passes.REGISTRY, options)
+    return facts
 
 
 def compile_model(
@@ -142,42 +109,43 @@ def compile_model(
     cost_options: dict | None = None,
     inference: dict | None = None,
 ) -> dict:
-    """Compile cfg for target and mode; writes plan.json and report.txt (and kernels) to out; returns the plan."""
+    """Compile cfg for target and mode; writes plan.json and report.txt (and kernels) to out; returns the plan.
+
+    A straight line: target → block facts (reduced captures) → ParallelPlan (priced) → capture → passes → report.
+    """
     tgt = targets.get_target(target)
     mode = mode or default_mode(tgt)
     shapes = dict(DEFAULT_SHAPES.get(mode, DEFAULT_SHAPES["train"]))
     shapes.update({k: v for k, v in dict(batch=batch, seq=seq, kv_len=kv_len).items() if v is not None})
     items = passes.parse_pipeline(pipeline) if pipeline is not None else [(n, {}) for n in passes.default_pipeline()]
-    items = _with_schedule_options(items, mode, schedule, micro_batches)
     if dump_mlir is not None and not 0 <= dump_mlir < cfg.num_hidden_layers:
         raise OptionError(f"--dump-mlir layer {dump_mlir} is out of range 0..{cfg.num_hidden_layers - 1}")
     check_shapes(cfg, mode, **shapes)  # reject impossible shapes before anything is written
     out = Path(out or f"build/{tgt.name}-{mode}")
     validate.check_compile(cfg, tgt, mode, shapes, [n for n, _ in items], kv_len, out, dump_dir)
-    layout = None
-    if parallel not in (None, "auto"):  # impossible degrees fail before any capture
-        layout = choose_layout(cfg, tgt, mode, parallel, expert_load)
-    extra = inference_keys(cfg, tgt, mode, shapes, inference)  # and impossible units or batches
+    cost_options = cost_options or {}
+    sets = dict(cost_options.get("sets") or {})
+    if (inference or {}).get("mtp_acceptance") is not None:
+        sets["mtp_acceptance"] = inference["mtp_acceptance"]
+    constants = Constants.for_target(tgt).with_overrides(sets)
+    opts = {**(options or {}), "constants": constants}
     stages = {}
-    t2 = time.perf_counter()
-    figures = model_figures(cfg, tgt, passes.REGISTRY)
-    stages["model_figures"] = time.perf_counter() - t2
-    cost_opts = {**(cost_options or {}), "policy": (options or {}).get("precision"), "schedule": schedule,
-                 "micro_batches": micro_batches}
-    if mode == "train" and parallel in (None, "auto"):  # the fastest layout that fits decides the mesh
-        t3 = time.perf_counter()
-        chosen, cost_opts["search"] = plan_cost.fastest_layout(cfg, tgt, figures, cost_opts)
-        stages["layout_search"] = time.perf_counter() - t3
-        parallel, cost_opts["chosen_by"] = f"pp={chosen.pp},ep={chosen.ep}", "auto"
-        cost_opts["schedule"], cost_opts["micro_batches"] = chosen.kind, chosen.micro_batches
-        if any(name == "pipeline_partition" for name, _ in items):
-            items = _with_schedule_options(items, mode, chosen.kind, chosen.micro_batches)
-    layout = layout or choose_layout(cfg, tgt, mode, parallel, expert_load)
-    if mode == "train" and cost_opts.get("micro_batches") is None:  # given degrees: the step's micro-batches
-        cost_opts["micro_batches"] = plan_cost.micro_batches_per_step(cost_opts, layout.mesh.dp)
-        if any(name == "pipeline_partition" for name, _ in items):
-            items = _with_schedule_options(items, mode, None, cost_opts["micro_batches"])
-    check_schedule(cfg, mode, layout.mesh.pp, items)
+    t0 = time.perf_counter()
+    figures = model_figures(cfg, tgt, passes.REGISTRY, opts)
+    facts = compile_facts(cfg, tgt, mode, shapes, figures, opts)
+    stages["model_figures"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    try:
+        planned = plan_parallel(cfg, tgt, mode, parallel, facts=facts, constants=constants, expert_load=expert_load,
+                                kind=schedule, micro_batches=micro_batches,
+                                global_batch=cost_options.get("global_batch"),
+                                flops_per_token=(facts.flops_per_token(main_only=True), facts.hardware_flops_per_token()))
+        latent = figures["kv_cache_bytes_per_token"]["latent"]
+        kv = {"main": latent, "mtp": latent // cfg.num_hidden_layers * cfg.num_nextn_predict_layers}
+        priced = None if mode == "train" else inference_keys(planned, cfg, tgt, facts, constants, kv)
+    except (ParallelError, UnitError) as e:
+        raise OptionError(str(e)) from None
+    stages["parallel_plan"] = time.perf_counter() - t0
     created = missing_parents(out)
     staging = prepare_output(out)
     try:
@@ -185,8 +153,8 @@ def compile_model(
         model = DeepseekV3(cfg, device="meta", dtype=torch.bfloat16)
         program = capture(cfg, mode, model=model, **shapes)
         stages["capture"] = time.perf_counter() - t0
-        ir_plan = Plan(program, tgt, options={**(options or {}), "out": str(staging), "placement": layout.tables})
-        ir_plan.analyses.mesh = layout.mesh
+        ir_plan = Plan(program, tgt, options={**opts, "out": str(staging)})
+        ir_plan.analyses.parallel = planned.plan
         dumper = Dumper(outdir.prepare_dump_dir(dump_dir), dump_mlir) if dump_dir else None
         if dumper:
             settings = {"mode": mode, "target": tgt.name, **{k: v for k, v in shapes.items() if v}}
@@ -195,16 +163,14 @@ def compile_model(
         records = run_pipeline(ir_plan, items, passes.REGISTRY, passes.CAPTURED_OPS, dumper, printing, progress, repro)
         stages["passes"] = time.perf_counter() - t1
         plan = build_plan(__version__, parameter_counts(model), figures, ir_plan, records)
-        plan["parallel"] = layout.mesh.to_dict()
-        plan["experts"] = layout.placement_dict(cfg)
+        plan["parallel"] = planned.plan.to_dict()
+        plan["experts"] = planned.plan.experts_dict()
         if mode == "train":
-            t3 = time.perf_counter()
-            plan.update(plan_cost.cost_plan(cfg, tgt, figures, {**cost_opts, "out": staging,
-                                                                 "parallel": _cost_parallel(layout.mesh)}))
-            stages["cost_model"] = time.perf_counter() - t3
-        if extra:
-            plan.setdefault("parallel", extra["parallel"])  # unless the compile wrote its own mesh
-            plan["inference"] = extra["inference"]
+            plan.update(train_keys(planned, constants, staging))
+            if "schedule" in plan:
+                plan["schedule"].update(schedule_timing(planned.evaluation))
+        else:
+            plan.update(priced)
         if ir_plan.analyses.call_specs is not None:
             plan["program"] = save_program(ir_plan.program, ir_plan.analyses.call_specs, staging / PROGRAM_DIR)
         write_report(plan, staging)

@@ -94,13 +94,15 @@ def report_text(plan: dict) -> str:
     if plan["kernels"]:
         rows = [[k["name"], k["op"], k["arch"], k["num_warps"], k["num_stages"], k["shared_bytes"]] for k in plan["kernels"]]
         sections.append(("Kernels", rows, ["kernel", "op", "arch", "warps", "stages", "shared bytes"]))
-    from dsv3c.cost.plan_cost import report_tables
+    from dsv3c.cost.tables import constant_table, inference_tables, train_tables
 
-    sections.extend(report_tables(plan))
+    if "cost" in plan:
+        sections += train_tables(plan)
     if "inference" in plan:
-        from dsv3c.cost.inference import report_sections
-
-        sections += report_sections(plan["inference"])
+        sections += inference_tables(plan["inference"])
+    if "cost_constants" in plan:
+        note = (plan.get("cost") or plan.get("inference") or {}).get("calibration", "")
+        sections.append(constant_table(plan["cost_constants"], note))
     parts = [f"dsv3c {plan['dsv3c_version']} — {m['name']} for {plan['target']['name']}\n"]
     for title, rows, *headers in sections:
         parts.append(f"{title}\n{tabulate(rows, headers=headers[0] if headers else (), disable_numparse=True)}\n")

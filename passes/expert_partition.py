@@ -11,10 +11,10 @@ shape [S, ...] (S = slots per rank) holding rank 0's binding; the runtime binds 
 r·S .. r·S+S−1 from the placement (`program.ep` records, per layer, the tables and which
 stacked weight each local placeholder is cut from). The placement tables are int64 weights of the graph.
 
-Options: `ep` (EP degree, default 1) and `gpus_per_node` (pass options); `placement` (compile-wide, `plan.options`: (per MoE layer, in graph order: a
-(phy2log [L, P], log2phy [L, E, R], logcnt [L, E]) triple as `dsv3c.eplb.rebalance_experts` returns,
-a list of per-layer triples, or a dict by layer name 'layers.N' / 'mtp.K'; default contiguous, no
-replicas); `gpus_per_node` (default: the target's, else 8). EP rank r sits on node r // gpus_per_node.
+The layout comes from the Plan's `parallel` analysis (the ParallelPlan): the EP degree, GPUs per node
+and the placement (per MoE layer in graph order, MTP last: phy2log [L, P], log2phy [L, E, R], logcnt
+[L, E] as `dsv3c.eplb.rebalance_experts` returns them; none: contiguous, no replicas). EP rank r sits
+on node r // gpus_per_node.
 
 Node-limited routing, proven from the placement: a token picks `topk_group` groups, so the nodes it
 can reach are the union of its groups' node sets (an expert's node set = the nodes of all its
@@ -37,7 +37,7 @@ import dsv3c.ops  # noqa: F401  (registers torch.ops.dsv3)
 from dsv3c.eplb import contiguous_phy2log, inverse_tables
 from dsv3c.placement import ExpertPlacement, max_nodes_per_token_bound
 from dsv3c.ir import Plan, Program, layer_of
-from passes.registry import Option, register
+from passes.registry import register
 
 dsv3 = torch.ops.dsv3
 EXPERT_OPS = ("moe_experts", "moe_experts_fp8_train", "moe_experts_fp8")
@@ -48,23 +48,14 @@ class PartitionError(ValueError):
 
 
 def layer_tables(placement, index: int, key: str, experts: int):
-    """The (phy2log [P], log2phy [E, R], logcnt [E]) of MoE layer number `index` (named `key`)."""
-    if placement is None:  # contiguous, no replicas
+    """The (phy2log [P], log2phy [E, R], logcnt [E]) of MoE layer number `index` (named `key`) of a stacked placement
+    (None: contiguous, no replicas)."""
+    if placement is None:
         phy2log = contiguous_phy2log(1, experts)
         return (phy2log[0], *(t[0] for t in inverse_tables(phy2log, experts)))
-    if isinstance(placement, dict):
-        if key not in placement:
-            raise PartitionError(f"placement has no tables for MoE layer {key}")
-        tables = placement[key]
-    elif isinstance(placement, tuple) and len(placement) == 3 and isinstance(placement[0], torch.Tensor) and placement[0].dim() == 2:
-        if index >= placement[0].shape[0]:
-            raise PartitionError(f"placement covers {placement[0].shape[0]} MoE layers; the graph has more")
-        tables = tuple(t[index] for t in placement)
-    else:
-        if index >= len(placement):
-            raise PartitionError(f"placement covers {len(placement)} MoE layers; the graph has more")
-        tables = placement[index]
-    return tuple(torch.as_tensor(t, dtype=torch.long) for t in tables)
+    if index >= placement[0].shape[0]:
+        raise PartitionError(f"placement covers {placement[0].shape[0]} MoE layers; the graph has more ({key})")
+    return tuple(torch.as_tensor(t[index], dtype=torch.long) for t in placement)
 
 
 def check_tables(phy2log, log2phy, logcnt, experts: int, ep: int) -> int:
@@ -184,20 +175,16 @@ def _rewrite(program: Program, node: fx.Node, index: int, key: str, tables, ep: 
     "replaces each experts op by dispatch (FP8) / local grouped GEMM / combine (BF16); one SPMD graph per rank",
     adds=["ep_dispatch", "ep_experts", "ep_experts_fp8", "ep_combine"],
     removes=list(EXPERT_OPS),
+    reads=["parallel"],
     writes=["placement"],
-    options={"ep": Option("expert-parallel degree", parse=int),
-             "gpus_per_node": Option("GPUs per node (default: the target's)", parse=int)},
 )
 def expert_partition(plan: Plan, opts: dict):
-    """Partition every MoE layer's experts over the `ep` option's ranks; report placement and node-limit figures."""
+    """Partition every MoE layer's experts over the parallel plan's EP ranks; report placement and node-limit figures."""
     program = plan.program
-    mesh = plan.analyses.mesh
-    ep = opts.get("ep", mesh.ep if mesh is not None else 1)
-    if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
-        raise PartitionError(f"ep must be a positive integer, got {ep!r}")
-    gpn = opts.get("gpus_per_node") or plan.target.gpus_per_node
+    layout = plan.analyses.parallel
+    ep, gpn = layout.mesh.ep, layout.mesh.gpus_per_node
     spans = -(-ep // gpn)
-    placement = plan.options.get("placement")
+    placement = layout.tables()
     targets = [n for n in program.graph.nodes if n.op == "call_function" and dsv3c.ops.op_name(n.target) in EXPERT_OPS]
     layers, per_layer = {}, []
     for index, node in enumerate(targets):

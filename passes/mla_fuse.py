@@ -6,8 +6,9 @@ Per attention block (found by module path, e.g. 'layers.5.self_attn'):
    per segment and the FP8 GEMM's block indexing (scale row = output row // 128) needs no change;
    program.weight_segments records each fused weight's (source fqn, rows) segments.
 2. Prefill/decode caches become latent: c^KV after its norm (r) and the RoPE key k^R (dr) per token.
-3. The cost model compares the plain form (up-project K and V for every key) with the absorbed form
-   (q·W^UK against the latent cache, W^UV after attention) for the captured shapes and picks the cheaper.
+3. The pricing module compares the plain form (up-project K and V for every key) with the absorbed form
+   (q·W^UK against the latent cache, W^UV after attention) for the captured shapes and picks the cheaper,
+   with the compile's cost constants (`plan.options['constants']`, default the target's).
 4. Training: RMSNorms and the up-projections are marked for recomputation in backward.
 """
 
@@ -18,6 +19,7 @@ from torch import fx
 from torch.utils.checkpoint import CheckpointPolicy
 
 import dsv3c.ops  # noqa: F401  (registers torch.ops.dsv3)
+from dsv3c.cost.constants import Constants
 from dsv3c.cost.mla import attention_form_costs, cheapest_buildable
 from dsv3c.ir import Plan, Program, module_path
 from dsv3c.ir.precision import resolve_policy
@@ -81,7 +83,8 @@ def mla_fuse(plan: Plan, opts: dict):
         dv=cfg.v_head_dim, r=cfg.kv_lora_rank, elt=q.element_size(),
     )  # fmt: skip
     proj_dtype = resolve_policy(plan.options.get("precision"))["attention_proj"]
-    costs = attention_form_costs(shape, plan.target, program.mode, proj_dtype)
+    constants = plan.options.get("constants") or Constants.for_target(plan.target)
+    costs = attention_form_costs(shape, plan.target, program.mode, proj_dtype, constants)
     form = opts.get("form", "auto")
     form = cheapest_buildable(costs) if form == "auto" else form
     fused, stale_inputs = 0, []

@@ -1,1 +1,2 @@
-"""The cost package: node costs, roofline with the compute SMs, communication over the topology, model figures."""
+"""The one cost model: op facts per block (facts, figures), the pricing module (price, calibration, constants),
+the training and inference costs (train, inference), and the priced plan for plan.json (plan_cost, tables)."""

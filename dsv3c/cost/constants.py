@@ -1,9 +1,13 @@
-"""Every constant of the training cost model, named, with its value, unit and source.
+"""Every constant of the cost model, named, with its value, unit, source and published range: one table.
 
-`Constants.for_target(target)` takes the link figures from the target (so an H100 or a user's TOML
-cluster prices its own links); `with_overrides({"name": value})` is what `--set name=value` calls.
-Sources: "measured" (someone ran it and published the figure), "datasheet" (vendor peak), "assumed"
-(our estimate; the first thing to revisit with a profile).
+The kernel and link constants come from `dsv3c.cost.calibration` (calibrated on published kernel- and
+link-level measurements); the planner's own constants (memory, optimizer, overlap, inference) are below.
+`Constants.for_target(target)` takes the target's values where it has them (comm SMs, links);
+`with_overrides({"name": value})` is what `--set name=value` calls, in every mode; `at("fast")` /
+`at("slow")` put every constant at the end of its range that makes the step faster / slower, which gives
+each reported figure its low–high range. Sources: "measured" (someone ran it and published the figure),
+"datasheet" (vendor peak), "fit" (fitted to published measurements), "assumed" (our estimate, with the
+range we believe), "target" (from the target description), "override" (`--set`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from dsv3c.cost import calibration
+
 
 class ConstantError(ValueError):
     """An unknown cost-model constant or a value that is not a positive number."""
@@ -19,67 +25,90 @@ class ConstantError(ValueError):
 
 @dataclass(frozen=True)
 class Constant:
-    """One constant: value, unit, source kind and a short citation."""
+    """One constant: value, unit, source kind, citation, and its range with the end that makes things faster."""
 
     name: str
     value: float
     unit: str
-    source: str  # measured | datasheet | assumed | target
+    source: str
     note: str
+    low: float | None = None
+    high: float | None = None
+    faster: str = "high"  # which end of [low, high] makes the modelled step faster
 
     def to_dict(self) -> dict:
         """JSON form for plan.json."""
-        return {"value": self.value, "unit": self.unit, "source": self.source, "note": self.note}
+        out = {"value": self.value, "unit": self.unit, "source": self.source, "note": self.note}
+        if self.low is not None:
+            out["range"] = [self.low, self.high]
+        return out
+
+    def bound(self, which: str) -> float:
+        """The value at the 'fast' or 'slow' end of the range (the value itself when it has none)."""
+        if self.low is None:
+            return self.value
+        fast = self.high if self.faster == "high" else self.low
+        slow = self.low if self.faster == "high" else self.high
+        return fast if which == "fast" else slow
 
 
-# name: (value, unit, source, citation). Link bandwidths are per GPU, one direction.
-DEFAULTS: dict[str, tuple[float, str, str, str]] = {
-    "nvlink_GBps": (160.0, "GB/s", "measured",
-                    "DeepEP on H800: ~153-158 GB/s intranode dispatch/combine (target's nvlink_achieved)"),
-    "ib_GBps": (50.0, "GB/s", "measured",
-                "DeepEP on H800: 43-58 GB/s internode per GPU, CX7 400 Gb/s (target's NIC)"),
-    "comm_sms": (20, "SMs", "measured",
-                 "DeepSeek-V3 report sec. 3.2.2: 20 of 132 SMs run dispatch/combine (target's comm_sms)"),
-    "comm_sms_saturate": (20, "SMs", "measured",
-                          "DeepSeek-V3 report: 20 SMs suffice to saturate IB and NVLink; fewer scale bandwidth down"),
-    "gemm_efficiency": (0.60, "fraction of peak", "assumed",
-                        "achieved/peak of large FP8/BF16 GEMMs on the compute SMs (DeepGEMM reports 0.6-0.75 FP8)"),
-    "attention_efficiency": (0.45, "fraction of peak", "assumed",
-                             "achieved/peak of the BF16 attention core and other non-GEMM FLOPs (FlashAttention-3 fwd+bwd)"),
-    "hbm_efficiency": (0.80, "fraction of peak", "assumed", "achieved/peak HBM bandwidth of streaming kernels"),
-    "dp_exposed_fraction": (1.0, "fraction", "assumed",
-                            "share of the ZeRO-1 reduce-scatter/all-gather not hidden under the step's tail"),
-    "pp_exposed_fraction": (1.0, "fraction", "assumed",
-                            "share of a pipeline send on the critical path (the simulator charges it per hop)"),
-    "grad_reduce_bytes": (4, "bytes/param", "assumed",
-                          "gradient reduce-scatter dtype: FP32 (DeepSeek-V3 accumulates gradients in FP32)"),
-    "param_gather_bytes": (2, "bytes/param", "assumed", "parameter all-gather dtype after the optimizer step: BF16"),
-    "comm_buffer_factor": (2.0, "x", "assumed",
-                           "dispatch/combine buffers held at once (two micro-batches in flight in an F&B pair)"),
-    "workspace_GB": (2.0, "GB", "assumed", "CUDA context, allocator slack and kernel workspaces per GPU"),
-    "kernel_overhead_us": (30.0, "us/layer/chunk", "assumed",
-                           "launch gaps and small kernels (norms, routing, permutes) per layer per chunk"),
+# name: (value, unit, source, citation, low, high, faster)
+PLANNER: dict[str, tuple] = {
+    "comm_sms": (20, "SMs", "measured", "DeepSeek-V3 report 3.2.2: 20 of 132 SMs run dispatch/combine in training "
+                 "and prefill (the target's comm_sms)", None, None, "low"),
+    "grad_reduce_bytes": (4, "bytes/param", "assumed", "gradient reduce-scatter in FP32 (DeepSeek-V3 accumulates "
+                          "gradients in FP32)", 2, 4, "low"),
+    "param_gather_bytes": (2, "bytes/param", "assumed", "parameter all-gather in BF16 after the optimizer step",
+                           None, None, "low"),
+    "grad_accum_bytes": (8, "bytes/param", "assumed", "FP32 gradient accumulation per micro-batch: read and write "
+                         "the FP32 gradient (fused into the Wgrad epilogue it costs these bytes)", 0, 8, "low"),
+    "optimizer_bytes_per_param": (22, "bytes/param", "assumed", "AdamW on the ZeRO-1 shard: read FP32 grad and "
+                                  "master, BF16 moments; write master, moments and the BF16 weight", 18, 26, "low"),
+    "dp_exposed_fraction": (1.0, "fraction", "assumed", "share of the ZeRO-1 reduce-scatter/all-gather on the step's "
+                            "critical path (it starts after the last backward)", 0.5, 1.0, "low"),
+    "comm_buffer_factor": (2.0, "x", "assumed", "dispatch/combine buffers held at once (two micro-batches in "
+                           "flight in an F&B pair)", None, None, "low"),
+    "workspace_GB": (2.0, "GB", "assumed", "training: CUDA context, allocator slack and kernel workspaces per GPU",
+                     None, None, "low"),
+    "expert_imbalance": (1.0, "max/mean", "assumed", "routes arriving at the busiest GPU over the mean without a "
+                         "load file (balanced, as in DeepSeek's profiles; --expert-load measures it)", None, None,
+                         "low"),
+    "mtp_acceptance": (0.85, "fraction", "measured", "DeepSeek-V3 report 5.4.3: the second token is accepted 85-90 %",
+                       0.85, 0.90, "high"),
+    "hbm_reserved_fraction": (0.05, "fraction", "assumed", "inference: CUDA context and allocator fragmentation",
+                              None, None, "low"),
+    "inference_buffers_GB": (6.0, "GB", "assumed", "inference: DeepEP buffers (~2 GB) and activation/GEMM "
+                             "workspaces of one step (~4 GB) per GPU", None, None, "low"),
+    "inference_micro_batches": (2, "", "measured", "DeepSeek-V3 report 3.4: two micro-batches overlapped in prefill "
+                                "and decode", None, None, "low"),
 }
+_MAY_BE_ZERO = {"dp_exposed_fraction", "workspace_GB", "comm_buffer_factor", "grad_accum_bytes", "inference_buffers_GB",
+                "hbm_reserved_fraction", "mtp_acceptance", "comm_sms"}
+_FRACTIONS = {"dp_exposed_fraction", "mtp_acceptance", "hbm_reserved_fraction"}
+_INTEGERS = {"comm_sms", "inference_micro_batches"}
+
+
+def _entry(name: str, spec: tuple) -> Constant:
+    value, unit, source, note, low, high, faster = spec
+    return Constant(name, float(value), unit, source, note, None if low is None else float(low),
+                    None if high is None else float(high), faster)
 
 
 class Constants:
     """The constant set in use: defaults, then target values, then user overrides (`--set`)."""
 
     def __init__(self, entries: dict[str, Constant] | None = None):
-        self._c = dict(entries) if entries is not None else {
-            k: Constant(k, float(v), u, s, n) for k, (v, u, s, n) in DEFAULTS.items()}
+        if entries is None:
+            entries = {k: _entry(k, v) for table in (calibration.CONSTANTS, PLANNER) for k, v in table.items()}
+        self._c = dict(entries)
 
     @classmethod
     def for_target(cls, target) -> "Constants":
-        """Defaults with the link figures and comm SMs of the target."""
+        """Defaults with the target's own values: its comm SMs."""
         c = cls()
-        g = target.gpu
-        upd = {"nvlink_GBps": g.nvlink_achieved / 1e9, "ib_GBps": target.nic_bandwidth / 1e9,
-               "comm_sms": float(target.comm_sms)}
-        for k, v in upd.items():
-            if not math.isclose(v, c[k]):
-                c._c[k] = dataclasses.replace(c._c[k], value=float(v), source="target",
-                                              note=f"from target {target.name}; " + c._c[k].note)
+        if not math.isclose(float(target.comm_sms), c["comm_sms"]):
+            c._c["comm_sms"] = dataclasses.replace(c._c["comm_sms"], value=float(target.comm_sms), source="target",
+                                                   note=f"from target {target.name}")
         return c
 
     def __getitem__(self, name: str) -> float:
@@ -87,6 +116,10 @@ class Constants:
 
     def __contains__(self, name: str) -> bool:
         return name in self._c
+
+    def keys(self):
+        """Constant names, in definition order (a Constants is a mapping name -> value)."""
+        return self._c.keys()
 
     def names(self) -> list[str]:
         """Constant names, in definition order."""
@@ -104,25 +137,31 @@ class Constants:
                 raise ConstantError(f"unknown cost constant '{name}' (known: {', '.join(out)})")
             try:
                 value = float(raw)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise ConstantError(f"cost constant '{name}' needs a number, got {raw!r}") from None
             if not math.isfinite(value) or value < 0 or (value == 0 and name not in _MAY_BE_ZERO):
                 raise ConstantError(f"cost constant '{name}' must be a positive number, got {raw!r}")
-            if name.endswith("efficiency") and value > 1:
-                raise ConstantError(f"cost constant '{name}' is a fraction of peak and must be <= 1, got {raw!r}")
-            out[name] = dataclasses.replace(out[name], value=value, source="override", note="--set " + name)
+            if value != 0 and abs(value) < 1e-12:
+                raise ConstantError(f"cost constant '{name}' = {raw} is too small to be meaningful")
+            if (name in _FRACTIONS or name.endswith("eta") or name.endswith("efficiency")) and value > 1:
+                raise ConstantError(f"cost constant '{name}' is a fraction and must be <= 1, got {raw!r}")
+            if name in _INTEGERS and value != int(value):
+                raise ConstantError(f"cost constant '{name}' must be a whole number, got {raw!r}")
+            out[name] = dataclasses.replace(out[name], value=value, source="override", note="--set " + name,
+                                            low=None, high=None)
         return Constants(out)
 
+    def at(self, which: str) -> "Constants":
+        """Every constant at the end of its range that makes the step 'fast' or 'slow'."""
+        return Constants({k: dataclasses.replace(c, value=c.bound(which)) for k, c in self._c.items()})
+
     def to_dict(self) -> dict:
-        """JSON form: name -> {value, unit, source, note}."""
+        """JSON form: name -> {value, unit, source, note[, range]}."""
         return {k: c.to_dict() for k, c in self._c.items()}
 
     def key(self) -> tuple:
         """A hashable identity (for caches)."""
         return tuple((k, c.value) for k, c in self._c.items())
-
-
-_MAY_BE_ZERO = {"dp_exposed_fraction", "pp_exposed_fraction", "workspace_GB", "kernel_overhead_us", "comm_buffer_factor"}
 
 
 def parse_sets(items) -> dict:

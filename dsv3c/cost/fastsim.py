@@ -10,6 +10,7 @@ the layout search uses this, the report's trace uses `simulate` itself.
 
 from __future__ import annotations
 
+from collections import Counter
 from functools import lru_cache
 
 from dsv3c.schedules.actions import ScheduleError, layout_of, parse
@@ -90,8 +91,8 @@ class CompiledSchedule:
             for ops in rank_ops:
                 if len(ops) == 2:
                     self.pair_parts[ops[0].stage] = (ops[0].kind, ops[1].kind, ops[1].stage)
-        peaks = peaks_of(actions)
-        self.peaks = peaks
+        self.peaks = peaks_of(actions)
+        self.action_counts = Counter((rank, key) for rank, key, _ in order)  # (rank, duration key) -> actions
 
     def step(self, durations: dict, comm: float = 0.0) -> tuple[float, list[float]]:
         """(step time, busy time per rank) under per-stage durations {F, B, I, W, F&B: list by stage}."""

@@ -1,21 +1,20 @@
-"""Model-level figures computed from captured graphs: FLOPs per token per mode (model, main, hardware), KV bytes.
+"""Model-level figures from captured graphs: FLOPs per token per mode (model, main, hardware) and KV cache bytes.
 
-Every dense block has the same shapes, and so has every MoE block; so each mode is captured with one
-block of each kind (plus MTP), run through dce, mla_fuse and cost, and the per-block costs are multiplied
-by the block counts of the config. `tests/test_pipeline.py` checks this equals the full-depth graph's cost.
+Each mode is captured once at its reference shape with one block of each kind (`dsv3c.cost.facts`), and the
+per-block costs are multiplied by the block counts of the config; `tests/test_pipeline.py` checks this equals
+the full-depth graph's cost. The same captures give the block facts the pricing module reads.
 
 Conventions: `flops_per_token` are model FLOPs (train = 3 x forward, causal attention, no recomputation;
 MTP included), `flops_per_token_main` the same without the MTP module, `hardware_flops_per_token` what the
 hardware executes (backward as executed — attention's backward recomputes its scores — plus the forward
-of the RMSNorms and up-projections recomputed in backward).
+of the RMSNorms and up-projections recomputed in backward). They are counted before fp8_quant: the
+quantisation kernels are work of the recipe, not of the model.
 """
 
 import dataclasses
 
+from dsv3c.cost.facts import analyse
 from dsv3c.cost.nodes import hardware_flops, model_flops
-from dsv3c.frontend.exporter import capture
-from dsv3c.ir import Plan
-from dsv3c.ops.record import nbytes
 from model_def import ModelConfig
 
 # the shapes the per-token figures refer to: DeepSeek-V3's 4K training/prefill length, decode at 4K context
@@ -24,14 +23,6 @@ REFERENCE_SHAPES = {
     "prefill": {"batch": 1, "seq": 4096, "kv_len": 0},
     "decode": {"batch": 1, "seq": 1, "kv_len": 4096},
 }
-FIGURE_PASSES = ("dce", "mla_fuse", "cost")
-
-
-def reduced_config(cfg: ModelConfig) -> ModelConfig:
-    """The config with at most one dense and one MoE block (MTP kept)."""
-    dense = min(cfg.first_k_dense_replace, cfg.num_hidden_layers, 1)
-    moe = 1 if cfg.num_hidden_layers > cfg.first_k_dense_replace and cfg.n_routed_experts else 0
-    return dataclasses.replace(cfg, num_hidden_layers=dense + moe, first_k_dense_replace=dense)
 
 
 def block_multiplicity(cfg: ModelConfig, reduced: ModelConfig) -> dict[str, int]:
@@ -54,56 +45,42 @@ def scaled_totals(per_layer: dict, mult: dict, main_only: bool = False) -> dict:
     return out
 
 
-def mode_figures(cfg: ModelConfig, mode: str, target, registry: dict, shapes: dict | None = None) -> dict:
-    """FLOPs per token (model, main, hardware) and for decode the KV cache bytes per token, naive and latent."""
+def mode_figures(cfg: ModelConfig, mode: str, target, registry: dict, shapes: dict | None = None,
+                 options: dict | None = None) -> dict:
+    """FLOPs per token (model, main, hardware), the block facts and for decode the KV cache bytes per token."""
     shapes = shapes or REFERENCE_SHAPES[mode]
-    reduced = reduced_config(cfg)
-    mult = block_multiplicity(cfg, reduced)
-    plan = Plan(capture(reduced, mode, **shapes), target)
-    out = {}
-    for name in FIGURE_PASSES:
-        if name == "mla_fuse" and mode == "decode":
-            out["kv_naive"] = cache_bytes_per_token(plan.program, mult, shapes)
-        registry[name].fn(plan, {})
-    if mode == "decode":
-        out["kv_latent"] = cache_bytes_per_token(plan.program, mult, shapes)
-    per_layer = plan.analyses.costs["per_layer"]
+    facts, found = analyse(cfg, mode, shapes, target, registry, options)
+    mult = block_multiplicity(cfg, found["reduced"])
+    per_layer = found["costs"]["per_layer"]
     tokens = shapes["batch"] * shapes["seq"]
     train = mode == "train"
     full, main = scaled_totals(per_layer, mult), scaled_totals(per_layer, mult, main_only=True)
-    out["model"] = model_flops(full, train) // tokens
-    out["main"] = model_flops(main, train) // tokens
-    out["hardware"] = hardware_flops(full) // tokens
-    if train:  # per-block costs for the training cost model (dsv3c.cost.train), at this micro-batch shape
-        from dsv3c.cost.blocks import blocks_from_per_layer
-
-        out["blocks"] = {"tokens": tokens, "seq": shapes["seq"], "blocks": blocks_from_per_layer(cfg, per_layer)}
+    out = {"model": model_flops(full, train) // tokens, "main": model_flops(main, train) // tokens,
+           "hardware": hardware_flops(full) // tokens, "facts": facts}
+    if mode == "decode":
+        per_token = shapes["batch"] * shapes["kv_len"]
+        for key in ("naive", "latent"):
+            caches = found["caches_" + key]
+            out["kv_" + key] = sum(b * mult[layer] for layer, b in caches.items() if layer in mult) // per_token
     return out
 
 
-def cache_bytes_per_token(program, mult: dict, shapes: dict) -> int:
-    """KV cache bytes per token of context over the main model's blocks (MTP's own cache excluded)."""
-    total = 0
-    for node in program.placeholders():
-        if node.name.startswith("past_"):
-            layer = f"layers.{node.name.split('_')[1]}"
-            if layer in mult:
-                total += nbytes(node.meta["val"]) * mult[layer]
-    return total // (shapes["batch"] * shapes["kv_len"])
+def lift_positions(cfg: ModelConfig, shapes: dict) -> ModelConfig:
+    """cfg with max_position_embeddings raised to hold shapes (it bounds positions and changes no shape)."""
+    return dataclasses.replace(cfg, max_position_embeddings=max(cfg.max_position_embeddings,
+                                                                shapes["seq"] + shapes["kv_len"]))
 
 
-def model_figures(cfg: ModelConfig, target, registry: dict) -> dict:
-    """FLOPs per token for train, prefill and decode (model, main, hardware) and KV cache bytes per token."""
-    # max_position_embeddings only bounds positions and changes no shape: lift it so that a model with
-    # a shorter context (the tiny preset) can be measured at the reference shapes too
-    need = max(s["seq"] + s["kv_len"] for s in REFERENCE_SHAPES.values())
-    cfg = dataclasses.replace(cfg, max_position_embeddings=max(cfg.max_position_embeddings, need))
-    figures = {mode: mode_figures(cfg, mode, target, registry) for mode in ("train", "prefill", "decode")}
+def model_figures(cfg: ModelConfig, target, registry: dict, options: dict | None = None) -> dict:
+    """FLOPs per token for train, prefill and decode (model, main, hardware), KV cache bytes per token, block facts."""
+    need = {"batch": 1, "seq": max(s["seq"] + s["kv_len"] for s in REFERENCE_SHAPES.values()), "kv_len": 0}
+    cfg = lift_positions(cfg, need)  # so that a model with a shorter context (tiny) is measured at the reference too
+    figures = {mode: mode_figures(cfg, mode, target, registry, options=options) for mode in REFERENCE_SHAPES}
     return {
         "flops_per_token": {mode: f["model"] for mode, f in figures.items()},
         "flops_per_token_main": {mode: f["main"] for mode, f in figures.items()},
         "hardware_flops_per_token": {mode: f["hardware"] for mode, f in figures.items()},
         "kv_cache_bytes_per_token": {"naive": figures["decode"]["kv_naive"], "latent": figures["decode"]["kv_latent"]},
         "reference_shapes": REFERENCE_SHAPES,
-        "train_blocks": figures["train"].get("blocks"),
+        "facts": {mode: f["facts"] for mode, f in figures.items()},
     }

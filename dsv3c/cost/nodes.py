@@ -13,7 +13,7 @@ from torch import fx
 
 from dsv3c.ops.record import Cost, io_bytes, nbytes, op_name, record_of
 
-ZERO = Cost()
+ZERO = Cost(kernel="none")
 
 # no FLOPs and no bytes: metadata only
 _VIEWS = {
@@ -64,10 +64,14 @@ def node_cost(node: fx.Node) -> Cost:
     if aten in _MOVES:
         return Cost(bytes=io_bytes(flat, out))
     if aten in _GEMMS:
-        flops = 2 * math.prod(out.shape) * args[0].shape[-1]
-        return Cost(flops=flops, bwd_flops=2 * flops, bytes=io_bytes(flat, out))
+        k = args[0].shape[-1]
+        flops = 2 * math.prod(out.shape) * k
+        groups = math.prod(out.shape[:-2]) if aten == "bmm" else 1
+        m = math.prod(out.shape[:-1]) // groups
+        return Cost(flops=flops, bwd_flops=2 * flops, bytes=io_bytes(flat, out), kernel="gemm",
+                    shape=(groups, m, out.shape[-1], k))
     if aten == "embedding":  # a gather: read and write one row per token; backward scatters as much
-        return Cost(bytes=2 * nbytes(out))
+        return Cost(bytes=2 * nbytes(out), weight_bytes=nbytes(out))
     elements = math.prod(out.shape) if isinstance(out, torch.Tensor) else 0
     return Cost(flops=elements, bwd_flops=elements, bytes=io_bytes(flat, out))
 

@@ -1,175 +1,238 @@
-"""The training plan's cost for plan.json and report.txt: `cost_plan` (layout search or one layout, then cost,
-memory_per_gpu, communication, layouts, cost_constants; writes memory_time.svg and the schedule trace) and
-`report_tables` (the report's sections, with units)."""
+"""The priced plan for plan.json and report.txt: the figures of the ParallelPlan the compile chose, each with its
+low–high range, from the same evaluation that chose it.
+
+Training: `cost` (step and its parts, tokens/s, MFU, HFU, GPU-hours per trillion tokens, chunk and stage
+seconds, the bubble per rank and what explains the largest), `memory_per_gpu`, `communication`, `layouts`
+(the best candidates of the search), the pipeline timing added to `schedule`. Prefill/decode: `inference`
+(TTFT or TPOT and its parts, tokens/s per GPU, KV capacity, communication, MTP speculation). Both:
+`cost_constants` (every constant with its value, unit, source and range). A range re-prices the same plan
+with every constant at the fast and at the slow end of its published range.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from dsv3c.cost.constants import Constants
+from dsv3c.cost import calibration
+from dsv3c.cost import inference as inf
 from dsv3c.cost.pictures import memory_time_svg
-from dsv3c.cost.search import candidate_layouts, search_layouts
-from dsv3c.cost.train import TrainCostModel
+from dsv3c.cost.price import Time
+from dsv3c.cost.train import STEP_PARTS, Evaluation, TrainPricer
+from dsv3c.schedules.published import PUBLISHED, published_bubble
 
 GB = 1e9
-DEFAULT_GLOBAL_BATCH = 15360  # DeepSeek-V3's final batch (sequences of 4096 tokens)
+BOUNDS = ("fast", "slow")
 
 
-class CostOptionError(ValueError):
-    """A --parallel/--schedule/--micro-batches/--global-batch combination the cost model cannot lay out."""
+def _ranged(value: float, low: float, high: float) -> dict:
+    """A figure with its range, low <= high."""
+    return {"value": value, "range": [min(low, high), max(low, high)]}
 
 
-def _ms(s):
-    return f"{1e3 * s:.2f}"
+def _layout_row(ev: Evaluation) -> dict:
+    return {"label": ev.cand.label(), "pp": ev.cand.pp, "ep": ev.cand.ep, "dp": ev.cand.dp, "schedule": ev.cand.kind,
+            "micro_batches": ev.cand.micro_batches, "step_seconds": ev.step_seconds,
+            "mfu": _mfu(ev), "gpu_hours_per_trillion_tokens": _gpu_hours(ev),
+            "peak_memory_bytes": ev.memory["peak_total"], "peak_gb": ev.memory["peak_total"] / GB}
 
 
-def _layout_row(ev: dict) -> dict:
-    c, m = ev["cost"], ev["memory_per_gpu"]
-    return {**ev["layout"].to_dict(), "label": ev["layout"].label(), "step_seconds": c["step_seconds"],
-            "mfu": c["mfu"], "gpu_hours_per_trillion_tokens": c["gpu_hours_per_trillion_tokens"],
-            "peak_memory_bytes": m["peak_total"], "peak_gb": m["peak_total"] / GB}
+def _flops_main(ev: Evaluation) -> float:
+    """Model FLOPs per token of the main model (training convention) from the graph's cost."""
+    return ev.pricer.flops_per_token_main
 
 
-def micro_batches_per_step(options: dict, dp: int) -> int:
-    """Micro-batches of one sequence each per pipeline and step: the global batch over the data-parallel ranks."""
-    return max(1, (options.get("global_batch") or DEFAULT_GLOBAL_BATCH) // dp)
+def _mfu(ev: Evaluation) -> float:
+    peak = ev.pricer.target.gpus * ev.pricer.target.gpu.bf16_flops
+    return _flops_main(ev) * ev.tokens_per_second / peak
 
 
-def fastest_layout(cfg, target, figures: dict | None, options: dict):
-    """(the fastest training layout that fits, the search) for `--parallel auto`; CostOptionError when none fits."""
-    seq = options.get("seq") or 4096
-    gb = options.get("global_batch") or DEFAULT_GLOBAL_BATCH
-    constants = Constants.for_target(target).with_overrides(options.get("sets"))
-    model = TrainCostModel(cfg, target, constants, (figures or {}).get("train_blocks"), seq, gb, options.get("policy"))
-    restrict = {}
-    if options.get("schedule"):
-        restrict["kinds"] = (options["schedule"],)
-    if options.get("micro_batches"):
-        restrict["micro_batches"] = options["micro_batches"]
-    search = search_layouts(cfg, target, seq, gb, model=model, **restrict)
-    if not search["fitting"]:
-        rejected = search["rejected"]
-        example = rejected[0][0].label() + ": " + rejected[0][1] if rejected else "none legal"
-        raise CostOptionError(f"no training layout fits {target.name} ({len(rejected)} candidates rejected, "
-                              f"e.g. {example})")
-    return search["fitting"][0]["layout"], search
+def _gpu_hours(ev: Evaluation) -> float:
+    return ev.pricer.target.gpus * (1e12 / ev.tokens_per_second) / 3600
 
 
-def cost_plan(cfg, target, figures: dict | None, options: dict) -> dict:
-    """plan.json keys cost, memory_per_gpu, communication, layouts, cost_constants (training mode).
+def _rebound(ev: Evaluation, constants) -> Evaluation:
+    """The same layout and stages priced with other constants."""
+    p = ev.pricer
+    other = TrainPricer(p.cfg, p.target, p.facts, constants, p.global_batch, p._fanout_of, p.imbalance, p.redundant,
+                        (p.flops_per_token_main, p.hardware_flops_per_token))
+    return other.evaluate(ev.cand, cut=ev.cut)
 
-    options: parallel ("auto" or a dict of pp/ep/dp), schedule, micro_batches, seq, global_batch, sets
-    ({constant: value}), policy, out (directory for memory_time.svg and step.trace.json; optional).
-    """
-    seq = options.get("seq") or 4096
-    gb = options.get("global_batch") or DEFAULT_GLOBAL_BATCH
-    constants = Constants.for_target(target).with_overrides(options.get("sets"))
-    blocks = (figures or {}).get("train_blocks")
-    model = TrainCostModel(cfg, target, constants, blocks, seq, gb, options.get("policy"))
-    parallel = options.get("parallel") or "auto"
-    restrict = {}
-    if parallel != "auto":
-        restrict.update({k: parallel[k] for k in ("pp", "ep") if k in parallel})
-        if parallel.get("tp", 1) != 1:
-            raise CostOptionError("the training cost model lays out no tensor parallelism (tp must be 1)")
-    if options.get("schedule"):
-        restrict["kinds"] = (options["schedule"],)
-    if options.get("micro_batches"):
-        restrict["micro_batches"] = options["micro_batches"]
-    if parallel != "auto":
-        cands = candidate_layouts(cfg, target, gb, **restrict)
-        if "kinds" not in restrict:  # one layout: DeepSeek's schedule first
-            order = {"dualpipe": 0, "dualpipev": 1, "zb1p": 2, "1f1b": 3}
-            cands.sort(key=lambda lay: order[lay.kind])
-        if not cands:
-            raise CostOptionError(f"no legal training layout for --parallel {parallel} "
-                                  f"(schedule {options.get('schedule')}, global batch {gb}) on {target.name}")
-        chosen_layout = cands[0]
-        search = options.get("search") or search_layouts(cfg, target, seq, gb, model=model)
-        layouts = search["fitting"]
-    else:
-        search = search_layouts(cfg, target, seq, gb, model=model, **restrict)
-        layouts = search["fitting"]
-        if not layouts:
-            raise CostOptionError(f"no training layout fits {target.name} "
-                                  f"({len(search['rejected'])} candidates rejected, e.g. "
-                                  f"{search['rejected'][0][0].label() + ': ' + search['rejected'][0][1] if search['rejected'] else 'none legal'})")
-        chosen_layout = layouts[0]["layout"]
-    chosen = model.evaluate(chosen_layout, keep_timeline=True)
-    tl = chosen.pop("_timeline")
-    cost = chosen["cost"]
-    cost["layout"] = chosen_layout.to_dict()
-    cost["parallel"] = options.get("chosen_by") or ("auto" if parallel == "auto" else "given")
-    out = {
+
+def train_keys(planned, constants, out: Path | None = None) -> dict:
+    """plan.json keys cost, memory_per_gpu, communication, layouts, cost_constants and the schedule's timing."""
+    ev = planned.evaluation
+    bounds = {b: _rebound(ev, constants.at(b)) for b in BOUNDS}
+    tps = ev.tokens_per_second
+    gpus = ev.pricer.target.gpus
+    peak = gpus * ev.pricer.target.gpu.bf16_flops
+    hw = ev.pricer.hardware_flops_per_token
+    rng = lambda f: _ranged(f(ev), f(bounds["fast"]), f(bounds["slow"]))  # noqa: E731
+    busiest = max(range(len(ev.busy)), key=lambda r: ev.busy[r])
+    cost = {
+        "step_seconds": ev.step_seconds,
+        "pipeline_seconds": ev.pipeline_seconds,
+        "dp_seconds": ev.dp["seconds"],
+        "optimizer_seconds": ev.optimizer_seconds,
+        "tokens_per_step": ev.pricer.global_batch * ev.pricer.tokens,
+        "tokens_per_second": tps,
+        "tokens_per_gpu_per_second": tps / gpus,
+        "flops_per_token_main": _flops_main(ev),
+        "hardware_flops_per_token": hw,
+        "mfu": _mfu(ev),
+        "hfu": hw * tps / peak,
+        "gpu_hours_per_trillion_tokens": _gpu_hours(ev),
+        "ranges": {"step_seconds": rng(lambda e: e.step_seconds)["range"], "mfu": rng(_mfu)["range"],
+                   "gpu_hours_per_trillion_tokens": rng(_gpu_hours)["range"],
+                   "tokens_per_gpu_per_second": rng(lambda e: e.tokens_per_second / gpus)["range"]},
+        "step_split_seconds": {k: _ranged(ev.parts[k], bounds["fast"].parts[k], bounds["slow"].parts[k])
+                               for k in STEP_PARTS},
+        "step_split_rank": busiest,
+        "chunk_seconds": _chunks(ev),
+        "stage_seconds": [{**{k: t.total for k, t in _stage_chunks(st).items()}, "units": list(units)}
+                          for st, units in zip(ev.stages, planned.plan.stages)],
+        "bubble_seconds": [ev.pipeline_seconds - b for b in ev.busy],
+        "bubble": _bubble_explained(ev),
+        "micro_batch_tokens": ev.pricer.tokens,
+        "layout": {**_layout_row(ev), "zero": 1},
+        "parallel": planned.plan.chosen_by,
+        "calibration": calibration.calibration_note(ev.pricer.target.gpu),
+    }
+    out_keys = {
         "cost": cost,
-        "memory_per_gpu": chosen["memory_per_gpu"],
-        "communication": chosen["communication"],
-        "layouts": {"candidates": len(search["fitting"]) + len(search["rejected"]), "fitting": len(search["fitting"]),
-                    "best": [_layout_row(ev) for ev in layouts[:8]]},
+        "memory_per_gpu": ev.memory,
+        "communication": _train_communication(ev),
+        "layouts": {"candidates": len(planned.search["fitting"]) + len(planned.search["rejected"]),
+                    "fitting": len(planned.search["fitting"]),
+                    "best": [_layout_row(e) for e in planned.search["fitting"][:8]]},
         "cost_constants": constants.to_dict(),
     }
-    if options.get("out"):
-        d = Path(options["out"])
-        title = f"{cfg.name} on {target.name}: {chosen_layout.label()}"
-        cands = [_layout_row(ev) for ev in layouts]
-        (d / "memory_time.svg").write_text(memory_time_svg(chosen["memory_per_gpu"], cands, chosen_layout.label(), title))
+    if out is not None:
         from dsv3c.schedules.render import write_trace
 
-        write_trace(tl, d / "step.trace.json")  # the step with its communication (schedule.trace.json: compute)
-        out["cost"]["files"] = ["memory_time.svg", "step.trace.json"]
+        rows = [_layout_row(e) for e in planned.search["fitting"]]
+        title = f"{ev.pricer.cfg.name} on {ev.pricer.target.name}: {ev.cand.label()}"
+        (out / "memory_time.svg").write_text(memory_time_svg(ev.memory, rows, ev.cand.label(), title))
+        write_trace(ev.timeline, out / "schedule.trace.json")
+        cost["files"] = ["memory_time.svg", "schedule.trace.json"]
+    return out_keys
+
+
+def schedule_timing(ev: Evaluation) -> dict:
+    """The pipeline's simulated timing for plan.json's `schedule`: the cost model's one simulation."""
+    return {"step_seconds": ev.pipeline_seconds, "busy_seconds": list(ev.busy),
+            "bubble_seconds": [ev.pipeline_seconds - b for b in ev.busy],
+            "durations": "per-stage chunk seconds priced by the cost model (dsv3c.cost.price), communication and "
+                         "overlap included; the same simulation as cost.pipeline_seconds"}
+
+
+def _stage_chunks(t) -> dict[str, Time]:
+    return {"F": t.F + t.f_comm, "B": t.B + t.b_comm, "I": t.I + t.R + t.b_comm, "W": t.W}
+
+
+def _chunks(ev: Evaluation) -> dict:
+    """Per unit kind, its chunk seconds F, B, I, W and an overlapped F&B pair of two such chunks."""
+    from dsv3c.cost.price import overlap
+
+    out = {}
+    for kind in dict.fromkeys(ev.pricer.units):
+        t = ev.pricer.unit_time(kind, ev.cand.ep)
+        out[kind] = {**{k: v.total for k, v in _stage_chunks(t).items()},
+                     "FB": overlap(t.F + t.B, t.f_comm + t.b_comm).total}
     return out
 
 
-def report_tables(plan: dict) -> list[tuple]:
-    """report.txt sections (title, rows, headers) for layout, memory, communication, cost and constants."""
-    if "cost" not in plan:
-        return []
-    c, mem, comm = plan["cost"], plan["memory_per_gpu"], plan["communication"]
-    lay = c["layout"]
-    sections = [("Training layout (" + c["parallel"] + ")",
-                 [[k, v] for k, v in lay.items()] + [["micro-batch tokens", c["micro_batch_tokens"]]])]
-    rows = []
-    for i, r in enumerate(mem["ranks"]):
-        rows.append([i, ",".join(map(str, r["stages"])), r["peak_micro_batches"]] +
-                    [f"{r[k] / GB:.2f}" for k in ("weights", "gradients", "master_weights", "optimizer", "activations",
-                                                   "fp8_cache", "comm_buffers", "workspace", "total")] +
-                    ["yes" if r["fits"] else "NO: " + ", ".join(r["overflow"]["largest"])])
-    sections.append((f"Memory per GPU (GB; capacity {mem['capacity'] / GB:.2f} GB)", rows,
-                     ["rank", "stages", "peak mb", "weights", "grads", "master", "optim", "activ", "fp8 cache",
-                      "comm buf", "workspace", "total", "fits"]))
-    ep = comm["ep"]
-    rows = [[f"EP {k} (per MoE layer, micro-batch)", f"{v['ib_bytes'] / GB:.3f}", f"{v['nvlink_bytes'] / GB:.3f}",
-             _ms(v["seconds"])] for k, v in ep["per_layer_per_micro_batch"].items()]
-    s = ep["per_step_per_gpu"]
-    rows.append([f"EP per step per GPU ({s['moe_layers']} MoE layers x {s['micro_batches']} mb)",
-                 f"{s['ib_bytes'] / GB:.1f}", f"{s['nvlink_bytes'] / GB:.1f}", _ms(s["seconds"])])
-    pp = comm["pp"]
-    rows.append([f"PP send per micro-batch ({pp['per_micro_batch']['link']})",
-                 f"{pp['per_micro_batch']['bytes'] / GB:.3f}", "", _ms(pp["per_micro_batch"]["seconds"])])
-    rows.append(["PP per step per GPU", f"{pp['per_step_per_gpu']['bytes'] / GB:.1f}", "",
-                 _ms(pp["per_step_per_gpu"]["seconds"])])
-    dp = comm["dp"]["per_step_per_gpu"]
-    rows.append(["DP ZeRO-1 reduce-scatter + all-gather per step", f"{dp['ib_bytes'] / GB:.2f}",
-                 f"{dp['nvlink_bytes'] / GB:.2f}", _ms(dp["seconds"])])
-    sections.append(("Communication (GB over IB / NVLink, ms at the achieved bandwidths)", rows,
-                     ["transfer", "IB GB", "NVLink GB", "ms"]))
-    rows = [["step", f"{c['step_seconds']:.3f} s"], ["pipeline (simulated)", f"{c['pipeline_seconds']:.3f} s"],
-            ["DP collectives (exposed)", f"{c['dp_seconds']:.3f} s"],
-            ["tokens per step", f"{c['tokens_per_step']:,}"], ["tokens/s", f"{c['tokens_per_second']:,.0f}"],
-            ["tokens/s per GPU", f"{c['tokens_per_gpu_per_second']:,.0f}"],
-            ["model TFLOPs per token (main, 3x fwd)", f"{c['flops_per_token_main'] / 1e12:.4f}"],
-            ["MFU", f"{100 * c['mfu']:.1f} %"], ["HFU", f"{100 * c['hfu']:.1f} %"],
-            ["GPU-hours per trillion tokens", f"{c['gpu_hours_per_trillion_tokens']:,.0f}"],
-            ["bubble per rank (ms, min..max)", f"{_ms(min(c['bubble_seconds']))} .. {_ms(max(c['bubble_seconds']))}"]]
-    sections.append(("Step cost", rows))
-    rows = [[k, _ms(v["F"]), _ms(v["B"]), _ms(v["I"]), _ms(v["W"]), _ms(v["FB"])] for k, v in c["chunk_seconds"].items()]
-    sections.append((f"Chunk times per layer ({c['micro_batch_tokens']}-token micro-batch, ms)", rows,
-                     ["layer", "F", "B", "I", "W", "F&B"]))
-    lays = plan.get("layouts", {})
-    rows = [[r["label"], f"{r['step_seconds']:.2f}", f"{100 * r['mfu']:.1f}", f"{r['gpu_hours_per_trillion_tokens']:,.0f}",
-             f"{r['peak_gb']:.1f}"] for r in lays.get("best", [])]
-    sections.append((f"Best layouts ({lays.get('fitting', 0)} of {lays.get('candidates', 0)} candidates fit)", rows,
-                     ["layout", "step s", "MFU %", "GPU-h/T tokens", "peak GB"]))
-    rows = [[k, f"{v['value']:g}", v["unit"], v["source"], v["note"]] for k, v in plan["cost_constants"].items()]
-    sections.append(("Cost constants (--set name=value)", rows, ["name", "value", "unit", "source", "note"]))
-    return sections
+def _bubble_explained(ev: Evaluation) -> dict:
+    """The largest per-rank bubble against the schedule's published formula at the stages' mean chunk times."""
+    kind = ev.cand.kind
+    n = len(ev.stages)
+    mean = {k: sum(_stage_chunks(st)[k].total for st in ev.stages) / n for k in ("F", "B", "W")}
+    mean["F&B"] = sum(t.total for t in ev.durations["F&B"]) / len(ev.durations["F&B"])
+    formula = published_bubble(kind, ev.cand.pp, mean)
+    bubbles = [ev.pipeline_seconds - b for b in ev.busy]
+    worst = max(range(len(bubbles)), key=lambda r: bubbles[r])
+    busiest = max(ev.busy)
+    return {"largest_seconds": bubbles[worst], "rank": worst, "formula": PUBLISHED[kind]["bubble"],
+            "formula_seconds": formula, "busiest_rank_seconds": min(bubbles),
+            "load_gap_seconds": busiest - ev.busy[worst],
+            "explanation": (f"rank {worst} idles {bubbles[worst]:.3f} s: the schedule's own bubble "
+                            f"({PUBLISHED[kind]['bubble']} = {formula:.3f} s at the stages' mean chunk times; the "
+                            f"busiest rank's is {min(bubbles):.3f} s) plus {busiest - ev.busy[worst]:.3f} s less work "
+                            "than the busiest rank (stages hold whole layers)")}
+
+
+def _train_communication(ev: Evaluation) -> dict:
+    """EP per MoE layer and step, PP sends, DP collectives (bytes and seconds)."""
+    moe = ev.pricer.unit_time("moe", ev.cand.ep) if "moe" in ev.pricer.facts.blocks else None
+    per_layer = moe.comm if moe is not None else {}
+    m = ev.cand.micro_batches
+    held = ev.pricer.rank_stages(ev.sched, ev.cand)
+    moe_names = {i for i, u in enumerate(ev.pricer.units) if u in ("moe", "mtp")}
+    moe_per_rank = max(sum(1 for s in h for i in range(*ev.cut[s]) if i in moe_names) for h in held)
+    ep_ib = sum(v["ib_bytes"] for v in per_layer.values())
+    ep_nv = sum(v["nvlink_bytes"] for v in per_layer.values())
+    ep_s = sum(v["seconds"] for v in per_layer.values())
+    hop = ev.hop
+    sends = 2 * m * max(len(h) for h in held) if ev.cand.pp > 1 else 0
+    return {
+        "ep": {"per_layer_per_micro_batch": per_layer,
+               "per_step_per_gpu": {"moe_layers": moe_per_rank, "micro_batches": m, "ib_bytes": ep_ib * moe_per_rank * m,
+                                    "nvlink_bytes": ep_nv * moe_per_rank * m, "seconds": ep_s * moe_per_rank * m}},
+        "pp": {"per_micro_batch": {"bytes": hop["bytes"], "seconds": hop["seconds"], "link": hop["link"]},
+               "per_step_per_gpu": {"bytes": hop["bytes"] * sends, "seconds": hop["seconds"] * sends}},
+        "dp": {"per_step_per_gpu": ev.dp},
+    }
+
+
+# ---- inference --------------------------------------------------------------------------------------------
+
+
+def inference_keys(planned, cfg, target, facts, constants, kv_per_token: dict) -> dict:
+    """plan.json keys inference and cost_constants for a prefill or decode unit (UnitError when it cannot work)."""
+    plan = planned.plan
+    fanout = _fanout(cfg, plan)
+    out = {"unit": {**plan.to_dict()["unit"], "gpus": plan.mesh.gpus, "nodes": plan.mesh.nodes, "tp": plan.mesh.tp,
+                    "dp": plan.mesh.dp, "ep": plan.mesh.ep, "sp": plan.mesh.sp, "redundant": plan.mesh.redundant,
+                    "mode": plan.mode, "gpus_per_node": plan.mesh.gpus_per_node}}
+
+    def figures(c):
+        if plan.mode == "prefill":
+            return inf.prefill(plan, cfg, facts, target, c, fanout)
+        return inf.decode(plan, cfg, facts, target, c, fanout, mtp=False)
+
+    main = figures(constants)
+    bounds = {b: figures(constants.at(b)) for b in BOUNDS}
+    out.update(main)
+    head = "ttft_seconds" if plan.mode == "prefill" else "tpot_seconds"
+    out["ranges"] = {k: _ranged(main[k], bounds["fast"][k], bounds["slow"][k])["range"]
+                     for k in (head, "tokens_per_gpu_per_second")}
+    out["split_seconds"] = {k: _ranged(v, bounds["fast"]["split_seconds"][k], bounds["slow"]["split_seconds"][k])
+                            for k, v in main["split_seconds"].items()}
+    out["tokens_per_node_per_second"] = main["tokens_per_gpu_per_second"] * plan.mesh.gpus_per_node
+    if plan.mode == "prefill":
+        out["kv_capacity"] = inf.kv_capacity(plan, facts, target, constants, kv_per_token["main"],
+                                             facts.shapes["seq"], None)
+    else:
+        mtp = "mtp" in facts.blocks
+        per_token = kv_per_token["main"] + (kv_per_token["mtp"] if mtp else 0)
+        out["kv_capacity"] = inf.kv_capacity(plan, facts, target, constants, per_token, facts.shapes["kv_len"],
+                                             facts.shapes["batch"])
+        if mtp:
+            spec = {b: inf.decode(plan, cfg, facts, target, c, fanout, mtp=True)
+                    for b, c in (("value", constants), *((b, constants.at(b)) for b in BOUNDS))}
+            out["mtp"] = {"acceptance": constants["mtp_acceptance"],
+                          "acceptance_source": constants.entry("mtp_acceptance").note,
+                          "tokens_per_step": spec["value"]["tokens_per_sequence_per_step"],
+                          "step_cost_ratio": spec["value"]["step_seconds"] / main["step_seconds"],
+                          "speedup": spec["value"]["tokens_per_gpu_per_second"] / main["tokens_per_gpu_per_second"],
+                          "tpot_seconds": spec["value"]["tpot_seconds"],
+                          "tokens_per_gpu_per_second": spec["value"]["tokens_per_gpu_per_second"],
+                          "ranges": {k: _ranged(spec["value"][k], spec["fast"][k], spec["slow"][k])["range"]
+                                     for k in ("tpot_seconds", "tokens_per_gpu_per_second")}}
+    out["calibration"] = calibration.calibration_note(target.gpu)
+    return {"inference": out, "cost_constants": constants.to_dict()}
+
+
+def _fanout(cfg, plan) -> tuple[float, float]:
+    from dsv3c.parallel.build import fanout
+
+    return fanout(cfg, plan.placement)

@@ -1,508 +1,510 @@
-"""The cost of a training layout: chunk times per layer, step time from the schedule simulator, memory per
-GPU, communication volumes. Pure functions of (config, target, layout, per-block costs, constants).
+"""The cost of a training plan: every unit priced from its block facts, the stage split, the simulated step,
+memory per GPU, the data-parallel collectives and the optimizer step. One `TrainPricer` serves the layout
+search, the stage split, the schedule simulation and the reported figures: they are the same computation.
 
-Time model (per layer, one micro-batch of `tokens` tokens on one GPU, balanced expert load):
-- compute of a chunk = FP8 GEMM FLOPs / (FP8 peak x gemm_efficiency) + BF16 GEMM FLOPs / (BF16 peak x
-  gemm_efficiency) + other FLOPs (attention core, elementwise) / (BF16 peak x attention_efficiency),
-  peaks scaled to the SMs left to compute (sms - comm_sms); at least the HBM time of its bytes; plus a
-  per-chunk kernel overhead. B = I + W includes the recomputed norms and up-projections.
-- EP communication of an MoE layer (two-hop, `dsv3c.ops.ep.two_hop_bytes`): forward dispatch in FP8 with
-  1x128 scales, combine in BF16; backward the same two exchanges in BF16. IB and NVLink run concurrently:
-  seconds = max(IB bytes / IB bandwidth, NVLink bytes / NVLink bandwidth), bandwidth scaled by
-  min(1, comm_sms / comm_sms_saturate).
-- F alone = compute + communication (exposed); B alone likewise; W has none; F&B (DualPipe's overlapped
-  pair) = max(compute of both, communication of both).
-Step: the stage durations feed `dsv3c.schedules.simulate` (one hop = a micro-batch's BF16 activations over
-the link between consecutive stages), then the ZeRO-1 gradient reduce-scatter and parameter all-gather over
-the stage's data-parallel ranks (hierarchical: NVLink inside a node, IB across nodes).
+Per unit (embedding, each layer, head, MTP) and micro-batch on one GPU, `dsv3c.cost.price` gives the
+compute side F, I (backward for the input, with the recomputed forwards R) and W (backward for the weights,
+with the FP32 gradient accumulation), and the communication side (EP dispatch/combine forward and backward,
+on the comm SMs). A chunk run alone exposes its communication; an overlapped F&B pair (DualPipe, DualPipeV)
+takes the longer of its two compute chunks together and their two communications together.
+
+Stages are cut from the units' priced times (communication included) so that the slowest stage is as fast
+as it can be, under each stage's share of the GPU's memory. The schedule of the chosen kind is simulated
+once with those stage durations and the pipeline send of a micro-batch's activations between ranks; the
+step adds the ZeRO-1 gradient reduce-scatter and parameter all-gather (the exposed share) and the AdamW
+update of the GPU's optimizer shard. Every part of the step is reported: compute, memory, overheads (launch
+gaps), exposed communication (bandwidth) and latency, bubble, optimizer.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property
 
-from dsv3c.cost import blocks as B
-from dsv3c.cost.constants import Constants
-from dsv3c.ops.ep import two_hop_bytes
+from dsv3c.cost import calibration as cal
+from dsv3c.cost.facts import BlockFacts
+from dsv3c.cost.fastsim import CompiledSchedule
+from dsv3c.cost.memory import activation_bytes_per_token
+from dsv3c.cost.price import ZERO, BlockTime, Pricer, Shard, Time, compute_sms, overlap, parts_sum
 from dsv3c.schedules import build
-from dsv3c.cost.fastsim import CompiledSchedule, peaks_of
 from dsv3c.schedules.simulate import simulate
 
 GB = 1e9
+STEP_PARTS = ("compute", "memory", "overhead", "comm", "latency", "bubble", "optimizer")
 
 
 class LayoutError(ValueError):
-    """A layout the cost model cannot evaluate (illegal mesh or schedule)."""
+    """A training layout the cost model cannot lay out (more stages than units, ...)."""
 
 
 @dataclass(frozen=True)
-class Layout:
-    """A training layout: pipeline/expert/data-parallel degrees, schedule and micro-batching."""
+class Candidate:
+    """What the training cost model evaluates: the mesh's degrees, the schedule and its micro-batches."""
 
     pp: int
     ep: int
     dp: int
     kind: str
-    micro_batches: int  # per step per pipeline (per DP rank)
-    mb_seqs: int = 1  # sequences per micro-batch
-
-    def to_dict(self) -> dict:
-        return {"pp": self.pp, "ep": self.ep, "dp": self.dp, "tp": 1, "schedule": self.kind,
-                "micro_batches": self.micro_batches, "micro_batch_sequences": self.mb_seqs, "zero": 1}
+    micro_batches: int
 
     def label(self) -> str:
-        return f"PP{self.pp} EP{self.ep} DP{self.dp} {self.kind} m={self.micro_batches}x{self.mb_seqs}"
+        """A short name: 'PP16 EP64 DP128 dualpipe m=120'."""
+        return f"PP{self.pp} EP{self.ep} DP{self.dp} {self.kind} m={self.micro_batches}"
+
+    @property
+    def stages(self) -> int:
+        """Model stages the layout cuts: 2·pp for DualPipeV, else pp."""
+        return 2 * self.pp if self.kind == "dualpipev" else self.pp
 
 
-# ---- expected distinct targets of a token (node-limited routing, contiguous placement) -----------------
+def chunk_parts(t: BlockTime) -> dict[str, Time]:
+    """A unit's (or stage's) chunk Times: F and B alone, I alone, W, their communication."""
+    return {"F": t.F + t.f_comm, "B": t.B + t.b_comm, "I": t.I + t.R + t.b_comm, "W": t.W,
+            "F_compute": t.F, "B_compute": t.B, "F_comm": t.f_comm, "B_comm": t.b_comm}
 
-@lru_cache(maxsize=256)
-def expected_targets(experts: int, n_group: int, topk_group: int, top_k: int, ep: int, gpus_per_node: int):
-    """(E[distinct nodes], E[distinct GPUs]) per token: topk_group uniform groups, top_k uniform experts among them.
 
-    The same hypergeometric model as passes/expert_partition.expected_targets, on the contiguous placement.
+def add_blocks(times: list[BlockTime]) -> BlockTime:
+    """Several units run one after the other in one chunk (a stage)."""
+    return BlockTime(*(parts_sum(getattr(t, k) for t in times) for k in ("F", "I", "W", "R", "f_comm", "b_comm")),
+                     flops=sum(t.flops for t in times), kernels=sum(t.kernels for t in times))
+
+
+def partition(weights: list[float], n: int, fits=None) -> list[tuple[int, int]]:
+    """Contiguous split of weights into n non-empty parts: the largest part as small as it can be, and among those
+    splits the most even one (least sum of squares). Returns [(start, stop)].
+
+    `fits(k, a, b)` may forbid part k = weights[a:b] (memory); it is dropped when no split satisfies it.
     """
-    if ep <= 1 or not experts:
-        return 1.0, 1.0
-    per_rank = experts // ep
-    size = experts // max(1, n_group)
-    # group choices are symmetric under contiguous placement when groups align with ranks; average a few
-    groups = list(range(n_group))
-    combos = [tuple(groups[(s + j) % n_group] for j in range(topk_group)) for s in range(n_group)]
-    tot = [0.0, 0.0]
-    for combo in combos:
-        members = [e for g in combo for e in range(g * size, (g + 1) * size)]
-        m, k = len(members), min(top_k, len(members))
-        for i, place in enumerate((lambda e: (e // per_rank) // gpus_per_node, lambda e: e // per_rank)):
-            counts: dict = {}
-            for e in members:
-                counts[place(e)] = counts.get(place(e), 0) + 1
-            tot[i] += sum(1 - math.comb(m - a, k) / math.comb(m, k) for a in counts.values())
-    return tot[0] / len(combos), tot[1] / len(combos)
-
-
-# ---- chunk times per block kind ----------------------------------------------------------------------
-
-class ChunkModel:
-    """Per-block chunk times for one micro-batch, reusable across layouts (cached per EP degree)."""
-
-    def __init__(self, cfg, target, constants: Constants, block_costs: dict, tokens: int, seq: int,
-                 policy: dict | None = None):
-        self.cfg, self.target, self.c, self.tokens, self.seq = cfg, target, constants, tokens, seq
-        self.policy = policy
-        base_tokens = block_costs.get("tokens", tokens)
-        scale = tokens / base_tokens
-        analytic = B.analytic_block_costs(cfg, tokens, seq)
-        self.blocks = {}
-        for kind in B.KINDS:
-            got = block_costs.get("blocks", {}).get(kind)
-            self.blocks[kind] = ({k: v * scale for k, v in got.items()} if got is not None else analytic[kind])
-        if "blocks" in block_costs and block_costs.get("seq", seq) != seq:  # the core is quadratic in seq
-            extra = (B.attention_core_flops_per_token(cfg, seq) -
-                     B.attention_core_flops_per_token(cfg, block_costs["seq"])) * tokens
-            for kind in ("dense", "moe", "mtp"):
-                self.blocks[kind]["flops"] += extra
-                self.blocks[kind]["bwd_flops"] += 2.5 * extra
-        self.n_dense = min(cfg.first_k_dense_replace, cfg.num_hidden_layers) if cfg.n_routed_experts else \
-            cfg.num_hidden_layers
-        self.n_moe = cfg.num_hidden_layers - self.n_dense
-        self.has_mtp = cfg.num_nextn_predict_layers > 0
-        self._ep: dict[int, dict] = {}
-
-    # compute ---------------------------------------------------------------------------------------
-    def _rates(self):
-        g, c = self.target.gpu, self.c
-        sms = g.sms - int(c["comm_sms"])
-        if sms < 1:
-            raise LayoutError(f"comm_sms {c['comm_sms']:g} leaves no SM to compute")
-        frac = sms / g.sms
-        return (g.fp8_flops * frac * c["gemm_efficiency"], g.bf16_flops * frac * c["gemm_efficiency"],
-                g.bf16_flops * frac * c["attention_efficiency"], g.hbm_bandwidth * c["hbm_efficiency"])
-
-    def compute(self, kind: str, ep: int) -> dict:
-        """Compute seconds of F, I, W (B = I + W) and the FLOPs (model, hardware) of one block."""
-        r8, r16, rother, hbm = self._rates()
-        blk = self.blocks[kind]
-        split = B.policy_split(self.cfg, kind, self.policy)
-        t = self.tokens
-        g8, g16, up = split["fp8"] * t, split["bf16"] * t, split["up"] * t
-        fwd, bwd, rec = blk["flops"], blk["bwd_flops"], blk.get("recompute_flops", 0)
-        other_f = max(0.0, fwd - g8 - g16)
-        other_b = max(0.0, bwd - 2 * (g8 + g16))
-        rec_fp8 = up if split["up_fp8"] else 0.0
-        rec_other = max(0.0, rec - rec_fp8)
-        nbytes = blk["bytes"]
-        if kind in ("moe", "mtp") and ep > 1:  # each EP rank reads only its experts' weights
-            p = B.params(self.cfg, kind)
-            nbytes = max(0.0, nbytes - 2 * p["expert"] * (1 - 1 / ep))
-        over = self.c["kernel_overhead_us"] * 1e-6
-        f = max(g8 / r8 + g16 / r16 + other_f / rother, nbytes / hbm) + over
-        w = max(g8 / r8 + g16 / r16, nbytes / hbm) + over  # one GEMM's worth per weight
-        i = max(g8 / r8 + g16 / r16 + other_b / rother + rec_fp8 / r8 + rec_other / rother, 2 * nbytes / hbm) + over
-        return {"F": f, "I": i, "W": w, "B": i + w, "model_flops": 3 * fwd, "hardware_flops": fwd + bwd + rec}
-
-    # communication ---------------------------------------------------------------------------------
-    def ep_comm(self, ep: int) -> dict:
-        """Bytes (IB, NVLink) and seconds of the dispatch/combine of one MoE layer, forward and backward."""
-        if ep in self._ep:
-            return self._ep[ep]
-        cfg, c, gpn = self.cfg, self.c, self.target.gpus_per_node
-        if ep <= 1 or not cfg.n_routed_experts:
-            zero = {"ib": 0, "nvlink": 0, "seconds": 0.0}
-            out = {k: dict(zero) for k in ("dispatch", "combine", "dispatch_bwd", "combine_bwd")}
-        else:
-            nodes, gpus = expected_targets(cfg.n_routed_experts, cfg.n_group, cfg.topk_group,
-                                           cfg.num_experts_per_tok, ep, gpn)
-            D = cfg.hidden_size
-            payloads = {"dispatch": D + 4 * math.ceil(D / 128), "combine": 2 * D, "dispatch_bwd": 2 * D,
-                        "combine_bwd": 2 * D}
-            out = {}
-            for name, payload in payloads.items():
-                ib, nv = two_hop_bytes(self.tokens, payload, ep, gpn, nodes, gpus)
-                out[name] = {"ib": ib, "nvlink": nv, "seconds": self.link_seconds(ib, nv)}
-        out["forward_seconds"] = out["dispatch"]["seconds"] + out["combine"]["seconds"]
-        out["backward_seconds"] = out["dispatch_bwd"]["seconds"] + out["combine_bwd"]["seconds"]
-        self._ep[ep] = out
-        return out
-
-    def link_seconds(self, ib: float, nvlink: float) -> float:
-        """Seconds of concurrent IB and NVLink traffic on the comm SMs."""
-        c = self.c
-        scale = min(1.0, c["comm_sms"] / c["comm_sms_saturate"]) if c["comm_sms_saturate"] else 1.0
-        if scale <= 0:
-            return math.inf if ib or nvlink else 0.0
-        return max(ib / (c["ib_GBps"] * GB * scale), nvlink / (c["nvlink_GBps"] * GB * scale))
-
-    # chunks --------------------------------------------------------------------------------------
-    def chunk(self, kind: str, ep: int) -> dict:
-        """{F, B, I, W, FB} seconds of one block with its communication, plus the parts."""
-        comp = self.compute(kind, ep)
-        comm = self.ep_comm(ep) if kind in ("moe", "mtp") else None
-        fm = comm["forward_seconds"] if comm else 0.0
-        bm = comm["backward_seconds"] if comm else 0.0
-        return {"F": comp["F"] + fm, "B": comp["B"] + bm, "I": comp["I"] + bm, "W": comp["W"],
-                "FB": max(comp["F"] + comp["B"], fm + bm), "F_compute": comp["F"], "B_compute": comp["B"],
-                "F_comm": fm, "B_comm": bm, "model_flops": comp["model_flops"],
-                "hardware_flops": comp["hardware_flops"]}
-
-    def units(self) -> list[str]:
-        """The model's pipeline units in order: the layers, then the head, then MTP."""
-        out = ["dense"] * self.n_dense + ["moe"] * self.n_moe + ["head"]
-        return out + (["mtp"] if self.has_mtp else [])
-
-
-# ---- stages ----------------------------------------------------------------------------------------
-
-def partition(weights: list[float], n: int) -> list[tuple[int, int]]:
-    """Contiguous split of weights into n non-empty parts minimising the largest part: [(start, stop)]."""
     if n > len(weights):
-        raise LayoutError(f"{n} pipeline stages but only {len(weights)} layers/units to place")
+        raise LayoutError(f"{n} pipeline stages but only {len(weights)} units (layers, embedding, head, MTP) to place")
+    prefix = [0.0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+    for rule in ((fits, None) if fits else (None,)):
+        cap = _min_max(weights, n, rule)
+        if cap is not None:
+            return _even_split(prefix, n, cap * (1 + 1e-9), rule)
+    raise LayoutError("no stage split")  # unreachable: without a rule a split always exists
+
+
+def _packs(weights, cap: float, n: int, fits) -> bool:
+    """Whether greedy left-to-right packing within cap (and fits) needs at most n parts."""
+    parts, start, acc = 1, 0, 0.0
+    for i, w in enumerate(weights):
+        if w > cap or (fits and not fits(parts - 1, i, i + 1)):
+            return False
+        if i > start and (acc + w > cap or (fits and not fits(parts - 1, start, i + 1))):
+            parts, start, acc = parts + 1, i, 0.0
+            if parts > n:
+                return False
+        acc += w
+    return True
+
+
+def _min_max(weights, n: int, fits) -> float | None:
+    """The smallest largest-part sum of a split into at most n parts (bisection), None when fits allows none."""
     lo, hi = max(weights), sum(weights)
-
-    def parts(cap):
-        out, start, acc = [], 0, 0.0
-        for i, w in enumerate(weights):
-            if acc + w > cap and i > start:
-                out.append((start, i))
-                start, acc = i, 0.0
-            acc += w
-        out.append((start, len(weights)))
-        return out
-
+    if not _packs(weights, hi, n, fits):
+        return None
     for _ in range(60):
         mid = (lo + hi) / 2
-        if len(parts(mid)) <= n:
-            hi = mid
-        else:
-            lo = mid
-    cut = parts(hi)
-    # split further (the largest parts first) until there are exactly n non-empty parts
-    while len(cut) < n:
-        idx = max((j for j, (a, b) in enumerate(cut) if b - a > 1), key=lambda j: sum(weights[cut[j][0]:cut[j][1]]))
-        a, b = cut[idx]
-        best = min(range(a + 1, b), key=lambda m: max(sum(weights[a:m]), sum(weights[m:b])))
-        cut[idx:idx + 1] = [(a, best), (best, b)]
-    return cut
+        lo, hi = (lo, mid) if _packs(weights, mid, n, fits) else (mid, hi)
+    return hi
 
 
-class TrainCostModel:
-    """Everything a layout evaluation needs that does not depend on the layout, computed once."""
+def _even_split(prefix, n: int, cap: float, fits) -> list[tuple[int, int]]:
+    """The split into exactly n parts of at most cap each (and fitting) with the least sum of squared part sums."""
+    size = len(prefix) - 1
+    inf = math.inf
+    best = [[inf] * (size + 1) for _ in range(n + 1)]
+    arg = [[0] * (size + 1) for _ in range(n + 1)]
+    best[0][0] = 0.0
+    for k in range(1, n + 1):
+        for j in range(k, size - (n - k) + 1):
+            i = j - 1
+            while i >= k - 1 and prefix[j] - prefix[i] <= cap:
+                if best[k - 1][i] < inf and (not fits or fits(k - 1, i, j)):
+                    v = best[k - 1][i] + (prefix[j] - prefix[i]) ** 2
+                    if v < best[k][j]:
+                        best[k][j], arg[k][j] = v, i
+                i -= 1
+    if best[n][size] == inf:  # cap allows fewer parts only (zero-weight units): split anywhere below cap
+        return _even_split(prefix, n, math.inf, fits) if cap < math.inf else [(k, k + 1) for k in range(n)]
+    cut, j = [], size
+    for k in range(n, 0, -1):
+        cut.append((arg[k][j], j))
+        j = arg[k][j]
+    return cut[::-1]
 
-    def __init__(self, cfg, target, constants: Constants | None = None, block_costs: dict | None = None,
-                 seq: int = 4096, global_batch: int = 15360, policy: dict | None = None):
-        self.cfg, self.target, self.seq, self.global_batch = cfg, target, seq, global_batch
-        self.c = constants or Constants.for_target(target)
-        self.block_costs = block_costs or {}
-        self.policy = policy
-        self._chunks: dict[int, ChunkModel] = {}
+
+def balance_ranks(weights: list[float], cut: list[tuple[int, int]], rank_of: list[int]) -> list[tuple[int, int]]:
+    """The cut with its boundaries moved one unit at a time while that lowers the busiest rank's load (then the
+    sum of squared rank loads): stages sharing a rank (DualPipe's two directions, DualPipeV's V) add up."""
+    prefix = [0.0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+    bounds = [a for a, _ in cut] + [cut[-1][1]]
+    ranks = max(rank_of) + 1
+
+    def score(b):
+        load = [0.0] * ranks
+        for s in range(len(b) - 1):
+            load[rank_of[s]] += prefix[b[s + 1]] - prefix[b[s]]
+        return max(load), sum(x * x for x in load)
+
+    best = score(bounds)
+    improved = True
+    while improved:
+        improved = False
+        for i in range(1, len(bounds) - 1):
+            for step in (-1, 1):
+                moved = bounds[:i] + [bounds[i] + step] + bounds[i + 1:]
+                if not bounds[i - 1] < moved[i] < bounds[i + 1]:
+                    continue
+                got = score(moved)
+                if got < best:
+                    bounds, best, improved = moved, got, True
+    return list(zip(bounds, bounds[1:]))
+
+
+class TrainPricer:
+    """Everything a training layout's evaluation needs that does not depend on the layout, computed once."""
+
+    def __init__(self, cfg, target, facts: BlockFacts, constants, global_batch: int, fanout, imbalance=None,
+                 redundant: int = 0, flops_per_token: tuple = (0, 0)):
+        """fanout(ep) -> (E[nodes], E[GPUs]) a token's routes reach under that EP degree's placement; imbalance(ep)
+        -> routes at the busiest GPU over the mean (default: the constant expert_imbalance); flops_per_token the
+        model's (main-model, hardware) training FLOPs per token from its graph (for MFU and HFU)."""
+        if facts.mode != "train":
+            raise LayoutError("the training cost model needs block facts of a training capture")
+        self.cfg, self.target, self.facts, self.c = cfg, target, facts, constants
+        self.global_batch, self.redundant = global_batch, redundant
+        self.flops_per_token_main, self.hardware_flops_per_token = flops_per_token
+        self._fanout = {}
+        self._fanout_of = fanout
+        self.imbalance = imbalance or (lambda ep: constants["expert_imbalance"])
+        self.pricer = Pricer(target.gpu, compute_sms(target.gpu, "train", constants), constants, "train")
+        self.units = facts.units()
+        rows = [(facts.params.get(u, {}).get("dense", 0), facts.params.get(u, {}).get("expert", 0),
+                 *activation_bytes_per_token(cfg, u).values()) for u in self.units]
+        self._prefix = [tuple(0.0 for _ in range(4))]
+        for row in rows:  # prefix sums of (dense params, expert params, BF16 and FP8 activation bytes per token)
+            self._prefix.append(tuple(a + b for a, b in zip(self._prefix[-1], row)))
+        self._times: dict = {}
         self._stages: dict = {}
         self._sched: dict = {}
 
-    def chunks(self, mb_seqs: int) -> ChunkModel:
-        if mb_seqs not in self._chunks:
-            self._chunks[mb_seqs] = ChunkModel(self.cfg, self.target, self.c, self.block_costs, self.seq * mb_seqs,
-                                               self.seq, self.policy)
-        return self._chunks[mb_seqs]
+    def fanout(self, ep: int) -> tuple[float, float]:
+        """Expected distinct (nodes, GPUs) a token's routes reach under EP ep's placement (computed once per ep)."""
+        if ep not in self._fanout:
+            self._fanout[ep] = self._fanout_of(ep) if ep > 1 else (1.0, 1.0)
+        return self._fanout[ep]
 
-    def schedule(self, kind: str, pp: int, m: int):
-        key = (kind, pp, m)
+    @property
+    def tokens(self) -> int:
+        """Tokens of one micro-batch (one captured sequence)."""
+        return self.facts.tokens
+
+    def slots(self, ep: int) -> int:
+        """Expert slots per EP rank (routed experts and redundant replicas over the EP group)."""
+        return max(1, ((self.cfg.n_routed_experts or 1) + self.redundant) // ep)
+
+    def unit_time(self, kind: str, ep: int) -> BlockTime:
+        """One unit's BlockTime under EP ep, the FP32 gradient accumulation of its weights in W."""
+        key = (kind, ep)
+        if key not in self._times:
+            sh = Shard("train", ep=ep, slots=self.slots(ep), routes_per_token=self.cfg.num_experts_per_tok,
+                       imbalance=self.imbalance(ep), fanout=self.fanout(ep) if ep > 1 else (1.0, 1.0),
+                       gpus_per_node=self.target.gpus_per_node, comm_sms=int(self.c["comm_sms"]))
+            t = self.pricer.block(self.facts.blocks[kind], sh)
+            p = self.facts.params.get(kind, {})
+            local = p.get("dense", 0) + p.get("expert", 0) / ep
+            acc = Time(memory=cal.memory_seconds(local * self.c["grad_accum_bytes"], gpu=self.target.gpu, c=self.c))
+            self._times[key] = BlockTime(t.F, t.I, t.W + acc, t.R, t.f_comm, t.b_comm, t.comm, t.flops, t.kernels)
+        return self._times[key]
+
+    def unit_weight(self, kind: str, cand: Candidate) -> float:
+        """What a unit adds to its stage's time per micro-batch: F + B, overlapped when the schedule pairs chunks."""
+        t = self.unit_time(kind, cand.ep)
+        if cand.kind in ("dualpipe", "dualpipev"):
+            return overlap(t.F + t.B, t.f_comm + t.b_comm).total
+        return (t.F + t.B + t.f_comm + t.b_comm).total
+
+    # ---- stages --------------------------------------------------------------------------------------
+    def stage_units(self, cand: Candidate, fits=None) -> list[tuple[int, int]]:
+        """The units of each model stage, [(start, stop)], cut on the priced unit times (and memory)."""
+        key = (cand.kind, cand.stages, cand.ep)
+        weights = [self.unit_weight(u, cand) for u in self.units]
+        if fits is not None:
+            return partition(weights, cand.stages, fits)
+        if key not in self._stages:
+            rank_of = [cand.pp - 1 - s % cand.pp if cand.kind == "dualpipe" and s >= cand.pp else s for s in
+                       range(cand.stages)]
+            if cand.kind == "dualpipe":  # model stage s runs in both directions: on rank s and on rank pp-1-s
+                rank_of = list(range(cand.pp))
+                return self._dualpipe_split(weights, cand, key)
+            if cand.kind == "dualpipev":
+                rank_of = [s if s < cand.pp else 2 * cand.pp - 1 - s for s in range(cand.stages)]
+            self._stages[key] = balance_ranks(weights, partition(weights, cand.stages), rank_of)
+        return self._stages[key]
+
+    def _dualpipe_split(self, weights, cand: Candidate, key) -> list[tuple[int, int]]:
+        """DualPipe: rank r runs model stage r (one direction) and model stage pp-1-r (the other), so ranks pair
+        stages from both ends of the model."""
+        rank_of = [min(s, cand.pp - 1 - s) for s in range(cand.pp)]
+        self._stages[key] = balance_ranks(weights, partition(weights, cand.stages), rank_of)
+        return self._stages[key]
+
+    def stage_time(self, cand: Candidate, cut) -> list[BlockTime]:
+        """Each model stage's BlockTime: its units one after the other."""
+        return [add_blocks([self.unit_time(u, cand.ep) for u in self.units[a:b]]) for a, b in cut]
+
+    def _range(self, a: int, b: int) -> tuple:
+        """(dense params, expert params, BF16 bytes/token, FP8 bytes/token) of units[a:b]."""
+        return tuple(y - x for x, y in zip(self._prefix[a], self._prefix[b]))
+
+    def stage_params(self, cut, ep: int) -> list[tuple[float, float]]:
+        """(dense, routed-expert) parameters each model stage holds on one GPU (experts: its EP shard)."""
+        return [(r[0], r[1] / ep) for r in (self._range(a, b) for a, b in cut)]
+
+    def stage_activations(self, cut) -> list[tuple[float, float]]:
+        """(BF16, FP8) bytes each model stage keeps per micro-batch in flight for its backward."""
+        return [(r[2] * self.tokens, r[3] * self.tokens) for r in (self._range(a, b) for a, b in cut)]
+
+    # ---- schedule ------------------------------------------------------------------------------------
+    def schedule(self, cand: Candidate):
+        """(actions per rank, compiled schedule) of the candidate's kind, pp and micro-batches, built once."""
+        key = (cand.kind, cand.pp, cand.micro_batches)
         if key not in self._sched:
-            sched = build(kind, pp, m)
-            self._sched[key] = [sched, peaks_of(sched), None]
+            sched = build(cand.kind, cand.pp, cand.micro_batches)
+            self._sched[key] = (sched, CompiledSchedule(sched))
         return self._sched[key]
 
-    def stages(self, layout: Layout) -> list[dict]:
-        """Per model stage: its units, chunk times (summed), params and activation bytes per micro-batch."""
-        n = 2 * layout.pp if layout.kind == "dualpipev" else layout.pp
-        key = (n, layout.ep, layout.mb_seqs)
-        if key in self._stages:
-            return self._stages[key]
-        cm = self.chunks(layout.mb_seqs)
-        units = cm.units()
-        per = {k: cm.chunk(k, layout.ep) for k in set(units)}
-        cut = partition([per[u]["F_compute"] + per[u]["B_compute"] for u in units], n)
-        out = []
-        for s, (a, b) in enumerate(cut):
-            kinds = units[a:b]
-            st = {k: sum(per[u][k] for u in kinds) for k in ("F", "B", "I", "W", "F_compute", "B_compute",
-                                                              "F_comm", "B_comm", "model_flops", "hardware_flops")}
-            st["units"] = (a, b)
-            st["layers"] = sum(1 for u in kinds if u in ("dense", "moe"))
-            st["moe_layers"] = sum(1 for u in kinds if u in ("moe", "mtp"))
-            st["kinds"] = kinds
-            p_dense = p_expert = 0
-            act = {"bf16": 0.0, "fp8": 0.0}
-            for u in kinds:
-                p = B.params(self.cfg, u)
-                p_dense += p["dense"] if u != "head" else p["dense"] - p["embedding"]
-                p_expert += p["expert"]
-                a_ = B.activation_bytes_per_token(self.cfg, u)
-                act["bf16"] += a_["bf16"] * cm.tokens
-                act["fp8"] += a_["fp8"] * cm.tokens
-            if s == 0:
-                p_dense += B.params(self.cfg, "head")["embedding"]
-            st["params_dense"], st["params_expert"] = p_dense, p_expert
-            st["act_bf16"], st["act_fp8"] = act["bf16"], act["fp8"]
-            out.append(st)
-        self._stages[key] = out
-        return out
+    @staticmethod
+    def model_stage(sched, cand: Candidate) -> list[int]:
+        """The model stage each schedule stage runs (DualPipe's stage pp+s runs stage s's layers)."""
+        n = len(sched.layout.stage_rank())
+        return [s % cand.pp if cand.kind == "dualpipe" else s for s in range(n)]
 
-    # ---- the pieces of one evaluation ------------------------------------------------------------
-    def stage_map(self, layout: Layout, sched) -> tuple[list[int], dict[int, int]]:
-        """(model stage of each schedule stage, rank of each schedule stage)."""
+    def rank_stages(self, sched, cand: Candidate) -> list[list[int]]:
+        """The model stages each pipeline rank holds (DualPipe: two copies; DualPipeV: two stages)."""
         owner = sched.layout.stage_rank()
-        n_sched = len(owner)
-        if layout.kind == "dualpipe":
-            model = [s if s < layout.pp else s - layout.pp for s in range(n_sched)]
-        else:
-            model = list(range(n_sched))
-        return model, owner
-
-    def pp_hop(self, layout: Layout) -> dict:
-        """Bytes and seconds of one pipeline send (a micro-batch's BF16 hidden states) between neighbours."""
-        cm = self.chunks(layout.mb_seqs)
-        nbytes = cm.tokens * self.cfg.hidden_size * 2
-        if layout.pp <= 1:
-            return {"bytes": nbytes, "seconds": 0.0, "link": "none"}
-        stage_size = self.target.gpus // layout.pp
-        cross_node = stage_size >= self.target.gpus_per_node or self.target.gpus_per_node % stage_size
-        # consecutive stages are stage_size ranks apart: same local index on another node rides its plane's IB
-        link = "ib" if cross_node and self.target.gpus > self.target.gpus_per_node else "nvlink"
-        bw = (self.c["ib_GBps"] if link == "ib" else self.c["nvlink_GBps"]) * GB
-        return {"bytes": nbytes, "seconds": nbytes / bw * self.c["pp_exposed_fraction"], "link": link}
-
-    def rank_stages(self, layout: Layout, sched) -> list[list[int]]:
-        model, owner = self.stage_map(layout, sched)
-        out = [[] for _ in range(layout.pp)]
-        for s, r in owner.items():
+        model = self.model_stage(sched, cand)
+        out = [[] for _ in range(cand.pp)]
+        for s, r in sorted(owner.items()):
             out[r].append(model[s])
         return out
 
-    def dp_collectives(self, layout: Layout, rank_params: list[tuple[float, float]]) -> dict:
-        """ZeRO-1 reduce-scatter of gradients and all-gather of parameters at step end, per GPU (worst rank)."""
+    def durations(self, sched, cand: Candidate, stages: list[BlockTime]) -> dict[str, list[Time]]:
+        """Per schedule stage its F, B, I, W and F&B (with the co-resident stage's backward) Times."""
+        owner = sched.layout.stage_rank()
+        model = self.model_stage(sched, cand)
+        parts = [chunk_parts(stages[model[s]]) for s in range(len(model))]
+        by_rank: dict[int, list[int]] = {}
+        for s, r in owner.items():
+            by_rank.setdefault(r, []).append(s)
+        out = {k: [p[k] for p in parts] for k in ("F", "B", "I", "W")}
+        pair = []
+        for s in range(len(model)):
+            o = next((x for x in by_rank[owner[s]] if x != s), s)
+            a, b = parts[s], parts[o]
+            pair.append(overlap(a["F_compute"] + b["B_compute"], a["F_comm"] + b["B_comm"]))
+        out["F&B"] = pair
+        return out
+
+    def pp_hop(self, cand: Candidate) -> dict:
+        """A micro-batch's BF16 activations sent between neighbouring pipeline ranks: bytes, link, seconds."""
+        nbytes = self.tokens * self.cfg.hidden_size * 2
+        if cand.pp <= 1:
+            return {"bytes": nbytes, "link": "none", "seconds": 0.0}
+        stage_size = self.target.gpus // cand.pp
+        link = "ib" if stage_size % self.target.gpus_per_node == 0 and self.target.nodes > 1 else "nvlink"
+        return {"bytes": nbytes, "link": link, "seconds": cal.p2p_seconds(nbytes, link=link, c=self.c)}
+
+    # ---- step parts outside the pipeline -------------------------------------------------------------
+    def dp_collectives(self, cand: Candidate, rank_params) -> dict:
+        """ZeRO-1 at step end on the busiest rank: gradient reduce-scatter and parameter all-gather over its DP groups."""
         gpn = self.target.gpus_per_node
-        copies = 2 if layout.kind == "dualpipe" else 1
-        worst = {"reduce_scatter_bytes": 0.0, "all_gather_bytes": 0.0, "seconds": 0.0, "ib_bytes": 0.0,
-                 "nvlink_bytes": 0.0}
+        copies = 2 if cand.kind == "dualpipe" else 1
+        worst = {"seconds": 0.0, "latency_seconds": 0.0, "reduce_scatter_bytes": 0.0, "all_gather_bytes": 0.0}
         for dense, expert in rank_params:
-            t = ib_tot = nv_tot = 0.0
-            for p, group in ((dense, layout.dp * copies), (expert, layout.dp // layout.ep * copies)):
-                if group <= 1 or p == 0:
+            row = {"seconds": 0.0, "latency_seconds": 0.0, "reduce_scatter_bytes": 0.0, "all_gather_bytes": 0.0}
+            for params, group in ((dense, cand.dp * copies), (expert, max(1, cand.dp // cand.ep) * copies)):
+                if group <= 1 or params == 0:
                     continue
-                in_node = math.gcd(group, gpn) if layout.dp >= gpn else min(group, layout.dp)
-                nodes = max(1, group // in_node)
-                per_param = self.c["grad_reduce_bytes"] + self.c["param_gather_bytes"]
-                nv = p * per_param * (in_node - 1) / in_node
-                ib = p * per_param / in_node * (nodes - 1) / nodes
-                ib_tot += ib
-                nv_tot += nv
-                t += self.link_seconds(ib, nv)
-            if t > worst["seconds"]:
-                worst = {"reduce_scatter_bytes": (ib_tot + nv_tot) * self.c["grad_reduce_bytes"] /
-                         (self.c["grad_reduce_bytes"] + self.c["param_gather_bytes"]),
-                         "all_gather_bytes": (ib_tot + nv_tot) * self.c["param_gather_bytes"] /
-                         (self.c["grad_reduce_bytes"] + self.c["param_gather_bytes"]),
-                         "seconds": t, "ib_bytes": ib_tot, "nvlink_bytes": nv_tot}
+                per_node = min(group, gpn) if group <= cand.dp else gpn
+                kw = dict(ranks=group, ranks_per_node=per_node, c=self.c)
+                rs_b, ag_b = params * self.c["grad_reduce_bytes"], params * self.c["param_gather_bytes"]
+                rs, ag = cal.reduce_scatter_seconds(rs_b, **kw), cal.all_gather_seconds(ag_b, **kw)
+                row["seconds"] += rs + ag
+                row["latency_seconds"] += cal.reduce_scatter_seconds(0.0, **kw) + cal.all_gather_seconds(0.0, **kw)
+                row["reduce_scatter_bytes"] += rs_b
+                row["all_gather_bytes"] += ag_b
+            if row["seconds"] > worst["seconds"]:
+                worst = row
         return worst
 
-    def link_seconds(self, ib, nv):
-        return self.chunks(1).link_seconds(ib, nv)
+    def optimizer_seconds(self, cand: Candidate, rank_params) -> float:
+        """The AdamW update of the busiest rank's ZeRO-1 shard (memory-bound: bytes per parameter at HBM speed)."""
+        copies = 2 if cand.kind == "dualpipe" else 1
+        edp = max(1, cand.dp // cand.ep)
+        shard = max(d / (cand.dp * copies) + e / (edp * copies) for d, e in rank_params)
+        return cal.memory_seconds(shard * self.c["optimizer_bytes_per_param"], gpu=self.target.gpu, c=self.c)
 
-    def memory(self, layout: Layout, sched, peaks, stages) -> dict:
-        """memory_per_gpu for the layout (bytes per pipeline rank against the GPU's capacity)."""
+    # ---- memory --------------------------------------------------------------------------------------
+    def memory(self, cand: Candidate, sched, peaks, cut) -> dict:
+        """memory_per_gpu: bytes per pipeline rank against the GPU's capacity."""
         cap = self.target.gpu.hbm_bytes
-        copies = 2 if layout.kind == "dualpipe" else 1
-        edp = max(1, layout.dp // layout.ep)
-        cm = self.chunks(layout.mb_seqs)
-        comm = cm.ep_comm(layout.ep)
-        gpus_per_token = expected_targets(self.cfg.n_routed_experts, self.cfg.n_group, self.cfg.topk_group,
-                                          self.cfg.num_experts_per_tok, layout.ep,
-                                          self.target.gpus_per_node)[1] if layout.ep > 1 else 1
-        D = self.cfg.hidden_size
-        buf = 0.0
-        if layout.ep > 1:
-            buf = cm.tokens * gpus_per_token * ((D + 4 * math.ceil(D / 128)) + 2 * D) * self.c["comm_buffer_factor"]
-        buf += 2 * 2 * cm.tokens * D * 2 if layout.pp > 1 else 0  # PP send/recv buffers, both directions
+        copies = 2 if cand.kind == "dualpipe" else 1
+        edp = max(1, cand.dp // cand.ep)
+        params = self.stage_params(cut, cand.ep)
+        acts = self.stage_activations(cut)
+        buffers = self.comm_buffers(cand)
         ranks = []
-        for r, held in enumerate(self.rank_stages(layout, sched)):
-            dense = sum(stages[s]["params_dense"] for s in held)
-            expert = sum(stages[s]["params_expert"] for s in held) / layout.ep
-            act_unit = max(stages[s]["act_bf16"] for s in held)
-            fp8_unit = max(stages[s]["act_fp8"] for s in held)
+        for r, held in enumerate(self.rank_stages(sched, cand)):
+            dense = sum(params[s][0] for s in held)
+            expert = sum(params[s][1] for s in held)
             row = {
                 "weights": 2 * (dense + expert),
                 "gradients": 4 * (dense + expert),
-                "master_weights": 4 * (dense / (layout.dp * copies) + expert / (edp * copies)),
-                "optimizer": 2 * 2 * (dense / (layout.dp * copies) + expert / (edp * copies)),
-                "activations": peaks[r] * act_unit,
-                "fp8_cache": peaks[r] * fp8_unit,
-                "comm_buffers": buf,
+                "master_weights": 4 * (dense / (cand.dp * copies) + expert / (edp * copies)),
+                "optimizer": 2 * 2 * (dense / (cand.dp * copies) + expert / (edp * copies)),
+                "activations": peaks[r] * max(acts[s][0] for s in held),
+                "fp8_cache": peaks[r] * max(acts[s][1] for s in held),
+                "comm_buffers": buffers,
                 "workspace": self.c["workspace_GB"] * GB,
                 "peak_micro_batches": peaks[r],
                 "stages": sorted(held),
             }
-            row["total"] = sum(row[k] for k in ("weights", "gradients", "master_weights", "optimizer", "activations",
-                                                 "fp8_cache", "comm_buffers", "workspace"))
+            row["total"] = sum(row[k] for k in MEMORY_PARTS)
             row["fits"] = row["total"] <= cap
             if not row["fits"]:
-                parts = sorted(((k, row[k]) for k in ("weights", "gradients", "activations", "fp8_cache",
-                                                      "master_weights", "optimizer", "comm_buffers")),
-                               key=lambda kv: -kv[1])
-                row["overflow"] = {"bytes": row["total"] - cap,
-                                   "largest": [f"{k} {v / GB:.1f} GB" for k, v in parts[:3]]}
+                largest = sorted(((k, row[k]) for k in MEMORY_PARTS), key=lambda kv: -kv[1])[:3]
+                row["overflow"] = {"bytes": row["total"] - cap, "largest": [f"{k} {v / GB:.1f} GB" for k, v in largest]}
             ranks.append(row)
         return {"capacity": cap, "ranks": ranks, "fits": all(r["fits"] for r in ranks),
-                "peak_total": max(r["total"] for r in ranks), "_comm": comm}
+                "peak_total": max(r["total"] for r in ranks)}
 
-    def memory_lower_bound(self, layout: Layout) -> float:
-        """A lower bound of rank 0's memory without building the schedule (every kind holds >= min(m, pp) F's there)."""
-        stages = self.stages(layout)
-        n = len(stages)
-        held = [0, n - 1] if layout.kind in ("dualpipe", "dualpipev") and n > 1 else [0]
-        copies = 2 if layout.kind == "dualpipe" else 1
-        dense = sum(stages[s]["params_dense"] for s in held)
-        expert = sum(stages[s]["params_expert"] for s in held) / layout.ep
-        act = min(stages[s]["act_bf16"] + stages[s]["act_fp8"] for s in held)
-        static = 6 * (dense + expert) + 8 * (dense / (layout.dp * copies) + expert / (max(1, layout.dp // layout.ep) * copies))
-        return static + min(layout.micro_batches, layout.pp) * act + self.c["workspace_GB"] * GB
+    def comm_buffers(self, cand: Candidate) -> float:
+        """Dispatch/combine buffers (two micro-batches in flight in an F&B pair) and pipeline send/receive buffers."""
+        d = self.cfg.hidden_size
+        buf = 0.0
+        if cand.ep > 1:
+            gpus = self.fanout(cand.ep)[1]
+            buf = self.tokens * gpus * ((d + 4 * math.ceil(d / 128)) + 2 * d) * self.c["comm_buffer_factor"]
+        return buf + (2 * 2 * self.tokens * d * 2 if cand.pp > 1 else 0)
 
-    def evaluate(self, layout: Layout, simulate_step: bool = True, keep_timeline: bool = False) -> dict:
-        """cost, memory_per_gpu and communication of one layout."""
-        entry = self.schedule(layout.kind, layout.pp, layout.micro_batches)
-        sched, peaks = entry[0], entry[1]
-        stages = self.stages(layout)
-        mem = self.memory(layout, sched, peaks, stages)
-        mem.pop("_comm")
-        out = {"layout": layout, "memory_per_gpu": mem}
-        if not simulate_step:
-            return out
-        model, owner = self.stage_map(layout, sched)
-        rank_of = owner
-        by_rank: dict[int, list[int]] = {}
-        for s, r in rank_of.items():
-            by_rank.setdefault(r, []).append(s)
-        n = len(model)
-        dur = {k: [stages[model[s]][k] for s in range(n)] for k in ("F", "B", "I", "W")}
-        fb = []
-        for s in range(n):
-            others = [o for o in by_rank[rank_of[s]] if o != s]
-            o = others[0] if others else s
-            a, b = stages[model[s]], stages[model[o]]
-            fb.append(max(a["F_compute"] + b["B_compute"], a["F_comm"] + b["B_comm"]))
-        dur["F&B"] = fb
-        hop = self.pp_hop(layout)
-        if keep_timeline:
-            tl = simulate(sched, dur, hop["seconds"])
+    def memory_fits(self, cand: Candidate, sched, peaks):
+        """fits(k, a, b) for `partition`: model stage k = units[a:b] within its share of the GPU's memory."""
+        cap = self.target.gpu.hbm_bytes
+        copies = 2 if cand.kind == "dualpipe" else 1
+        edp = max(1, cand.dp // cand.ep)
+        rank_of = [0] * cand.stages
+        shares = [0] * cand.pp
+        for r, held in enumerate(self.rank_stages(sched, cand)):
+            for s in held:
+                rank_of[s] = r
+            shares[r] = len(set(held))
+        fixed = self.comm_buffers(cand) + self.c["workspace_GB"] * GB
+
+        def fits(k: int, a: int, b: int) -> bool:
+            if k >= len(rank_of):
+                return True
+            dense, expert, bf16, fp8 = self._range(a, b)
+            expert /= cand.ep
+            static = 6 * (dense + expert) + 8 * (dense / (cand.dp * copies) + expert / (edp * copies))
+            r = rank_of[k]
+            return static + peaks[r] * (bf16 + fp8) * self.tokens <= (cap - fixed) / max(1, shares[r])
+
+        return fits
+
+    def memory_lower_bound(self, cand: Candidate) -> float:
+        """A lower bound of the fullest rank's memory: the average rank's weights, gradients and optimizer shard."""
+        copies = 2 if cand.kind == "dualpipe" else 1
+        edp = max(1, cand.dp // cand.ep)
+        (dense, expert), = self.stage_params([(0, len(self.units))], cand.ep)
+        dense, expert = dense * copies / cand.pp, expert * copies / cand.pp
+        static = 6 * (dense + expert) + 8 * (dense / (cand.dp * copies) + expert / (edp * copies))
+        return static + self.c["workspace_GB"] * GB
+
+    # ---- one evaluation --------------------------------------------------------------------------------
+    def evaluate(self, cand: Candidate, timeline: bool = False, cut=None) -> "Evaluation":
+        """The candidate's stages (cut here, unless given), step (simulated), its parts, memory and communication."""
+        sched, compiled = self.schedule(cand)
+        peaks = compiled.peaks
+        given = cut is not None
+        cut = cut or self.stage_units(cand)
+        memory = self.memory(cand, sched, peaks, cut)
+        if not memory["fits"] and not given:  # the time-balanced split overflows a rank: cut within memory shares
+            cut = self.stage_units(cand, self.memory_fits(cand, sched, peaks))
+            memory = self.memory(cand, sched, peaks, cut)
+        stages = self.stage_time(cand, cut)
+        dur = self.durations(sched, cand, stages)
+        hop = self.pp_hop(cand)
+        totals = {k: [t.total for t in v] for k, v in dur.items()}
+        if timeline:
+            tl = simulate(sched, totals, hop["seconds"])
             pipe_step, busy = tl.step, tl.busy
         else:
             tl = None
-            if entry[2] is None:
-                entry[2] = CompiledSchedule(sched)
-            pipe_step, busy = entry[2].step(dur, hop["seconds"])
-        rank_params = []
-        for held in self.rank_stages(layout, sched):
-            rank_params.append((sum(stages[s]["params_dense"] for s in held),
-                                sum(stages[s]["params_expert"] for s in held) / layout.ep))
-        dpc = self.dp_collectives(layout, rank_params)
-        step = pipe_step + dpc["seconds"] * self.c["dp_exposed_fraction"]
-        tokens = self.global_batch * self.seq
-        gpus = self.target.gpus
-        cm = self.chunks(layout.mb_seqs)
-        per_block = {k: cm.chunk(k, layout.ep) for k in B.KINDS}
-        n_main = cm.n_dense * per_block["dense"]["model_flops"] + cm.n_moe * per_block["moe"]["model_flops"] + \
-            per_block["head"]["model_flops"]
-        hw = cm.n_dense * per_block["dense"]["hardware_flops"] + cm.n_moe * per_block["moe"]["hardware_flops"] + \
-            per_block["head"]["hardware_flops"] + (per_block["mtp"]["hardware_flops"] if cm.has_mtp else 0)
-        main_per_token = n_main / cm.tokens
-        hw_per_token = hw / cm.tokens
-        tps = tokens / step
-        peak = gpus * self.target.gpu.bf16_flops
-        cost = {
-            "step_seconds": step,
-            "pipeline_seconds": pipe_step,
-            "dp_seconds": dpc["seconds"],
-            "tokens_per_step": tokens,
-            "tokens_per_second": tps,
-            "tokens_per_gpu_per_second": tps / gpus,
-            "flops_per_token_main": main_per_token,
-            "hardware_flops_per_token": hw_per_token,
-            "mfu": main_per_token * tps / peak,
-            "hfu": hw_per_token * tps / peak,
-            "gpu_hours_per_trillion_tokens": gpus * (1e12 / tps) / 3600,
-            "chunk_seconds": {k: {x: per_block[k][x] for x in ("F", "B", "I", "W", "FB")}
-                              for k in B.KINDS if k != "mtp" or cm.has_mtp},
-            "stage_seconds": [{x: st[x] for x in ("F", "B", "I", "W")} | {"layers": st["layers"],
-                              "units": list(st["kinds"])} for st in stages],
-            "bubble_seconds": [pipe_step - b for b in busy],
-            "micro_batch_tokens": cm.tokens,
-        }
-        comm = cm.ep_comm(layout.ep)
-        m = layout.micro_batches
-        moe_per_rank = max(sum(stages[s]["moe_layers"] for s in held) for held in self.rank_stages(layout, sched))
-        ep_mb = {k: {"ib_bytes": comm[k]["ib"], "nvlink_bytes": comm[k]["nvlink"], "seconds": comm[k]["seconds"]}
-                 for k in ("dispatch", "combine", "dispatch_bwd", "combine_bwd")}
-        ep_ib = sum(v["ib_bytes"] for v in ep_mb.values())
-        ep_nv = sum(v["nvlink_bytes"] for v in ep_mb.values())
-        ep_s = sum(v["seconds"] for v in ep_mb.values())
-        boundaries = max(len([s for s in by_rank[r]]) for r in by_rank)
-        out["cost"] = cost
-        out["communication"] = {
-            "ep": {"per_layer_per_micro_batch": ep_mb,
-                   "per_step_per_gpu": {"moe_layers": moe_per_rank, "micro_batches": m,
-                                        "ib_bytes": ep_ib * moe_per_rank * m, "nvlink_bytes": ep_nv * moe_per_rank * m,
-                                        "seconds": ep_s * moe_per_rank * m}},
-            "pp": {"per_micro_batch": {"bytes": hop["bytes"], "seconds": hop["seconds"], "link": hop["link"]},
-                   "per_step_per_gpu": {"bytes": 2 * hop["bytes"] * m * boundaries if layout.pp > 1 else 0,
-                                        "seconds": 2 * hop["seconds"] * m * boundaries if layout.pp > 1 else 0.0}},
-            "dp": {"per_step_per_gpu": dpc},
-        }
-        out["_timeline"] = tl if keep_timeline else None
+            pipe_step, busy = compiled.step(totals, hop["seconds"])
+        rank_parts = self.rank_parts(compiled, dur)
+        held = self.rank_stages(sched, cand)
+        params = self.stage_params(cut, cand.ep)
+        rank_params = [(sum(params[s][0] for s in h), sum(params[s][1] for s in h)) for h in held]
+        dp = self.dp_collectives(cand, rank_params)
+        opt = self.optimizer_seconds(cand, rank_params)
+        busiest = max(range(cand.pp), key=lambda r: busy[r])
+        exposed = self.c["dp_exposed_fraction"]
+        parts = rank_parts[busiest].as_dict()
+        parts.pop("total")
+        parts["bubble"] = pipe_step - busy[busiest]
+        parts["comm"] += exposed * (dp["seconds"] - dp["latency_seconds"])
+        parts["latency"] += exposed * dp["latency_seconds"]
+        parts["optimizer"] = opt
+        step = pipe_step + exposed * dp["seconds"] + opt
+        return Evaluation(self, cand, sched, cut, stages, dur, hop, pipe_step, busy, step, parts, dp, opt, memory, tl)
+
+    @staticmethod
+    def rank_parts(compiled: CompiledSchedule, dur) -> list[Time]:
+        """Per pipeline rank, the Time its actions add up to (the busy time split into its parts)."""
+        out = [ZERO] * compiled.ranks
+        for (rank, (kind, stage)), n in compiled.action_counts.items():
+            out[rank] = out[rank] + dur["F&B" if kind == "P" else kind][stage] * n
         return out
 
 
-def evaluate_layout(cfg, target, layout: Layout, constants=None, block_costs=None, seq=4096, global_batch=15360,
-                    policy=None) -> dict:
-    """One layout's cost, memory and communication (a fresh TrainCostModel)."""
-    return TrainCostModel(cfg, target, constants, block_costs, seq, global_batch, policy).evaluate(layout)
+MEMORY_PARTS = ("weights", "gradients", "master_weights", "optimizer", "activations", "fp8_cache", "comm_buffers",
+                "workspace")
+
+
+@dataclass
+class Evaluation:
+    """One candidate layout priced: what the search ranks and what the plan reports."""
+
+    pricer: TrainPricer
+    cand: Candidate
+    sched: object
+    cut: list
+    stages: list
+    durations: dict
+    hop: dict
+    pipeline_seconds: float
+    busy: list
+    step_seconds: float
+    parts: dict
+    dp: dict
+    optimizer_seconds: float
+    memory: dict
+    timeline: object = None
+
+    @property
+    def fits(self) -> bool:
+        """Whether every pipeline rank fits in the GPU's memory."""
+        return self.memory["fits"]
+
+    @cached_property
+    def tokens_per_second(self) -> float:
+        """Training tokens per second of the whole cluster."""
+        return self.pricer.global_batch * self.pricer.tokens / self.step_seconds

@@ -23,10 +23,9 @@ class Analyses:
     precision_policy: dict | None = None  # fp8_quant: the dtype of each GEMM component
     kernels: list | None = None  # lower_triton: the kernel specialisations and their compiled files
     call_specs: list | None = None  # lower_triton: the kernel-call specialisations the graph uses
-    mesh: Any = None  # the parallel mesh (degrees, rank map, collective groups)
-    placement: Any = None  # expert placement per layer
-    schedule: Any = None  # pipeline schedule
-    memory: Any = None  # memory per GPU
+    parallel: Any = None  # the ParallelPlan (degrees, rank map, schedule, stages, placement); the driver writes it
+    placement: Any = None  # expert_partition: per MoE layer, slots, redundant experts, node bound and fan-out
+    schedule: Any = None  # pipeline_partition: the stages' blocks, the schedule's actions and peak activations
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -49,7 +48,7 @@ class Plan:
     program: Program
     target: Any  # targets.Target
     analyses: Analyses = field(default_factory=Analyses)
-    options: dict = field(default_factory=dict)  # compile-wide settings: output dir, AOT compile, kernel cache
+    options: dict = field(default_factory=dict)  # compile-wide settings: output dir, precision, cost constants
 
     def __post_init__(self):
         if self.target is None:

@@ -36,14 +36,16 @@ def mla_attention_cost(q, k, v, scale, out) -> Cost:
     """2·B·H·pairs·(dqk + dv) FLOPs under the causal mask; reads q, k, v once and writes the output."""
     b, s, h, dqk = q.shape
     flops = 2 * b * h * causal_pairs(s, k.shape[1]) * (dqk + v.shape[-1])
-    return Cost(flops=flops, bwd_flops=int(ATTENTION_BWD_RATIO * flops), bytes=io_bytes((q, k, v), out))
+    return Cost(flops=flops, bwd_flops=int(ATTENTION_BWD_RATIO * flops), bytes=io_bytes((q, k, v), out),
+                kernel="attention", shape=(b, h, s, k.shape[1], dqk, v.shape[-1]))
 
 
 def latent_attention_cost(q_lat, q_pe, ckv, kpe, scale, out) -> Cost:
     """Scores over r + dr dims and the output over r dims, against one latent head shared by all heads."""
     b, s, h, r = q_lat.shape
     flops = 2 * b * h * causal_pairs(s, ckv.shape[1]) * (2 * r + q_pe.shape[-1])
-    return Cost(flops=flops, bwd_flops=int(ATTENTION_BWD_RATIO * flops), bytes=io_bytes((q_lat, q_pe, ckv, kpe), out))
+    return Cost(flops=flops, bwd_flops=int(ATTENTION_BWD_RATIO * flops), bytes=io_bytes((q_lat, q_pe, ckv, kpe), out),
+                kernel="latent_attention", shape=(b, h, s, ckv.shape[1], r, q_pe.shape[-1]))
 
 
 define(mla_attention, cost=mla_attention_cost, autograd=3,

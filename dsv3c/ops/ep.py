@@ -398,7 +398,7 @@ def cost_ep_dispatch(args, out) -> dict:
     ib, nvlink = two_hop_bytes(t, payload, ep, gpn, exp_nodes, exp_gpus)
     quant_flops = 3 * t * d if quant else 0
     return {"flops": quant_flops, "bwd_flops": t * d, "bytes": _nbytes(x) + _nbytes(ids) + t * exp_gpus * payload,
-            "ib_bytes": ib, "nvlink_bytes": nvlink}  # fmt: skip
+            "ib_bytes": ib, "nvlink_bytes": nvlink, "kernel": "dispatch", "shape": (t, payload, ep, gpn)}  # fmt: skip
 
 
 def _touched_slots(recv_x, recv_tok, slots: int, ep: int) -> float:
@@ -419,14 +419,16 @@ def cost_ep_experts(args, out, local_weights=None) -> dict:
     per_slot = sum(_nbytes(w) for w in (local_weights or args[3:6])) / slots
     weight_bytes = int(_touched_slots(recv_x, recv_tok, slots, ep) * per_slot)
     act_bytes = routes * d * (recv_x.element_size() + out.element_size())
-    return {"flops": flops, "bwd_flops": 2 * flops, "bytes": weight_bytes + act_bytes, "ib_bytes": 0, "nvlink_bytes": 0}
+    # priced as `routes` tokens each routed to one of the rank's `slots` experts
+    return {"flops": flops, "bwd_flops": 2 * flops, "bytes": weight_bytes + act_bytes, "ib_bytes": 0, "nvlink_bytes": 0,
+            "kernel": "experts", "dtype": "fp8" if args[6] is True else "bf16", "shape": (routes, 1, slots, f, d),
+            "weight_bytes": weight_bytes, "wgrad_flops": flops}
 
 
 def cost_ep_experts_fp8(args, out) -> dict:
     """As cost_ep_experts, over E4M3 weights (1 byte each) plus their float32 block scales; inference only."""
     c = cost_ep_experts(list(args), out, local_weights=args[3:9])
-    c["bwd_flops"] = 0
-    return c
+    return {**c, "bwd_flops": 0, "wgrad_flops": 0, "dtype": "fp8"}
 
 
 def cost_ep_combine(args, out) -> dict:
@@ -441,7 +443,7 @@ def cost_ep_combine(args, out) -> dict:
     row = d * y.element_size()
     ib, nvlink = two_hop_bytes(t, row, ep, gpn, float(k), float(k))
     return {"flops": 2 * t * k * d, "bwd_flops": 4 * t * k * d, "bytes": _nbytes(out) + t * k * row,
-            "ib_bytes": ib, "nvlink_bytes": nvlink}  # fmt: skip
+            "ib_bytes": ib, "nvlink_bytes": nvlink, "kernel": "combine", "shape": (t, row, ep, gpn)}  # fmt: skip
 
 
 def _record_cost(fn):

@@ -4,7 +4,7 @@ import torch
 from torch import Tensor
 
 from dsv3c.ops import fp8
-from dsv3c.ops.record import Cost, Lowering, define, elementwise, gemm_flops, io_bytes, rows
+from dsv3c.ops.record import Cost, Lowering, define, elementwise, gemm_flops, io_bytes, nbytes, rows
 
 _CODEGEN = "dsv3c.codegen.lowering"
 
@@ -54,13 +54,17 @@ def _fp8_linear_backward(ctx, grad):
 
 def fp8_gemm_cost(xq, xs, wq, ws, out_dtype, out) -> Cost:
     """2·M·N·K on the FP8 tensor cores; reads the E4M3 operands and their scales, writes the output."""
-    return Cost(flops=gemm_flops(rows(xq.shape), wq.shape[0], xq.shape[-1]), bytes=io_bytes((xq, xs, wq, ws), out))
+    m, n, k = rows(xq.shape), wq.shape[0], xq.shape[-1]
+    return Cost(flops=gemm_flops(m, n, k), bytes=io_bytes((xq, xs, wq, ws), out), kernel="gemm", dtype="fp8",
+                shape=(1, m, n, k), weight_bytes=nbytes(wq) + nbytes(ws))
 
 
 def fp8_linear_cost(x, w, out) -> Cost:
     """Fprop 2·M·N·K; backward Dgrad + Wgrad, each as large; reads x and the master weight once."""
-    flops = gemm_flops(rows(x.shape), w.shape[0], x.shape[-1])
-    return Cost(flops=flops, bwd_flops=2 * flops, bytes=io_bytes((x, w), out))
+    m, n, k = rows(x.shape), w.shape[0], x.shape[-1]
+    flops = gemm_flops(m, n, k)
+    return Cost(flops=flops, bwd_flops=2 * flops, bytes=io_bytes((x, w), out), kernel="gemm", dtype="fp8",
+                shape=(1, m, n, k), weight_bytes=nbytes(w), wgrad_flops=flops)
 
 
 # act_quant per element: |x| into the tile's max, the scaled value, the cast (3); it has no backward

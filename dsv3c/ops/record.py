@@ -28,20 +28,38 @@ import torch
 NAMESPACE = "dsv3"
 
 
+KERNELS = ("gemm", "experts", "attention", "latent_attention", "memory", "dispatch", "combine", "none")
+
+
 @dataclass(frozen=True)
 class Cost:
-    """FLOPs (forward, backward as executed), HBM bytes and link bytes of one op call."""
+    """FLOPs (forward, backward as executed), HBM bytes and link bytes of one op call, and how it is priced.
+
+    `kernel` names the kernel class the pricing module times it as (see KERNELS) and `shape` the
+    dimensions that class reads: gemm (groups, m, n, k) for [m, k] x [n, k]^T per group; experts
+    (tokens, top_k, experts, f, d) for the routed SwiGLU experts; attention (b, h, s, t, dqk, dv) and
+    latent_attention (b, h, s, t, r, dr) for s queries over t keys per sequence. `dtype` is the tensor-core
+    dtype of GEMM-like kernels, `weight_bytes` the part of `bytes` that are weights (0: the cost pass
+    counts the weight arguments), `wgrad_flops` the part of `bwd_flops` that computes weight gradients.
+    """
 
     flops: int = 0
     bwd_flops: int = 0
     bytes: int = 0
     ib_bytes: int = 0
     nvlink_bytes: int = 0
+    kernel: str = "memory"
+    dtype: str = "bf16"
+    shape: tuple = ()
+    weight_bytes: int = 0
+    wgrad_flops: int = 0
 
     def as_dict(self) -> dict:
         """The cost as a plain dict (what `node.meta['cost']` holds)."""
         return {"flops": round(self.flops), "bwd_flops": round(self.bwd_flops), "bytes": round(self.bytes),
-                "ib_bytes": round(self.ib_bytes), "nvlink_bytes": round(self.nvlink_bytes)}  # fmt: skip
+                "ib_bytes": round(self.ib_bytes), "nvlink_bytes": round(self.nvlink_bytes), "kernel": self.kernel,
+                "dtype": self.dtype, "shape": [int(x) for x in self.shape], "weight_bytes": round(self.weight_bytes),
+                "wgrad_flops": round(self.wgrad_flops)}  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -85,10 +85,12 @@ def _(x, ids, weights, w_gate, w_up, w_down):
 def moe_gate_cost(x, weight, bias, n_group, topk_group, top_k, norm_topk_prob, scaling, out) -> Cost:
     """The [T, D] x [D, E] affinity GEMM (the sigmoid and top-k are negligible); backward twice that."""
     flops = gemm_flops(x.shape[0], weight.shape[0], x.shape[1])
-    return Cost(flops=flops, bwd_flops=2 * flops, bytes=nbytes(x) + nbytes(weight) + nbytes(bias) + nbytes(out))
+    return Cost(flops=flops, bwd_flops=2 * flops, bytes=nbytes(x) + nbytes(weight) + nbytes(bias) + nbytes(out),
+                kernel="gemm", shape=(1, x.shape[0], weight.shape[0], x.shape[1]),
+                weight_bytes=nbytes(weight) + nbytes(bias), wgrad_flops=flops)
 
 
-def experts_cost(x, ids, expert_weights: tuple, out, backward: bool) -> Cost:
+def experts_cost(x, ids, expert_weights: tuple, out, backward: bool, dtype: str) -> Cost:
     """Each token runs k SwiGLU experts (3 GEMMs of D x F); weight bytes only of the experts the step can touch.
 
     expert_weights are the stacked tensors ([E, ...] each: weights and, for FP8, their block scales); the
@@ -101,22 +103,24 @@ def experts_cost(x, ids, expert_weights: tuple, out, backward: bool) -> Cost:
     per_expert = sum(nbytes(w) for w in expert_weights) / experts
     weight_bytes = expected_experts_hit(tokens, experts, k) * per_expert
     act_bytes = 2 * nbytes(x) * k + nbytes(out)  # each (token, expert) pair reads x; the FFN output is summed
-    return Cost(flops=flops, bwd_flops=2 * flops if backward else 0, bytes=int(weight_bytes + act_bytes))
+    return Cost(flops=flops, bwd_flops=2 * flops if backward else 0, bytes=int(weight_bytes + act_bytes),
+                kernel="experts", dtype=dtype, shape=(tokens, k, experts, f, d), weight_bytes=int(weight_bytes),
+                wgrad_flops=flops if backward else 0)
 
 
 def moe_experts_cost(x, ids, weights, w_gate, w_up, w_down, out) -> Cost:
     """BF16 routed experts (see experts_cost)."""
-    return experts_cost(x, ids, (w_gate, w_up, w_down), out, backward=True)
+    return experts_cost(x, ids, (w_gate, w_up, w_down), out, backward=True, dtype="bf16")
 
 
 def moe_experts_fp8_cost(x, ids, weights, gq, gs, uq, us, dq, ds, out) -> Cost:
     """Inference FP8 routed experts: E4M3 weights and their scales; no backward."""
-    return experts_cost(x, ids, (gq, gs, uq, us, dq, ds), out, backward=False)
+    return experts_cost(x, ids, (gq, gs, uq, us, dq, ds), out, backward=False, dtype="fp8")
 
 
 def moe_experts_fp8_train_cost(x, ids, weights, w_gate, w_up, w_down, out) -> Cost:
     """Training FP8 routed experts: master weights read to quantise, FP8 Fprop/Dgrad/Wgrad."""
-    return experts_cost(x, ids, (w_gate, w_up, w_down), out, backward=True)
+    return experts_cost(x, ids, (w_gate, w_up, w_down), out, backward=True, dtype="fp8")
 
 
 define(moe_gate, cost=moe_gate_cost, autograd=3,
