@@ -1,28 +1,47 @@
-"""Inference plans (issue 12): deployment units, KV capacity, decode/prefill figures, MTP speculative decoding."""
+"""Inference plans: deployment units (--parallel honoured), KV capacity, prefill/decode figures, MTP speculation."""
 
 import dataclasses
 
 import pytest
-import torch
 
+import passes
 import targets
 from dsv3c.cost import inference as inf
-from model_def import DeepseekV3, ModelConfig
-from model_def.counts import parameter_counts
+from dsv3c.cost.constants import Constants
+from dsv3c.cost.facts import analyse
+from dsv3c.cost.figures import lift_positions
+from dsv3c.cost.plan_cost import inference_keys
+from dsv3c.parallel import ParallelError, plan_parallel
+from model_def import ModelConfig
 
 V3 = ModelConfig.preset("deepseek-v3")
 TINY = ModelConfig.preset("tiny")
-H32, H320 = targets.get_target("h800x32"), targets.get_target("h800x320")
+KV = {"main": 70_272, "mtp": 1152}  # latent cache bytes per token: 61 (and 1 MTP) layers x (512 + 64) x 2
 
 
 @pytest.fixture(scope="module")
-def c():
-    return inf.constants()
+def facts():
+    """Reduced-capture block facts of the 671B model at a few shapes, captured once each."""
+    cache = {}
+
+    def get(mode, batch, seq, kv_len=0):
+        key = (mode, batch, seq, kv_len)
+        if key not in cache:
+            shapes = {"batch": batch, "seq": seq, "kv_len": kv_len}
+            cache[key] = analyse(lift_positions(V3, shapes), mode, shapes, targets.get_target("h800x8"),
+                                 passes.REGISTRY)[0]
+        return cache[key]
+
+    return get
 
 
-@pytest.fixture(scope="module")
-def decode_unit():
-    return inf.make_unit(V3, H320, "decode")
+def priced(facts, target, mode, request="auto", constants=None, **shape):
+    """(ParallelPlan, plan.json's inference) of V3 for a target, mode, --parallel request and shapes."""
+    tgt = targets.get_target(target)
+    c = constants or Constants.for_target(tgt)
+    f = facts(mode, **shape)
+    planned = plan_parallel(V3, tgt, mode, request, facts=f, constants=c)
+    return planned.plan, inference_keys(planned, V3, tgt, f, c, KV)["inference"]
 
 
 # ---- speculative decoding on the tiny model ----------------------------------------------------------------------
@@ -49,97 +68,78 @@ def test_acceptance_one_when_mtp_copies_the_next_prediction():
 # ---- units ---------------------------------------------------------------------------------------------------------
 
 
-def test_default_units(decode_unit):
-    p = inf.make_unit(V3, H32, "prefill")
-    assert (p.tp, p.dp, p.ep, p.sp, p.routed_slots_per_gpu, p.redundant, p.shared) == (4, 8, 32, True, 9, 32, "local")
-    d = decode_unit
-    assert (d.tp, d.dp, d.ep, d.routed_slots_per_gpu, d.shared) == (4, 80, 320, 1, "dedicated")
-    assert d.shared_replicas + d.redundant == 64 and d.shared_replicas == 32
-    e144 = inf.make_unit(V3, targets.get_target("h800x144"), "decode")
-    assert (e144.ep, e144.routed_slots_per_gpu, e144.redundant, e144.shared) == (144, 2, 32, "local")
+def test_default_units(facts):
+    p, _ = priced(facts, "h800x32", "prefill", batch=1, seq=4096)
+    m = p.mesh
+    assert (m.tp, m.dp, m.ep, m.sp, p.unit.routed_slots_per_gpu, m.redundant) == (4, 8, 32, True, 8, 0)
+    d, inf_d = priced(facts, "h800x320", "decode", batch=1, seq=1, kv_len=4096)
+    assert (d.mesh.tp, d.mesh.dp, d.mesh.ep, d.unit.routed_slots_per_gpu, d.mesh.redundant) == (4, 80, 320, 1, 64)
+    assert inf_d["unit"]["layout"].startswith("attention TP4+SP x DP80; MoE EP320")
 
 
-@pytest.mark.parametrize("target, mode, kw", [
-    ("h800x320", "decode", {"tp": 3}),  # TP must divide a node
-    ("h800x320", "decode", {"ep": 7}),  # EP must divide the unit and stay node-aligned
-    ("h800x8", "decode", {}),  # EP8: 32 experts x 58 layers per GPU do not fit in 80 GB
-    ("h800x320", "train", {}),
+def test_deepseeks_profiled_units_can_be_requested(facts):
+    """Decode EP128 TP1 with 128 requests per GPU at 4K, prefill EP32 TP1: --parallel is honoured in inference."""
+    d, inf_d = priced(facts, "h800x128", "decode", "tp=1,ep=128", batch=128, seq=1, kv_len=4096)
+    assert (d.mesh.tp, d.mesh.dp, d.mesh.ep, d.mesh.sp, d.unit.routed_slots_per_gpu) == (1, 128, 128, False, 2)
+    assert inf_d["kv_capacity"]["batch_fits"] and inf_d["tpot_seconds"] > 0
+    p, inf_p = priced(facts, "h800x32", "prefill", "tp=1,ep=32", batch=4, seq=4096)
+    assert (p.mesh.tp, p.mesh.dp, p.mesh.ep) == (1, 32, 32) and inf_p["ttft_seconds"] > 0
+    assert "tp" not in inf_p["communication_per_micro_batch"].get("moe", {})  # no TP collectives without TP
+
+
+@pytest.mark.parametrize("target, mode, request_", [
+    ("h800x320", "decode", "tp=3"),  # TP must divide a node
+    ("h800x320", "decode", "ep=7"),  # EP must divide the unit and stay node-aligned
+    ("h800x32", "prefill", "pp=2"),  # an inference unit has no pipeline
+    ("h800x32", "prefill", "tp=1,sp=1"),  # sequence parallelism needs TP
 ])  # fmt: skip
-def test_impossible_units_rejected(target, mode, kw, c):
-    with pytest.raises(inf.UnitError) as e:
-        tgt = targets.get_target(target)
-        inf.kv_capacity(V3, tgt, inf.make_unit(V3, tgt, mode, **kw), 4096, c)
+def test_impossible_units_rejected(facts, target, mode, request_):
+    shape = {"batch": 1, "seq": 4096} if mode == "prefill" else {"batch": 1, "seq": 1, "kv_len": 4096}
+    with pytest.raises(ParallelError) as e:
+        priced(facts, target, mode, request_, **shape)
     assert "\n" not in str(e.value)
-    assert isinstance(e.value, ValueError)
 
 
-# ---- KV capacity -----------------------------------------------------------------------------------------------------
-
-
-def test_kv_bytes_per_token_from_config(c):
-    assert inf.kv_bytes_per_token(V3, c)["main"] == 70_272 == 61 * (512 + 64) * 2
-
-
-def test_weights_counted_from_config_match_meta_model():
-    counts = parameter_counts(DeepseekV3(V3, device="meta"))  # meta: nothing materialised
-    by = counts["by_component"]
-    assert inf.expert_params(V3) * V3.n_routed_experts * 58 == by["routed_experts"]  # MTP's block counts under "mtp"
-    rep, split = inf._attn_split(V3)
-    assert (rep + split) * 61 == by["attention"]
-
-
-def test_kv_capacity_monotone(decode_unit, c):
-    small = dataclasses.replace(H320, gpu=dataclasses.replace(H320.gpu, hbm_bytes=60 * 2**30))
-    a = inf.kv_capacity(V3, small, decode_unit, 4096, c)
-    b = inf.kv_capacity(V3, H320, decode_unit, 4096, c)
-    assert a["tokens_per_gpu"] < b["tokens_per_gpu"]
-    long = inf.kv_capacity(V3, H320, decode_unit, 32768, c)
-    assert long["sequences_per_gpu"] < b["sequences_per_gpu"]
-    assert b["tokens_per_gpu"] // 4096 == b["sequences_per_dp_group"] == 4 * b["sequences_per_gpu"]  # TP4 replicated
-
-
-def test_batch_overflow_rejected(decode_unit, c):
-    fits = inf.kv_capacity(V3, H320, decode_unit, 4096, c, batch=32)
-    assert fits["batch_fits"]
+def test_units_that_do_not_fit_are_refused(facts):
+    with pytest.raises(inf.UnitError, match="exceed"):  # EP8: 32 experts x 58 layers per GPU do not fit in 80 GB
+        priced(facts, "h800x8", "decode", batch=1, seq=1, kv_len=4096)
     with pytest.raises(inf.UnitError, match="latent cache"):
-        inf.kv_capacity(V3, H320, decode_unit, 32768, c, batch=32)
+        priced(facts, "h800x320", "decode", batch=512, seq=1, kv_len=4096)
 
 
-# ---- decode and prefill figures ----------------------------------------------------------------------------------------
+# ---- KV capacity and figures ------------------------------------------------------------------------------------------
 
 
-def test_tpot_monotone_in_batch_and_context(decode_unit, c):
-    def tpot(b, ctx):
-        return inf.decode_figures(V3, H320, decode_unit, b, ctx, c)["tpot_seconds"]
+def test_kv_capacity_monotone(facts):
+    d, base = priced(facts, "h800x320", "decode", batch=1, seq=1, kv_len=4096)
+    cap = base["kv_capacity"]
+    assert cap["tokens_per_gpu"] // 4096 == cap["sequences_per_dp_group"] == 4 * cap["sequences_per_gpu"]
+    tgt = targets.get_target("h800x320")
+    small = dataclasses.replace(tgt, gpu=dataclasses.replace(tgt.gpu, hbm_bytes=60 * 2**30))
+    f = facts("decode", 1, 1, 4096)
+    less = inf.kv_capacity(d, f, small, Constants.for_target(tgt), KV["main"], 4096, None)
+    assert less["tokens_per_gpu"] < cap["tokens_per_gpu"]
 
-    assert tpot(8, 4096) < tpot(32, 4096) < tpot(64, 4096)
-    assert tpot(32, 1024) < tpot(32, 4096) < tpot(32, 16384)
-    f = inf.decode_figures(V3, H320, decode_unit, 32, 4096, c)
-    assert f["communication_bound_seconds"] <= f["step_seconds"]
-    assert abs(sum(f["split_seconds"].values()) - f["step_seconds"]) < 1e-12
+
+def test_tpot_grows_with_batch_and_context(facts):
+    tpot = lambda b, ctx: priced(facts, "h800x320", "decode", batch=b, seq=1, kv_len=ctx)[1]["tpot_seconds"]  # noqa: E731
+    assert tpot(8, 4096) < tpot(32, 4096)
+    assert tpot(8, 1024) < tpot(8, 4096)
 
 
-def test_mtp_speedup(decode_unit, c):
-    s = inf.mtp_speedup(V3, H320, decode_unit, 32, 4096, c)
+def test_decode_split_adds_up_and_mtp_speeds_up(facts):
+    _, f = priced(facts, "h800x320", "decode", batch=32, seq=1, kv_len=4096)
+    assert sum(v["value"] for v in f["split_seconds"].values()) == pytest.approx(f["step_seconds"])
+    s = f["mtp"]
     assert s["acceptance"] == 0.85 and 1 < s["speedup"] < 1.85 and s["step_cost_ratio"] > 1
-    higher = inf.mtp_speedup(V3, H320, decode_unit, 32, 4096, inf.constants({"mtp_acceptance": 0.9}))
-    assert higher["speedup"] > s["speedup"]
+    lo, hi = f["ranges"]["tpot_seconds"]
+    assert lo <= f["tpot_seconds"] <= hi
 
 
-def test_prefill_figures(c):
-    unit = inf.make_unit(V3, H32, "prefill")
-    f = inf.prefill_figures(V3, H32, unit, 4096, c)
+def test_prefill_figures(facts):
+    _, f = priced(facts, "h800x32", "prefill", batch=1, seq=4096)
     assert 0 < f["ttft_seconds"] < 10 and f["tokens_per_gpu_per_second"] > 0
-    d = f["communication_per_micro_batch"]["moe_block"]["dispatch"]
-    assert d["ib_bytes"] > 0 and d["nvlink_bytes"] > 0
-    assert inf.prefill_figures(V3, H32, unit, 8192, c)["ttft_seconds"] > f["ttft_seconds"]
-
-
-def test_inference_plan_keys():
-    p = inf.inference_plan(V3, H320, "decode", {"batch": 16, "kv_len": 4096}, {"mtp_acceptance": 0.9})
-    i = p["inference"]
-    assert p["parallel"]["ep"] == 320 and i["mtp"]["acceptance"] == 0.9
-    for key in ("tpot_seconds", "tokens_per_gpu_per_second", "kv_capacity", "communication_per_micro_batch", "constants"):
-        assert key in i
-    assert all("source" in v for v in i["constants"].values())
-    assert inf.report_sections(i)
+    d = f["communication_per_micro_batch"]["moe"]["dispatch"]
+    assert d["ib_bytes"] > 0 and d["nvlink_bytes"] > 0 and d["latency_seconds"] > 0
+    _, longer = priced(facts, "h800x32", "prefill", batch=1, seq=8192)
+    assert longer["ttft_seconds"] > f["ttft_seconds"]

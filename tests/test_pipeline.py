@@ -20,7 +20,8 @@ import targets
 from dsv3c.ir import Plan
 from dsv3c.ops import op_name
 from dsv3c.passmgr.pipeline import PipelineError, run_pipeline
-from dsv3c.cost.figures import mode_figures, reduced_config
+from dsv3c.cost.facts import reduced_config
+from dsv3c.cost.figures import mode_figures
 from dsv3c.passmgr.verify import VerificationError, verify
 from model_def import ModelConfig
 
@@ -173,9 +174,9 @@ def fast_compile(monkeypatch):
     monkeypatch.setattr(driver, "capture", capture)
     figures = {}
 
-    def model_figures(cfg, target, registry):
+    def model_figures(cfg, target, registry, options=None):
         if cfg.name not in figures:
-            figures[cfg.name] = real_figures(cfg, target, registry)
+            figures[cfg.name] = real_figures(cfg, target, registry, options)
         return copy.deepcopy(figures[cfg.name])
 
     monkeypatch.setattr(driver, "model_figures", model_figures)

@@ -53,6 +53,10 @@ class Plan:
     def __post_init__(self):
         if self.target is None:
             raise PlanError("a plan needs a target (e.g. targets.get_target('h800x8'))")
+        if self.analyses.parallel is None:  # until the compile's layout is set: one GPU
+            from dsv3c.parallel.plan import single_gpu
+
+            self.analyses.parallel = single_gpu(self.program.cfg, self.program.mode)
 
     @property
     def mode(self) -> str:

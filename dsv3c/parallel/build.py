@@ -20,7 +20,7 @@ from dsv3c.cost.constants import Constants
 from dsv3c.cost.facts import BlockFacts
 from dsv3c.cost.train import Candidate, Evaluation, LayoutError, TrainPricer
 from dsv3c.eplb import PlacementError, inverse_tables, load_expert_load, load_stats, rebalance_experts
-from dsv3c.parallel.plan import InferenceUnit, ParallelPlan
+from dsv3c.parallel.plan import InferenceUnit, ParallelPlan, unit_names
 from dsv3c.placement import ExpertPlacement, default_mesh, make_mesh, parse_parallel
 from dsv3c.schedules import KINDS, ScheduleError, validate
 
@@ -179,7 +179,7 @@ def _train(cfg, target, request, given, facts, c, load, kind, micro_batches, glo
     cand = chosen.cand
     mesh = make_mesh(target.gpus, target.gpus_per_node, pp=cand.pp, ep=cand.ep, dp=cand.dp,
                      experts=cfg.n_routed_experts or None, redundant=redundant, mode="train")
-    names = stage_names(cfg, pricer.units, chosen.cut)
+    names = stage_names(cfg, chosen.cut)
     plan = ParallelPlan("train", mesh, request, chosen_by, cand.kind, cand.micro_batches, names,
                         placement_of(cand.ep), tuple(moe_layer_names(cfg)), load, pricer.imbalance(cand.ep))
     return Planned(plan, chosen, search, pricer)
@@ -208,18 +208,9 @@ def search_layouts(pricer: TrainPricer, cands: list[Candidate]) -> dict:
     return {"fitting": fitting, "rejected": rejected}
 
 
-def stage_names(cfg, units: list[str], cut) -> tuple:
+def stage_names(cfg, cut) -> tuple:
     """Per model stage, the names of the units it holds ('embed', 'layers.N', 'head', 'mtp.K')."""
-    names, layer, mtp = [], 0, 0
-    for u in units:
-        if u in ("dense", "moe"):
-            names.append(f"layers.{layer}")
-            layer += 1
-        elif u == "mtp":
-            names.append(f"mtp.{mtp}")
-            mtp += 1
-        else:
-            names.append(u)
+    names = unit_names(cfg)
     return tuple(tuple(names[a:b]) for a, b in cut)
 
 

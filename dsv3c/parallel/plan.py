@@ -110,6 +110,20 @@ class ParallelPlan:
                 f"slot(s)/GPU ({m.redundant} redundant in all), shared experts on every GPU")
 
 
+def unit_names(cfg) -> list[str]:
+    """The model's pipeline units in order: 'embed', 'layers.0' .. 'layers.N-1', 'head', 'mtp.0' .. ."""
+    return (["embed"] + [f"layers.{i}" for i in range(cfg.num_hidden_layers)] + ["head"] +
+            [f"mtp.{k}" for k in range(cfg.num_nextn_predict_layers)])
+
+
+def single_gpu(cfg, mode: str) -> ParallelPlan:
+    """The layout of one GPU: no parallelism, every unit in one stage (a training step of one micro-batch)."""
+    mesh = make_mesh(1, 1, experts=cfg.n_routed_experts or None, mode=mode)
+    train = mode == "train"
+    return ParallelPlan(mode, mesh, "single GPU", "default", "1f1b" if train else None, 1 if train else None,
+                        (tuple(unit_names(cfg)),) if train else ())
+
+
 def from_dict(d: dict, mode: str) -> ParallelPlan:
     """The ParallelPlan of a plan.json `parallel` (PlacementError when it is inconsistent)."""
     try:
