@@ -1,13 +1,12 @@
 """Fit the "fit" constants of dsv3c/cost/calibration.py to the published kernel and link tables, offline.
 
-    python bench/fit_calibration.py          # prints each fit: values, row-implied ranges, residuals
+    python bench/fit_calibration.py          # prints each fit: values, +-2 SE ranges, residuals
 
 Each group of constants is fitted on its rows of `dsv3c.cost.fidelity` (the planner's own functions, so the
 fit and the fidelity table cannot disagree) by least squares on log time: deterministic coordinate descent
-from fixed starting points, with step halving. The range of a constant is the spread of the values single
-rows imply (the row solved for that constant with the others at their fitted values), over the rows whose
-time depends on it noticeably (|d ln t / d ln value| >= 0.2). The printed values are what calibration.py
-holds (rounded to 4 significant figures); tests/test_calibration.py re-runs the fit and compares.
+from fixed starting points, with step halving. The range printed for a constant is value x exp(+-2 standard
+errors of its log) from the least-squares covariance. The printed values are what calibration.py holds
+(rounded to 4 significant figures); tests/test_calibration.py re-runs the fit and compares.
 Only kernel- and link-level published measurements are used; no end-to-end figure.
 """
 
@@ -43,12 +42,11 @@ def log_loss(group_rows, c) -> float:
     return sum((math.log(r.predict(c)) - math.log(r.published_seconds)) ** 2 for r in group_rows)
 
 
-def fit_group(group: str, base: dict | None = None) -> dict[str, float]:
-    """The fitted values of a group's constants (others at their calibrated values)."""
+def fit_group(group: str) -> dict[str, float]:
+    """The fitted values of a group's constants (the other constants at their calibrated values)."""
     params = FITS[group]
     group_rows = [r for r in rows() if r.group == group]
-    c = dict(default_values() if base is None else base)
-    c.update({name: start for name, (start, _) in params.items()})
+    c = dict(default_values(), **{name: start for name, (start, _) in params.items()})
     best = log_loss(group_rows, c)
     step = {name: start * 0.25 for name, (start, _) in params.items()}
     while max(step[n] / c[n] for n in params) > 1e-7:

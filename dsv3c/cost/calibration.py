@@ -23,8 +23,9 @@ _FIT = "fit by bench/fit_calibration.py to "
 _DG = _FIT + "DeepGEMM's FP8 tables on H800 (README at a9967bc, 2025-04-09: 18 dense, 4 contiguous, 6 masked rows)"
 _FA3 = _FIT + "FlashAttention-3's H100 forward (Fig. 5, head dims 128/256, causal and not) and backward (Fig. 6) TFLOPS"
 _MLA = _FIT + "FlashMLA's H800 headline (3000 GB/s, 660 TFLOPS) and 5 H100 rows (achatbot #123)"
-_LLD = _FIT + "DeepEP's low-latency dispatch latencies EP8-256 at 128 tokens, pure-RDMA (2025-02) and NVLink (2025-06) tables"
-_LLC = _FIT + "DeepEP's low-latency combine latencies EP8-256 at 128 tokens, pure-RDMA (2025-02) and NVLink (2025-06) tables"
+_LL = " latencies EP8-256 at 128 tokens, pure-RDMA (2025-02) and NVLink (2025-06) tables"
+_LLD = _FIT + "DeepEP's low-latency dispatch" + _LL
+_LLC = _FIT + "DeepEP's low-latency combine" + _LL
 _DEN = "DeepEP normal kernels on H800, 24 SMs (README table of 2025-04-22)"
 
 CONSTANTS: dict[str, tuple] = {
@@ -35,28 +36,34 @@ CONSTANTS: dict[str, tuple] = {
                                _DG + "; tensor-core throughput of a full wave (H800 throttles to ~865/990 under "
                                "load: FlashMLA deep-dive)", 0.6777, 0.8306, "high"),
     "gemm_overlap": (0.4005, "fraction", "fit",
-                     _DG + "; share of the shorter of compute and HBM time not hidden under the longer", 0.2376, 0.6752, "low"),
+                     _DG + "; share of the shorter of compute and HBM time not hidden under the longer",
+                     0.2376, 0.6752, "low"),
     "gemm_tile_fill_k": (234.2, "K elements", "fit",
                          _DG + "; per-tile pipeline fill and epilogue, as extra K", 93.04, 589.3, "low"),
+    "gemm_hbm_efficiency": (0.90, "fraction of peak", "measured",
+                            "HBM fraction of the GEMM's operand stream, held at the speed-of-light figure of "
+                            "hbm_efficiency in the fit; low end DeepGEMM's best memory-bound row (M=64 N=7168 "
+                            "K=16384: 2668 GB/s of 3350, fixed time included)", 0.7964, 0.90, "high"),
     "hbm_efficiency": (0.90, "fraction of peak", "measured",
                        "achieved/peak HBM of speed-of-light memory-bound kernels: QuACK softmax 3.01 of 3.35 TB/s "
                        "(89.7%, H100) and FlashMLA 3000 GB/s on H800; low end torch.compile's 1.89 TB/s (QuACK post)",
                        round(M.QUACK_TORCH_COMPILE_TBPS / 3.35, 3), 0.90, "high"),
     # --- attention (FlashAttention-3) ------------------------------------------------------------------------
-    "attn_fwd_efficiency_hd128": (0.6775, "fraction of BF16 peak", "fit", _FA3 + "; forward, head dim 128",
-                                  0.6549, 0.7008, "high"),
-    "attn_fwd_efficiency_hd256": (0.7244, "fraction of BF16 peak", "fit", _FA3 + "; forward, head dim 256",
-                                  0.7001, 0.7497, "high"),
+    "attn_fwd_efficiency_hd128": (0.6857, "fraction of BF16 peak", "fit", _FA3 + "; forward, head dim 128",
+                                  0.6627, 0.7095, "high"),
+    "attn_fwd_efficiency_hd256": (0.7333, "fraction of BF16 peak", "fit", _FA3 + "; forward, head dim 256",
+                                  0.7085, 0.759, "high"),
     "attn_bwd_efficiency_hd128": (0.5979, "fraction of BF16 peak", "fit",
                                   _FA3 + "; backward (dQ, dK, dV with score recomputation), head dim 128",
-                                  0.5636, 0.6342, "high"),
-    "attn_fwd_short_keys": (210.3, "keys", "fit",
-                            _FA3 + "; per-work-unit overhead: time x (1 + this / keys), so short sequences are slower",
-                            165.7, 266.8, "low"),
-    "attn_bwd_short_keys": (427.2, "keys", "fit", _FA3 + "; the same for the backward", 332.8, 548.3, "low"),
-    "attn_causal_extra_pairs": (183.4, "pairs per query", "fit",
+                                  0.5645, 0.6331, "high"),
+    "attn_fwd_short_keys": (224.0, "pairs per query", "fit",
+                            _FA3 + "; per-query overhead (work-unit fill, epilogue): short sequences are slower",
+                            178.3, 281.4, "low"),
+    "attn_bwd_short_keys": (427.2, "pairs per query", "fit", _FA3 + "; the same for the backward", 335.2, 544.4,
+                            "low"),
+    "attn_causal_extra_pairs": (131.9, "pairs per query", "fit",
                                 _FA3 + "; causal work beyond the visible pairs (diagonal tiles computed in full: 64 "
-                                "by geometry at 128x128 tiles; masking and imbalance the rest)", 152.9, 220.0, "low"),
+                                "by geometry at 128x128 tiles; masking and imbalance the rest)", 90.0, 193.2, "low"),
     # --- MLA decode (FlashMLA) -------------------------------------------------------------------------------
     "mla_fixed_us": (16.58, "us", "fit", _MLA + "; fixed time (launch, split-KV combine)", 15.98, 17.21, "low"),
     "mla_hbm_efficiency": (0.9197, "fraction of peak", "fit", _MLA + "; HBM bandwidth of the latent-cache stream",
@@ -91,7 +98,7 @@ CONSTANTS: dict[str, tuple] = {
                                          None, None, "high"),
     "ep_normal_rdma_combine_ep64_GBps": (50.0, "GB/s", "measured", _DEN + ": internode EP64 combine, RDMA "
                                          "(held beyond EP64)", 39.0, 50.0, "high"),
-    "ep_normal_saturating_sms": (20.0, "SMs", "measured",
+    "comm_sms_saturate": (20.0, "SMs", "measured",
                                  M.DEEPSEEK_V3_COMM_SMS_SOURCE + "; DeepEP's tables used 24 SMs; fewer SMs scale "
                                  "bandwidth down proportionally (assumed)", 20.0, 24.0, "low"),
     # --- DeepEP low-latency kernels (decode) -----------------------------------------------------------------

@@ -18,8 +18,9 @@ from dsv3c.ops.record import causal_pairs
 
 DTYPE_BYTES = {"fp8": 1, "bf16": 2}
 OUT_BYTES = 2  # BF16 outputs
-# DeepGEMM's tile candidates (deep_gemm/jit_kernels/gemm.py at a9967bc): the kernel picks the tile that needs
-# the fewest waves; the contiguous layout aligns every group to 128 rows.
+# DeepGEMM's tile candidates (deep_gemm/jit_kernels/gemm.py at a9967bc; the contiguous layout aligns groups to
+# 128 rows). DeepGEMM picks the fewest waves, then the fullest last wave; we take the least work on the busiest
+# SM (waves x tile area): within 3% of its choice on the published shapes, and t(m) stays monotone.
 BLOCK_M = {"dense": (64, 128, 256), "masked": (64, 128, 256), "contiguous": (128,)}
 BLOCK_N = tuple(range(16, 129, 8)) + (144, 160)
 
@@ -52,6 +53,7 @@ def gemm_seconds(m: int, n: int, k: int, *, groups: int = 1, dtype: str = "fp8",
     compute = waves x tile time on the busiest SM (K stretched by a per-tile fill), memory = bytes at the
     achieved HBM bandwidth; t = fixed + max(compute, memory) + overlap x min(compute, memory).
     layout: "dense", "contiguous" (grouped, training/prefill) or "masked" (grouped decode, every row valid).
+    BF16 GEMMs use the same efficiencies at the BF16 datasheet peak (DeepGEMM's tables are FP8 only).
     """
     if dtype not in DTYPE_BYTES or layout not in BLOCK_M:
         raise ValueError(f"unknown GEMM dtype {dtype!r} or layout {layout!r}")
@@ -64,7 +66,7 @@ def gemm_seconds(m: int, n: int, k: int, *, groups: int = 1, dtype: str = "fp8",
     per_sm = gpu.peak_flops(dtype) / gpu.sms * c["gemm_tensor_efficiency"]
     compute = 2 * tile_area_per_sm(m, n, groups, sms, layout) * (k + c["gemm_tile_fill_k"]) / per_sm
     nbytes = groups * ((m * k + n * k) * DTYPE_BYTES[dtype] + m * n * OUT_BYTES)
-    memory = nbytes / (gpu.hbm_bandwidth * c["hbm_efficiency"])
+    memory = nbytes / (gpu.hbm_bandwidth * c["gemm_hbm_efficiency"])
     return c["gemm_fixed_us"] * 1e-6 + max(compute, memory) + c["gemm_overlap"] * min(compute, memory)
 
 
@@ -77,10 +79,12 @@ def attention_seconds(*, b: int, h: int, s: int, t: int, dqk: int, dv: int, caus
                       direction: str = "fwd", gpu, sms: int | None = None, c=None) -> float:
     """Seconds of FlashAttention-3-like attention: b sequences, h heads, s queries at the end of t keys.
 
-    BF16 tensor time of the executed pairs (visible pairs, plus a fitted causal overhead per query) at an
-    efficiency interpolated over the mean head dim (dqk+dv)/2 between the head-dim-128 and 256 fits (held
-    outside), stretched by (1 + short_keys / t) so that short sequences are slower. The backward uses its
-    own fit at head dim 128, scaled to other head dims as the forward is (FA3 publishes no backward at 256).
+    BF16 tensor time of the executed pairs at an efficiency interpolated over the mean head dim (dqk+dv)/2
+    between the head-dim-128 and 256 fits (held outside). Executed pairs: the visible ones, plus per query a
+    fitted overhead of `short_keys` pairs (work-unit fill and epilogue: short sequences are slower) and, under
+    the causal mask, `causal_extra_pairs` (diagonal tiles, masking). The backward uses its own fit at head
+    dim 128, scaled to other head dims as the forward is (FA3 publishes no backward at 256). FA3 was measured
+    on H100 SXM, whose SMs, clocks, BF16 peak (989 TFLOPS) and HBM equal H800's: the efficiencies carry over.
     """
     if direction not in ("fwd", "bwd"):
         raise ValueError(f"attention direction must be 'fwd' or 'bwd', got {direction!r}")
@@ -96,9 +100,8 @@ def attention_seconds(*, b: int, h: int, s: int, t: int, dqk: int, dv: int, caus
     if direction == "bwd":
         eff *= c["attn_bwd_efficiency_hd128"] / lo
     pairs = causal_pairs(s, t) + c["attn_causal_extra_pairs"] * s if causal else s * t
-    flops = b * h * pairs * _flops_per_pair(dqk, dv, direction)
-    short = c["attn_fwd_short_keys"] if direction == "fwd" else c["attn_bwd_short_keys"]
-    return flops / (gpu.bf16_flops * sms / gpu.sms * eff) * (1 + short / t)
+    pairs += (c["attn_fwd_short_keys"] if direction == "fwd" else c["attn_bwd_short_keys"]) * s
+    return b * h * pairs * _flops_per_pair(dqk, dv, direction) / (gpu.bf16_flops * sms / gpu.sms * eff)
 
 
 def mla_decode_flops_bytes(*, b: int, s: int, t: int, h: int, r: int, dr: int) -> tuple[int, int]:
@@ -131,7 +134,7 @@ def launch_seconds(n_kernels: int, c=None) -> float:
 
 
 def memory_seconds(nbytes: float, *, gpu, c=None) -> float:
-    """Seconds of a memory-bound kernel (quantisation, norm, SwiGLU, RoPE, elementwise) moving nbytes, launch included."""
+    """Seconds of a memory-bound kernel (quantisation, norm, SwiGLU, RoPE, ...) moving nbytes, launch included."""
     if nbytes < 0:
         raise ValueError(f"bytes must be >= 0, got {nbytes}")
     c = values(c)

@@ -54,7 +54,7 @@ def ep_normal_seconds(rdma_bytes: float, nvlink_bytes: float, *, ep: int, gpus_p
     if comm_sms <= 0:
         raise ValueError(f"comm_sms must be positive, got {comm_sms}")
     c = values(c)
-    share = min(1.0, comm_sms / c["ep_normal_saturating_sms"])
+    share = min(1.0, comm_sms / c["comm_sms_saturate"])
     rdma = rdma_bytes / (ep_normal_rdma_GBps(ep, phase, c) * 1e9) if rdma_bytes else 0.0
     nvlink = nvlink_bytes / (c[f"ep_normal_nvlink_{phase}_GBps"] * 1e9)
     return c["ep_normal_alpha_us"] * 1e-6 + max(rdma, nvlink) / share
