@@ -27,6 +27,8 @@ _LL = " latencies EP8-256 at 128 tokens, pure-RDMA (2025-02) and NVLink (2025-06
 _LLD = _FIT + "DeepEP's low-latency dispatch" + _LL
 _LLC = _FIT + "DeepEP's low-latency combine" + _LL
 _DEN = "DeepEP normal kernels on H800, 24 SMs (README table of 2025-04-22)"
+_NORMAL = {(ep, phase): float(gbps) for ep, phase, gbps, _ in M.DEEPEP_NORMAL}
+_NCCL_LAT = M.NCCL_RING_BASE_US, M.NCCL_RING_STEP_US["ib"], M.NCCL_RING_STEP_US["nvlink"]
 
 CONSTANTS: dict[str, tuple] = {
     # --- GEMMs (DeepGEMM) --------------------------------------------------------------------------------------
@@ -82,22 +84,24 @@ CONSTANTS: dict[str, tuple] = {
                            "fixed time of a normal dispatch/combine: a count exchange (notify) and the data round, "
                            "each about the low-latency kernels' fitted alpha (23-44 us), plus the CPU wait for counts "
                            "the DeepEP README describes; no published measurement found", 25.0, 150.0, "low"),
-    "ep_normal_nvlink_dispatch_GBps": (153.0, "GB/s", "measured", _DEN + ": intranode EP8 dispatch, NVLink",
-                                       None, None, "high"),
-    "ep_normal_nvlink_combine_GBps": (158.0, "GB/s", "measured", _DEN + ": intranode EP8 combine, NVLink",
-                                      None, None, "high"),
-    "ep_normal_rdma_dispatch_ep16_GBps": (43.0, "GB/s", "measured", _DEN + ": internode EP16 dispatch, RDMA",
-                                          None, None, "high"),
-    "ep_normal_rdma_dispatch_ep32_GBps": (58.0, "GB/s", "measured", _DEN + ": internode EP32 dispatch, RDMA",
-                                          None, None, "high"),
-    "ep_normal_rdma_dispatch_ep64_GBps": (51.0, "GB/s", "measured", _DEN + ": internode EP64 dispatch, RDMA "
-                                          "(held beyond EP64)", 39.0, 51.0, "high"),
-    "ep_normal_rdma_combine_ep16_GBps": (43.0, "GB/s", "measured", _DEN + ": internode EP16 combine, RDMA",
-                                         None, None, "high"),
-    "ep_normal_rdma_combine_ep32_GBps": (57.0, "GB/s", "measured", _DEN + ": internode EP32 combine, RDMA",
-                                         None, None, "high"),
-    "ep_normal_rdma_combine_ep64_GBps": (50.0, "GB/s", "measured", _DEN + ": internode EP64 combine, RDMA "
-                                         "(held beyond EP64)", 39.0, 50.0, "high"),
+    "ep_normal_nvlink_dispatch_GBps": (_NORMAL[8, "dispatch"], "GB/s", "measured",
+                                       _DEN + ": intranode EP8 dispatch, NVLink", None, None, "high"),
+    "ep_normal_nvlink_combine_GBps": (_NORMAL[8, "combine"], "GB/s", "measured",
+                                      _DEN + ": intranode EP8 combine, NVLink", None, None, "high"),
+    "ep_normal_rdma_dispatch_ep16_GBps": (_NORMAL[16, "dispatch"], "GB/s", "measured",
+                                          _DEN + ": internode EP16 dispatch, RDMA", None, None, "high"),
+    "ep_normal_rdma_dispatch_ep32_GBps": (_NORMAL[32, "dispatch"], "GB/s", "measured",
+                                          _DEN + ": internode EP32 dispatch, RDMA", None, None, "high"),
+    "ep_normal_rdma_dispatch_ep64_GBps": (_NORMAL[64, "dispatch"], "GB/s", "measured",
+                                          _DEN + ": internode EP64 dispatch, RDMA (held beyond EP64; low end the "
+                                          "low-latency kernels' 39 GB/s at EP128-256)", 39.0, 51.0, "high"),
+    "ep_normal_rdma_combine_ep16_GBps": (_NORMAL[16, "combine"], "GB/s", "measured",
+                                         _DEN + ": internode EP16 combine, RDMA", None, None, "high"),
+    "ep_normal_rdma_combine_ep32_GBps": (_NORMAL[32, "combine"], "GB/s", "measured",
+                                         _DEN + ": internode EP32 combine, RDMA", None, None, "high"),
+    "ep_normal_rdma_combine_ep64_GBps": (_NORMAL[64, "combine"], "GB/s", "measured",
+                                         _DEN + ": internode EP64 combine, RDMA (held beyond EP64; low end the "
+                                         "low-latency kernels' 39 GB/s at EP128-256)", 39.0, 50.0, "high"),
     "comm_sms_saturate": (20.0, "SMs", "measured",
                                  M.DEEPSEEK_V3_COMM_SMS_SOURCE + "; DeepEP's tables used 24 SMs; fewer SMs scale "
                                  "bandwidth down proportionally (assumed)", 20.0, 24.0, "low"),
@@ -113,16 +117,20 @@ CONSTANTS: dict[str, tuple] = {
     "ep_ll_combine_nvlink_GBps": (160.6, "GB/s", "fit", _LLC + "; bandwidth of traffic to node-mates",
                                   118.4, 217.8, "high"),
     # --- NCCL (pipeline sends, ZeRO-1 collectives) -----------------------------------------------------------
-    "nccl_ib_busbw_GBps": (47.0, "GB/s", "measured", M.NCCL_IB_SOURCE, 46.0, 48.0, "high"),
+    "nccl_ib_busbw_GBps": (sum(M.NCCL_IB_BUSBW_GBPS) / 2, "GB/s", "measured", M.NCCL_IB_SOURCE,
+                           *M.NCCL_IB_BUSBW_GBPS, "high"),
     "nccl_nvlink_busbw_GBps": (160.0, "GB/s", "measured",
                                "H800 NVLink one direction: DeepEP intranode 153-158 GB/s; NCCL's ~82% protocol "
                                "efficiency on H100 (370 of 450 GB/s, " + M.NCCL_NVLINK_SOURCE.split(",")[0] +
-                               ") at H800's 200 GB/s gives 164", 153.0, 164.0, "high"),
-    "nccl_base_us": (8.4, "us", "datasheet", M.NCCL_LATENCY_SOURCE + " (Simple base; LL 6.6)", 6.6, 8.4, "low"),
-    "nccl_ib_step_us": (14.0, "us/step", "datasheet", M.NCCL_LATENCY_SOURCE + " (Simple NET step; LL 2.7)",
-                        2.7, 14.0, "low"),
-    "nccl_nvlink_step_us": (3.4, "us/step", "datasheet", M.NCCL_LATENCY_SOURCE + " (Simple NVLink step; LL 0.6)",
-                            0.6, 3.4, "low"),
+                               ") at H800's 200 GB/s gives 164", 153.0,
+                               round(200 * M.NCCL_H100_NVLINK_BUSBW_GBPS / 450), "high"),
+    "nccl_base_us": (_NCCL_LAT[0]["Simple"], "us", "datasheet", M.NCCL_LATENCY_SOURCE + " (Simple base; LL low)",
+                     _NCCL_LAT[0]["LL"], _NCCL_LAT[0]["Simple"], "low"),
+    "nccl_ib_step_us": (_NCCL_LAT[1]["Simple"], "us/step", "datasheet", M.NCCL_LATENCY_SOURCE + " (Simple NET step)",
+                        _NCCL_LAT[1]["LL"], _NCCL_LAT[1]["Simple"], "low"),
+    "nccl_nvlink_step_us": (_NCCL_LAT[2]["Simple"], "us/step", "datasheet",
+                            M.NCCL_LATENCY_SOURCE + " (Simple NVLink step)", _NCCL_LAT[2]["LL"], _NCCL_LAT[2]["Simple"],
+                            "low"),
 }
 
 SOURCE_KINDS = ("measured", "datasheet", "fit", "assumed")

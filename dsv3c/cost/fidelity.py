@@ -37,7 +37,7 @@ class Row:
     published: float
     published_seconds: float
     predict: Callable[[Mapping], float]
-    source: str
+    source: str  # the measurement's SOURCE citation
 
     @property
     def role(self) -> str:
@@ -64,7 +64,7 @@ def _gemm_rows() -> list[Row]:
             def predict(c, g=g, m=m, n=n, k=k, layout=layout):
                 return gemm_seconds(m, n, k, groups=g, layout=layout, gpu=H800, c=c)
             rows.append(Row(f"gemm {layout}", "gemm", f"G={g} M={m} N={n} K={k}", "TFLOPS", tflops,
-                            2 * g * m * n * k / (tflops * 1e12), predict, "DeepGEMM README a9967bc"))
+                            2 * g * m * n * k / (tflops * 1e12), predict, M.DEEPGEMM_SOURCE))
     return rows
 
 
@@ -84,7 +84,7 @@ def _attention_rows() -> list[Row]:
                                              gpu=H100, c=c)
                 mask = "causal" if causal else "full"
                 rows.append(Row(f"attention {direction}", "attention", f"d={d} {mask} s={s} b={b} h={h}", "TFLOPS",
-                                tflops, flops / (tflops * 1e12), predict, "FlashAttention-3 paper Fig. 5/6"))
+                                tflops, flops / (tflops * 1e12), predict, M.FA3_SOURCE))
     return rows
 
 
@@ -98,12 +98,12 @@ def _mla_rows() -> list[Row]:
                         work / (value * (1e12 if unit == "TFLOPS" else 1e9)),
                         lambda c, b=b, sq=sq, sk=sk, hq=hq: mla_decode_seconds(b=b, s=sq, t=sk, h=hq, r=MLA_R,
                                                                                dr=MLA_DR, gpu=H800, c=c),
-                        "FlashMLA README"))
+                        M.FLASHMLA_SOURCE))
     for b, sq, sk, hq, ms in M.FLASHMLA_H100:
         rows.append(Row("mla decode", "mla", f"H100 b={b} s_q={sq} s_k={sk} h_q={hq}", "us", ms * 1e3, ms * 1e-3,
                         lambda c, b=b, sq=sq, sk=sk, hq=hq: mla_decode_seconds(b=b, s=sq, t=sk, h=hq, r=MLA_R,
                                                                                dr=MLA_DR, gpu=H100, c=c),
-                        "achatbot #123"))
+                        M.FLASHMLA_H100_SOURCE))
     return rows
 
 
@@ -114,7 +114,7 @@ def _memory_rows() -> list[Row]:
         nbytes = 2 * r * cols * elem
         rows.append(Row("memory-bound", "", f"H100 softmax {r}x{cols} fp32 ({nbytes / 1e9:.1f} GB)", "GB/s",
                         tbps * 1e3, nbytes / (tbps * 1e12),
-                        lambda c, nbytes=nbytes: memory_seconds(nbytes, gpu=H100, c=c), "QuACK blog 2025-07-10"))
+                        lambda c, nbytes=nbytes: memory_seconds(nbytes, gpu=H100, c=c), M.QUACK_SOURCE))
     return rows
 
 
@@ -141,8 +141,8 @@ def _deepep_rows() -> list[Row]:
                         "GB/s", gbps, nbytes / (gbps * 1e9),
                         lambda c, ep=ep, phase=phase, rdma=rdma, nvl=nvl: ep_normal_seconds(
                             rdma, nvl, ep=ep, phase=phase, comm_sms=M.DEEPEP_NORMAL_SMS, c=c),
-                        "DeepEP README 2025-04-22"))
-    for table, nvlink, when in ((M.DEEPEP_LL_NVLINK, True, "2025-06-05"), (M.DEEPEP_LL_PURE_RDMA, False, "2025-02-24")):
+                        M.DEEPEP_NORMAL_SOURCE))
+    for table, nvlink in ((M.DEEPEP_LL_NVLINK, True), (M.DEEPEP_LL_PURE_RDMA, False)):
         for ep, dispatch_us, combine_us in table:
             for phase, us in (("dispatch", dispatch_us), ("combine", combine_us)):
                 mode = "nvlink+rdma" if nvlink else "pure rdma"
@@ -151,7 +151,7 @@ def _deepep_rows() -> list[Row]:
                                 lambda c, ep=ep, phase=phase, nvlink=nvlink: ep_low_latency_seconds(
                                     M.DEEPEP_LL_TOKENS, top_k=M.DEEPEP_LL_TOP_K, hidden=M.DEEPEP_LL_HIDDEN, ep=ep,
                                     phase=phase, nvlink=nvlink, c=c),
-                                f"DeepEP README {when}"))
+                                M.DEEPEP_LL_SOURCE))
     return rows
 
 
@@ -161,7 +161,7 @@ def _nccl_rows() -> list[Row]:
     busbw = sum(M.NCCL_IB_BUSBW_GBPS) / 2
     return [Row("nccl ring", "", f"{ranks} ranks on 2 nodes, 8 GiB, IB busbw", "GB/s", busbw,
                 nbytes * (ranks - 1) / ranks / (busbw * 1e9),
-                lambda c: reduce_scatter_seconds(nbytes, ranks=ranks, ranks_per_node=8, c=c), "nccl-tests #290")]
+                lambda c: reduce_scatter_seconds(nbytes, ranks=ranks, ranks_per_node=8, c=c), M.NCCL_IB_SOURCE)]
 
 
 def rows() -> list[Row]:

@@ -73,7 +73,9 @@ def ep_low_latency_seconds(tokens: int, *, top_k: int, hidden: int, ep: int, pha
 
     alpha + max(bytes to other nodes / IB bandwidth, bytes to node-mates / NVLink bandwidth) with uniform
     routing: a share min(1, gpus_per_node / ep) of the copies stays in the node (1 / ep, the rank itself,
-    with nvlink=False: DeepEP's pure-RDMA mode). Never below alpha; non-decreasing in ep at fixed tokens.
+    with nvlink=False: DeepEP's pure-RDMA mode). Never below alpha. Non-decreasing in ep at fixed tokens over
+    whole-node EP sizes (ep <= gpus_per_node or a multiple of it) while the NVLink bandwidth is at least twice
+    the IB bandwidth, as fitted; between those sizes the concurrent NVLink share can make it dip.
     """
     if min(tokens, top_k, hidden) < 0 or ep < 1 or gpus_per_node < 1:
         raise ValueError(f"bad low-latency arguments: tokens={tokens} top_k={top_k} hidden={hidden} ep={ep} "
