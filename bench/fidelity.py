@@ -4,7 +4,7 @@
     python bench/fidelity.py --json     # the same as JSON
 
 Predictions come from the planner's own functions (dsv3c.cost.kernels, dsv3c.cost.links) with the calibrated
-constants (dsv3c.cost.calibration), through dsv3c.cost.fidelity. The published and predicted columns are in
+constants (dsv3c.cost.calibration_constants), through dsv3c.cost.fidelity. The published and predicted columns are in
 the unit the source publishes (TFLOPS, GB/s or us); the error is always on time: predicted time / published
 time - 1 (published time = work / published throughput). Role "fit": fitted jointly with other rows;
 "defines": the figure a constant is set to, reproduced up to the latency terms by construction.

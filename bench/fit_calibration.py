@@ -1,11 +1,11 @@
-"""Fit the "fit" constants of dsv3c/cost/calibration.py to the published kernel and link tables, offline.
+"""Fit the "fit" constants of dsv3c/cost/calibration_constants.py to the published kernel and link tables, offline.
 
     python bench/fit_calibration.py          # prints each fit: values, +-2 SE ranges, residuals
 
 Each group of constants is fitted on its rows of `dsv3c.cost.fidelity` (the planner's own functions, so the
 fit and the fidelity table cannot disagree) by least squares on log time: deterministic coordinate descent
 from fixed starting points, with step halving. The range printed for a constant is value x exp(+-2 standard
-errors of its log) from the least-squares covariance. The printed values are what calibration.py holds
+errors of its log) from the least-squares covariance. The printed values are what calibration_constants.py holds
 (rounded to 4 significant figures); tests/test_calibration.py re-runs the fit and compares.
 Only kernel- and link-level published measurements are used; no end-to-end figure.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsv3c.cost.calibration import default_values  # noqa: E402
+from dsv3c.cost.calibration_constants import default_values  # noqa: E402
 from dsv3c.cost.fidelity import rows  # noqa: E402
 
 # group -> {constant: (start, upper bound)}; lower bounds are 0 (exclusive)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from statistics import median
 
 from dsv3c.cost import measurements as M
-from dsv3c.cost.calibration import values
+from dsv3c.cost.calibration_constants import values
 from dsv3c.cost.kernels import attention_seconds, gemm_seconds, mla_decode_flops_bytes, mla_decode_seconds, \
     memory_seconds
 from dsv3c.cost.links import ep_low_latency_seconds, ep_normal_seconds, reduce_scatter_seconds

@@ -1,10 +1,10 @@
 """Kernel times calibrated on published kernel measurements: GEMMs, attention, MLA decode, memory-bound kernels.
 
 Each function is pure and reads its constants from `c` (name -> value; None: the calibrated defaults of
-`dsv3c.cost.calibration`). Times are kernel durations as the published benchmarks measure them (GPU time,
+`dsv3c.cost.calibration_constants`). Times are kernel durations as the published benchmarks measure them (GPU time,
 no launch gap: add `launch_seconds` per kernel). `gpu` is a `targets.gpus.GPUSpec`; its own datasheet peaks
 (SMs, HBM bandwidth, BF16/FP8 tensor peak) are used with the H800-calibrated efficiencies
-(`calibration.calibration_note`). `sms` is the number of SMs the kernel may use (train/prefill leave
+(`calibration_constants.calibration_note`). `sms` is the number of SMs the kernel may use (train/prefill leave
 `comm_sms` of them to dispatch/combine); None means all.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 from functools import lru_cache
 from math import ceil
 
-from dsv3c.cost.calibration import values
+from dsv3c.cost.calibration_constants import values
 from dsv3c.ops.record import causal_pairs
 
 DTYPE_BYTES = {"fp8": 1, "bf16": 2}

@@ -1,7 +1,7 @@
 """Link times with latency (alpha + bytes / beta), calibrated on published DeepEP and NCCL measurements.
 
 Each function is pure and reads its constants from `c` (name -> value; None: the calibrated defaults of
-`dsv3c.cost.calibration`). Bandwidths are per GPU, one direction, in the units the sources publish (GB/s =
+`dsv3c.cost.calibration_constants`). Bandwidths are per GPU, one direction, in the units the sources publish (GB/s =
 1e9 bytes/s). The constants are H800's with one 400 Gb/s NIC per GPU; another cluster overrides the
 bandwidth constants (e.g. nccl_nvlink_busbw_GBps=370 on H100, NVIDIA's figure).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from math import ceil, log2
 
-from dsv3c.cost.calibration import values
+from dsv3c.cost.calibration_constants import values
 
 PHASES = ("dispatch", "combine")
 LINKS = ("nvlink", "ib")
@@ -43,7 +43,7 @@ def ep_normal_seconds(rdma_bytes: float, nvlink_bytes: float, *, ep: int, gpus_p
     alpha + max(rdma_bytes / RDMA bandwidth at this EP, nvlink_bytes / NVLink bandwidth): IB and NVLink run
     concurrently and the slower one binds. rdma_bytes are the bytes this GPU sends to other nodes (a token
     once per destination node), nvlink_bytes what it receives over NVLink. Both bandwidths scale with
-    comm_sms / saturating SMs, capped at 1.
+    comm_sms / saturating SMs, capped at 1. 0 at ep=1.
     """
     _check_phase(phase)
     if rdma_bytes < 0 or nvlink_bytes < 0 or ep < 1 or gpus_per_node < 1:
@@ -53,6 +53,8 @@ def ep_normal_seconds(rdma_bytes: float, nvlink_bytes: float, *, ep: int, gpus_p
         raise ValueError(f"EP{ep} fits in a node of {gpus_per_node} GPUs: it sends nothing over RDMA")
     if comm_sms <= 0:
         raise ValueError(f"comm_sms must be positive, got {comm_sms}")
+    if ep == 1:
+        return 0.0  # no expert parallelism: nothing to exchange
     c = values(c)
     share = min(1.0, comm_sms / c["comm_sms_saturate"])
     rdma = rdma_bytes / (ep_normal_rdma_GBps(ep, phase, c) * 1e9) if rdma_bytes else 0.0
@@ -73,13 +75,15 @@ def ep_low_latency_seconds(tokens: int, *, top_k: int, hidden: int, ep: int, pha
 
     alpha + max(bytes to other nodes / IB bandwidth, bytes to node-mates / NVLink bandwidth) with uniform
     routing: a share min(1, gpus_per_node / ep) of the copies stays in the node (1 / ep, the rank itself,
-    with nvlink=False: DeepEP's pure-RDMA mode). Never below alpha. Non-decreasing in ep at fixed tokens over
+    with nvlink=False: DeepEP's pure-RDMA mode). Never below alpha (0 at ep=1). Non-decreasing in ep at fixed tokens over
     whole-node EP sizes (ep <= gpus_per_node or a multiple of it) while the NVLink bandwidth is at least twice
     the IB bandwidth, as fitted; between those sizes the concurrent NVLink share can make it dip.
     """
     if min(tokens, top_k, hidden) < 0 or ep < 1 or gpus_per_node < 1:
         raise ValueError(f"bad low-latency arguments: tokens={tokens} top_k={top_k} hidden={hidden} ep={ep} "
                          f"gpus_per_node={gpus_per_node}")
+    if ep == 1:
+        return 0.0  # no expert parallelism: nothing to exchange
     c = values(c)
     nbytes = ep_low_latency_bytes(tokens, top_k=top_k, hidden=hidden, phase=phase)
     local = min(1.0, gpus_per_node / ep) if nvlink else 1 / ep
