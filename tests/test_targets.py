@@ -1,4 +1,4 @@
-"""Tests of targets/: GPU specs, topology, named targets, TOML files, cost model and tile tables."""
+"""Tests of targets/: GPU specs, topology, named targets, TOML files and cost model."""
 
 import json
 import math
@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsv3c.cost.roofline import all_to_all_seconds, matmul_seconds, transfer_seconds
-from targets import (DESCRIBE_HEADERS, FAMILIES, GPUS, Target, TargetError, build_topology, compute_sms,
-                     describe_targets, get_target, gpu_spec, grid_sms, list_targets, tile_config)
+from targets import (DESCRIBE_HEADERS, GPUS, Target, TargetError, build_topology, compute_sms, describe_targets,
+                     get_target, gpu_spec, list_targets)
 
 BIG = get_target("h800x2048")
 MID = get_target("h800x320")
@@ -197,7 +197,7 @@ def test_cost_model():
     assert transfer_seconds(50e9, 50e9) == 1.0 and transfer_seconds(1, math.inf) == 0.0
     with pytest.raises(TargetError):
         matmul_seconds(1, 1, h800, "fp4")
-    assert compute_sms(BIG, "train") == compute_sms(BIG, "prefill") == 112 == grid_sms(BIG, "train")
+    assert compute_sms(BIG, "train") == compute_sms(BIG, "prefill") == 112
     assert compute_sms(BIG, "decode") == 132
 
 
@@ -209,27 +209,3 @@ def test_all_to_all():
     assert ep64 == pytest.approx(56e9 / 50e9)
     assert all_to_all_seconds(1e9, BIG, range(0, 2048, 8)) == pytest.approx(1e9 / 50e9)  # one plane, no NVLink
     assert all_to_all_seconds(1e9, BIG) > all_to_all_seconds(1e9, one_node)
-
-
-@pytest.mark.parametrize("gpu", sorted(GPUS))
-@pytest.mark.parametrize("mode", ["train", "prefill", "decode"])
-def test_tiles(gpu, mode):
-    spec = gpu_spec(gpu)
-    for family in FAMILIES:
-        c = tile_config(gpu, family, mode)
-        assert 0 < c["shared_bytes"] <= spec.smem_per_block and c["num_warps"] in (1, 2, 4, 8, 16)
-        assert c["num_stages"] >= 1 and c["arch"] == "sm_90a"
-        if "gemm" in family:
-            assert c["BLOCK_K"] == 128 and c["BLOCK_M"] in (64, 128)
-    assert tile_config(gpu, "mla_decode", mode)["BLOCK_N"] == 64
-    assert tile_config(gpu, "fp8_gemm", "train")["BLOCK_M"] == 128
-
-
-def test_tiles_shrink_stages_and_reject_unknowns():
-    import dataclasses
-    small = dataclasses.replace(gpu_spec("h800"), smem_per_block=100 * 1024)
-    assert tile_config(small, "fp8_gemm", "train")["num_stages"] < 4
-    with pytest.raises(TargetError, match="conv"):
-        tile_config("h800", "conv", "train")
-    with pytest.raises(TargetError, match="sm_100a"):
-        tile_config(dataclasses.replace(gpu_spec("h800"), arch="sm_100a"), "rope", "train")
