@@ -145,7 +145,7 @@ def _copy_bandwidth(dev) -> float:
 
 def bench_mla_decode(dev, block_h: int, block_n: int, num_warps: int) -> None:
     """Paged MLA decode attention (128 heads, 512 + 64 latent) vs the measured copy bandwidth."""
-    from dsv3c.codegen.lowering import PAGE
+    from dsv3c.codegen.kernels.mla_decode import PAGE
     from dsv3c.ops import ref
 
     bw = _copy_bandwidth(dev)

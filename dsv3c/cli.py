@@ -218,6 +218,9 @@ def cmd_passes(args, argv) -> int:
     rows = [[name, "yes" if name in default else "", passes.REGISTRY[name].contract] for name in order]
     print(tabulate(rows, headers=["pass", "default", "contract"]))
     print(f"\ndefault pipeline: {','.join(default)}")
+    from passes import legal_ops
+
+    print("\n" + legal_ops.text())
     return 0
 
 

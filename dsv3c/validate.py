@@ -93,18 +93,18 @@ def check_run_shapes(cfg, mode: str, shapes: dict) -> None:
 def check_target(tgt) -> None:
     """Refuse a target whose name cannot name an output directory, or whose GPU no tile table fits."""
     from dsv3c.outdir import safe_name
-    from targets import TargetError
-    from targets.tiles import FAMILIES, MODES, TABLES, tile_config
+    from dsv3c.codegen.tiles import arches, tile_tables
+    from targets import MODES, TargetError
 
     safe_name(tgt.name, "target name")
     if tgt.gpus > MAX_GPUS:
         raise TargetError(f"target {tgt.name}: gpus must be at most {MAX_GPUS}, got {tgt.gpus}")
-    if tgt.gpu.arch not in TABLES:
+    if tgt.gpu.arch not in arches():
         raise TargetError(f"target {tgt.name}: gpu arch {tgt.gpu.arch!r} is not supported (known: "
-                          f"{', '.join(TABLES)})")
-    for family in FAMILIES:
+                          f"{', '.join(arches())})")
+    for table in tile_tables().values():
         for mode in MODES:
-            tile_config(tgt.gpu, family, mode)  # raises TargetError when smem_per_block is too small
+            table.config(tgt.gpu, mode)  # raises TargetError when smem_per_block is too small
 
 
 # ---- passes ------------------------------------------------------------------------------------------

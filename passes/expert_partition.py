@@ -173,7 +173,6 @@ def _rewrite(program: Program, node: fx.Node, index: int, key: str, tables, ep: 
     "expert_partition",
     "places the routed (and redundant) experts on EP ranks, proves node-limited routing from the placement and "
     "replaces each experts op by dispatch (FP8) / local grouped GEMM / combine (BF16); one SPMD graph per rank",
-    adds=["ep_dispatch", "ep_experts", "ep_experts_fp8", "ep_combine"],
     removes=list(EXPERT_OPS),
     reads=["parallel"],
     writes=["placement"],

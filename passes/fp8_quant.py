@@ -125,7 +125,6 @@ def _lower_experts(program: Program, node: fx.Node, cache: dict) -> None:
     "fp8_quant",
     "puts the GEMMs the precision policy names in FP8: 1x128 activation tiles, 128x128 E4M3 weight blocks, "
     "FP32 accumulation; the function changes within FP8 rounding",
-    adds=["act_quant", "fp8_gemm", "fp8_linear", "moe_experts_fp8", "moe_experts_fp8_train"],
     writes=["precision_policy"],
     after=["mla_fuse"],  # mla_fuse matches the BF16 down/up-projections that fp8_quant rewrites
     invalidates=["mla_fuse"],

@@ -3,8 +3,8 @@
 Each op node (rms_norm, rope, swiglu, moe_gate, act_quant, fp8_gemm, fp8_linear, moe_experts_fp8,
 moe_experts_fp8_train, latent_attention, mla_attention) is replaced by one kernel_call node whose
 specialisation (dsv3c.codegen.lowering.CallSpec) fixes its shapes and dtypes and lists the Triton kernels it launches,
-with tile configs from targets.tile_config(gpu, family, mode) (and the target's compute SMs for MLA decode's
-split count). Specialisations are memoised by (op, input shapes/dtypes, attributes), so the 61 identical
+with tile configs from the kernel families' tables for the target's GPU and mode (dsv3c.codegen.tiles; and the
+target's compute SMs for MLA decode's split count). Specialisations are memoised by (op, input shapes/dtypes, attributes), so the 61 identical
 layers of the 671B model cost one specialisation each. Ops without a kernel stay (their records say why:
 the BF16 `moe_experts`, which fp8_quant removes) and are counted under stats['unlowered'].
 
@@ -110,9 +110,8 @@ def _terminal_progress(done: int, total: int, name: str, seconds: float) -> None
 
 @register(
     "lower_triton",
-    "replaces each dsv3 compute op by a dsv3.kernel_call specialised by shape (tiles from targets/, Triton "
+    "replaces each dsv3 compute op by a dsv3.kernel_call specialised by shape (tiles from the kernel families, Triton "
     "kernels run by the executor); compiles each distinct kernel for sm_90a into <out>/kernels/",
-    adds=["kernel_call"],
     removes=sorted(lowered_ops(always=True)),
     writes=["kernels", "call_specs"],
     # the other passes work on the dsv3 ops lowering replaces; only dce (op-agnostic) may follow it

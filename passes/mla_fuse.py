@@ -63,7 +63,6 @@ def cache_index(program: Program, block: str) -> int:
     "mla_fuse",
     "fuses the MLA down-projections, makes the KV cache latent (576 values/token/layer for V3), absorbs "
     "W_UK/W_UV where the cost model says so, marks norms and up-projections for recompute (train)",
-    adds=["latent_attention"],
     writes=["mla", "recompute"],
     options={"form": Option("attention form: auto (cheaper by the cost package), plain or absorbed",
                             ("auto", "plain", "absorbed"))},

@@ -2,10 +2,14 @@
 
 A pass is a function (plan, options) → stats that rewrites `plan.program` and fills the analyses it
 declares. Pipeline strings name passes with their options MLIR style: `dce,mla_fuse{form=absorbed},cost`.
+The dsv3 ops a pass adds are not declared here: they are the ops whose records (`dsv3c.ops`) name the pass
+as their stage; a pass declares the ops it removes.
 """
 
 from dataclasses import dataclass, field
 from typing import Callable
+
+from dsv3c.ops import RECORDS
 
 
 class PassSpecError(ValueError):
@@ -32,18 +36,23 @@ class Option:
 
 @dataclass(frozen=True)
 class Pass:
-    """A named rewrite (plan, options) → stats, the dsv3 ops it adds or removes and the analyses it touches."""
+    """A named rewrite (plan, options) → stats, the dsv3 ops it removes (and, from the records, adds) and the
+    analyses it touches."""
 
     name: str
     fn: Callable
     contract: str
-    adds: frozenset = field(default_factory=frozenset)
     removes: frozenset = field(default_factory=frozenset)
     reads: frozenset = field(default_factory=frozenset)
     writes: frozenset = field(default_factory=frozenset)
     options: dict = field(default_factory=dict)  # name -> Option
     after: frozenset = field(default_factory=frozenset)  # passes that must run before this one when both run
     invalidates: frozenset = field(default_factory=frozenset)  # passes that may not run after this one ("*": all)
+
+    @property
+    def adds(self) -> frozenset:
+        """The dsv3 ops this pass creates: those whose record names it as their stage."""
+        return first_legal_after(self.name)
 
     def legal_after(self, legal: frozenset) -> frozenset:
         """The dsv3 ops legal after this pass, given those legal before it."""
@@ -52,8 +61,15 @@ class Pass:
 
 REGISTRY: dict[str, Pass] = {}
 
-# dsv3 ops the captured graph may contain; passes move this set forward.
-CAPTURED_OPS = frozenset({"rms_norm", "rope", "swiglu", "moe_gate", "moe_experts", "mla_attention"})
+
+
+def first_legal_after(stage: str) -> frozenset:
+    """The dsv3 ops whose records name `stage` ("capture" or a pass) as where they first appear."""
+    return frozenset(name for name, r in RECORDS.items() if r.stage == stage)
+
+
+# dsv3 ops the captured graph may contain (every family of dsv3c.ops is imported by now); passes move this set forward.
+CAPTURED_OPS = first_legal_after("capture")
 
 
 def legal_after(names: list[str], legal: frozenset = CAPTURED_OPS) -> frozenset:
@@ -63,13 +79,12 @@ def legal_after(names: list[str], legal: frozenset = CAPTURED_OPS) -> frozenset:
     return frozenset(legal)
 
 
-def register(name: str, contract: str, adds=(), removes=(), reads=(), writes=(), options=None, after=(),
-             invalidates=()):
-    """Decorator: register fn as pass `name`: its ops added/removed, analyses read/written, options, order constraints."""
+def register(name: str, contract: str, removes=(), reads=(), writes=(), options=None, after=(), invalidates=()):
+    """Decorator: register fn as pass `name`: its ops removed, analyses read/written, options, order constraints."""
 
     def wrap(fn):
-        REGISTRY[name] = Pass(name, fn, contract, frozenset(adds), frozenset(removes), frozenset(reads),
-                              frozenset(writes), dict(options or {}), frozenset(after), frozenset(invalidates))
+        REGISTRY[name] = Pass(name, fn, contract, frozenset(removes), frozenset(reads), frozenset(writes),
+                              dict(options or {}), frozenset(after), frozenset(invalidates))
         return fn
 
     return wrap

@@ -26,7 +26,8 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from dsv3c.codegen.lowering import PAGE, aot_specs, run_op
+from dsv3c.codegen.kernels.mla_decode import PAGE
+from dsv3c.codegen.lowering import aot_specs, run_op
 from dsv3c.ops import fp8, ref
 
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16])

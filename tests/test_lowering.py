@@ -20,6 +20,8 @@ import passes
 import targets
 from dsv3c.ops import fp8
 from dsv3c.codegen import lowering
+from dsv3c.codegen.family import GEMM_MIN_M
+from dsv3c.codegen.tiles import tile_tables
 from dsv3c.driver import compile_model
 from dsv3c.ir import Plan, layer_of
 from dsv3c.ops import op_name
@@ -198,12 +200,12 @@ def test_each_kernel_call_is_specialised_for_its_node(lowered, mode):
         assert spec.outputs == tuple((tuple(v.shape), v.dtype) for v in node.meta["val"])
         assert [dict(k.shapes) for k in spec.kernels] == _expected_kernel_shapes(spec.op, ins)
         for k in spec.kernels:  # launch options come from the target's tile table for this mode
-            cfg = targets.tile_config(TARGET.gpu, FAMILY[k.kernel.split(":")[1]], mode)
+            cfg = tile_tables()[FAMILY[k.kernel.split(":")[1]]].config(TARGET.gpu, mode)
             assert k.num_stages == cfg["num_stages"] and k.num_warps <= cfg["num_warps"]
             consts = dict(k.constexprs)
             if "BLOCK_N" in consts and FAMILY[k.kernel.split(":")[1]] in ("fp8_gemm", "grouped_fp8_gemm"):
                 assert consts["BLOCK_K"] == cfg["BLOCK_K"] == fp8.BLOCK
-                assert consts["BLOCK_M"] >= min(cfg["BLOCK_M"], lowering.GEMM_MIN_M)
+                assert consts["BLOCK_M"] >= min(cfg["BLOCK_M"], GEMM_MIN_M)
                 assert consts["BLOCK_N"] <= cfg["BLOCK_N"]
 
 

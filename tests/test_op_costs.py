@@ -283,11 +283,11 @@ def test_cost_pass_totals_match_model_figures(compiled, mode):
 def test_define_without_cost_or_lowering_raises():
     op = object()  # define checks its keywords before it touches the op
     with pytest.raises(TypeError):
-        define(op)  # both keywords are required
+        define(op)  # the keywords are required
     with pytest.raises(OpRecordError):
-        define(op, cost=None, lowering=NotLowered("x"))
+        define(op, cost=None, stage="capture", lowering=NotLowered("x"))
     with pytest.raises(OpRecordError):
-        define(op, cost=lambda *a: Cost(), lowering="dsv3c.codegen.lowering:build_rms_norm")
+        define(op, cost=lambda *a: Cost(), stage="capture", lowering="dsv3c.codegen.kernels.rmsnorm:build_rms_norm")
     assert op not in RECORDS.values()
 
 

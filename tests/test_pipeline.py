@@ -18,7 +18,7 @@ import dsv3c.driver as driver
 import passes
 import targets
 from dsv3c.ir import Plan
-from dsv3c.ops import op_name
+from dsv3c.ops import RECORDS, op_name
 from dsv3c.passmgr.pipeline import PipelineError, run_pipeline
 from dsv3c.cost.facts import reduced_config
 from dsv3c.cost.figures import mode_figures
@@ -147,13 +147,26 @@ def test_verify_catches_breakage_and_names_node(train_program, kind, data):
 
 @pytest.mark.parametrize("mode", ["train", "prefill", "decode"])
 def test_unmodified_graph_verifies_through_default_pipeline(programs, mode):
-    """Capture output verifies, and stays valid after every pass of the default pipeline (checked per pass)."""
+    """Capture output verifies, and stays valid after every pass of the default pipeline (checked per pass); each
+    dsv3 op first appears at the stage its record names (capture, or the pass that creates it)."""
     program = copy.deepcopy(programs[mode])
     verify(program, passes.CAPTURED_OPS)
     plan = Plan(program, targets.get_target("h800x8"))
-    records = run_pipeline(plan, passes.default_pipeline(), passes.REGISTRY, passes.CAPTURED_OPS)
+    names, first = passes.default_pipeline(), {}
+
+    def note_ops(stage: str) -> None:
+        for node in plan.program.graph.nodes:
+            if node.op == "call_function" and op_name(node.target):
+                first.setdefault(op_name(node.target), stage)
+
+    # progress is called before each pass: the graph is then the previous stage's
+    records = run_pipeline(plan, names, passes.REGISTRY, passes.CAPTURED_OPS,
+                           progress=lambda i, total, name: note_ops(names[i - 2] if i > 1 else "capture"))
+    note_ops(names[-1])
     assert [r.name for r in records] == passes.default_pipeline()
     assert all(r.nodes_after > 0 for r in records)
+    assert first == {op: RECORDS[op].stage for op in first}
+    assert {"capture", "expert_partition", "lower_triton"} <= set(first.values())
 
 
 # ---- pipelines replay from pipeline.txt ------------------------------------------------------------------

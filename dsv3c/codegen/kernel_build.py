@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from dsv3c.codegen.lowering import KernelSpec, interpreting
+from dsv3c.codegen.family import KernelSpec, interpreting
 
 
 def default_cache_dir() -> Path:

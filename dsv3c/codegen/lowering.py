@@ -1,10 +1,10 @@
-"""Lowering to Triton: the `dsv3.kernel_call` op, shape specialisations of the dsv3 ops, and their runners.
+"""Lowering to Triton: the `dsv3.kernel_call` op, shape specialisation of the dsv3 ops, and the entry points.
 
-This module is the one host-side path to every Triton kernel in `dsv3c.codegen.kernels` (those modules hold
-@triton.jit code only). Each lowered dsv3 op's record names a builder and a runner here
-(`Lowering("dsv3c.codegen.lowering:build_X", "...:run_X")`):
+Each lowered dsv3 op's record names a builder and a runner in its kernel family module
+(`Lowering.of("dsv3c.codegen.kernels.rmsnorm", "rms_norm")`: `build_rms_norm`, `run_rms_norm`; what a family
+module holds: `dsv3c.codegen.family`):
 - builder(ins, outs, attrs, tiles) -> (KernelSpecs, torch parts): shapes, dtypes, attributes and the target's
-  tile configs fixed into kernel specialisations (`k_*` make one KernelSpec each);
+  tile configs (`dsv3c.codegen.tiles.Tiles`) fixed into kernel specialisations;
 - runner(call, *tensors) -> outputs: allocates, runs the torch parts and launches exactly the CallSpec's
   kernels through `KernelSpec.launch`;
 - `KernelSpec.aot()` is the AOTSpec `kernel_build` compiles for sm_90a.
@@ -14,16 +14,15 @@ Entry points for tests and benches, the same path as a lowered graph's kernel_ca
   does) and run the runner (`run_call`); `tiles={"fp8_gemm": {"BLOCK_M": 64}}` overrides the target's tile
   table per family (`Tiles`);
 - `aot_specs(op, [(shape, dtype), ...], attrs, target, mode, tiles)`: the AOTSpecs of the op's KernelSpecs.
-Kernel variants no dsv3 op lowers to on its own (`VARIANTS`: rms_norm_quant, swiglu_quant,
-grouped_fp8_gemm, mla_decode_paged) have builder/runner pairs here too, built from the same `k_*` and launch
-helpers the ops use, so that tests and benches reach every kernel through `run_op`/`aot_specs`.
+Kernel variants no dsv3 op lowers to on its own (rms_norm_quant, swiglu_quant, grouped_fp8_gemm,
+mla_decode_paged: `family.VARIANTS`, registered by their family modules) are reached the same way.
 
 The kernel-call op
     dsv3::kernel_call(str spec, Tensor[] args) -> Tensor[]
 replaces one dsv3 compute op node. `spec` names a `CallSpec` in this module's registry: the original op,
 its non-tensor arguments, the shapes and dtypes of its tensor inputs and outputs (it is specialised by
 shape), and the `KernelSpec`s it launches (one per Triton kernel specialisation: jit function, argument
-types, shape-derived integer arguments, constexprs, num_warps/num_stages from the target's tile table,
+types, shape-derived integer arguments, constexprs, num_warps/num_stages from the family's tile table,
 grid). Spec ids are content hashes, so equal shapes give equal ids in every run and every process.
 
 - fake impl: checks the inputs against the spec and returns empties of the original op's output shapes;
@@ -36,158 +35,25 @@ Some steps of an op have no kernel in the library and run as torch inside the ru
 them in `torch_parts` and the pass reports them: the router's FP32 logits GEMM (the router kernel takes
 logits), sorting tokens by expert and the weighted combine of the MoE experts, the 128x128 weight
 quantisation of training's master weights, and copying the latent cache into 64-token pages for MLA decode.
-
-Tile configs: `targets.tile_config(gpu, family, mode)` gives BLOCK sizes, num_warps and num_stages. A block larger
-than its dimension shrinks to the dimension's next power of two (not below 16, the smallest tl.dot, nor below
-64 rows for the FP8 GEMMs, one Hopper wgmma); row kernels (RMSNorm, SwiGLU, RoPE) size their row block from
-the row length and use no more warps than the row fills. MLA decode splits long contexts (flash-decoding)
-to fill the target's compute SMs (`targets.compute_sms`: H800 train/prefill leave 20 SMs to communication).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
-import math
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 import targets
-from dsv3c.ops import RECORDS, Cost, NotLowered, fp8, record_of
+from dsv3c.codegen.family import REQUIRED, VARIANTS, KernelSpec, Variant, load_families
+from dsv3c.codegen.tiles import Tiles
+from dsv3c.ops import RECORDS, Cost, NotLowered, record_of
 from dsv3c.ops.record import Lowering, define
 
-QUANT_BLOCK = 128
-PAGE = 64
-
-
-_TL = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float8_e4m3fn: "fp8e4nv",
-       torch.int64: "i64", torch.int32: "i32"}
-
-
-def _p2(n: int) -> int:
-    """The smallest power of two >= n (1 for n <= 1)."""
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-GEMM_MIN_M = 64  # a Hopper warpgroup MMA (wgmma) is 64 rows: GEMM M tiles never shrink below it
-
-
-def _clamp_block(cfg_block: int, dim: int, lo: int = 16) -> int:
-    """The target's block size, shrunk to the dim's next power of two (at least lo) when the dim is smaller.
-
-    The floor lo never exceeds the configured block itself: a tile override below it (tests' 16-row GEMM
-    tiles) is taken as given."""
-    return max(min(lo, cfg_block), min(cfg_block, _p2(dim)))
-
-
-def interpreting() -> bool:
-    """Whether Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1): KernelSpec.launch sets EXACT."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-# ---- kernel specialisations --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class KernelSpec:
-    """One Triton kernel specialisation: what the AOT compiler compiles and what the executor launches."""
-
-    kernel: str  # "module:function" of the @triton.jit function
-    args: tuple  # ((name, triton type), ...) runtime args passed at launch: pointers and floats
-    ints: tuple  # ((name, value), ...) i32 args fixed by the shapes
-    constexprs: tuple  # ((name, value), ...)
-    num_warps: int
-    num_stages: int
-    grid: tuple  # (x, y, z)
-    shapes: tuple  # ((dim name, size), ...) for plan.json
-    tag: str  # readable name stem, e.g. 'fp8_gemm_4096x7168x2048' (M x N x K)
-
-    def fn(self):
-        """The jit function (an InterpretedFunction under the interpreter)."""
-        module, name = self.kernel.split(":")
-        return getattr(importlib.import_module(module), name)
-
-    @property
-    def name(self) -> str:
-        """Unique readable name: the tag plus a short content hash."""
-        return f"{self.tag}_{hashlib.sha1(repr(self).encode()).hexdigest()[:8]}"
-
-    def signature(self) -> dict:
-        """Triton signature of the runtime args, in the function's argument order."""
-        types = {**dict(self.args), **{n: "i32" for n, _ in self.ints}}
-        return {n: types[n] for n in _arg_names(self.fn()) if n in types}
-
-    def divisible_by_16(self) -> tuple:
-        """Pointer args (the runner aligns them to 16 bytes) and shape ints that are multiples of 16."""
-        ptrs = tuple(n for n, t in self.args if t.startswith("*"))
-        return ptrs + tuple(n for n, v in self.ints if v % 16 == 0 and v > 0)
-
-    def aot(self):
-        """The AOTSpec the ahead-of-time compiler takes (EXACT off: compiled kernels round in hardware)."""
-        from dsv3c.codegen.triton_aot import AOTSpec
-
-        return AOTSpec(fn=self.fn(), signature=self.signature(), constexprs=dict(self.constexprs),
-                       num_warps=self.num_warps, num_stages=self.num_stages, grid=tuple(self.grid),
-                       divisible_by_16=self.divisible_by_16())
-
-    def to_json(self) -> dict:
-        """A JSON form that `from_json` rebuilds (for compile workers)."""
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "KernelSpec":
-        tup = lambda v: tuple(tuple(x) if isinstance(x, list) else x for x in v)  # noqa: E731
-        return cls(d["kernel"], tup(d["args"]), tup(d["ints"]), tup(d["constexprs"]), d["num_warps"],
-                   d["num_stages"], tuple(d["grid"]), tup(d["shapes"]), d["tag"])
-
-    def launch(self, **values) -> None:
-        """Launch the kernel on tensors/floats `values`: the spec's ints, constexprs, options and grid."""
-        fn = self.fn()
-        ptr_names = {n for n, t in self.args if t.startswith("*")}
-        given = set(values)
-        if given != {n for n, _ in self.args}:
-            raise TypeError(f"{self.tag}: launch got {sorted(given)}, expects {[n for n, _ in self.args]}")
-        consts = dict(self.constexprs)
-        if "EXACT" in consts:
-            consts["EXACT"] = interpreting()
-        allv = {**values, **dict(self.ints), **consts}
-        for n in ptr_names:
-            allv[n] = _aligned(allv[n])
-        ordered = [allv[n] for n in _arg_names(fn)]
-        fn[tuple(self.grid)](*ordered, num_warps=self.num_warps, num_stages=self.num_stages)
-
-
-def _arg_names(fn) -> list[str]:
-    """Argument names of a jit (or interpreted) function."""
-    return list(inspect.signature(getattr(fn, "fn", fn)).parameters)
-
-
-def _aligned(t):
-    """t itself if its data is 16-byte aligned, else an aligned copy (the specs assume aligned pointers)."""
-    if isinstance(t, Tensor) and t.data_ptr() % 16:
-        return t.clone()
-    return t
-
-
-def _kspec(kernel: str, *, ptrs: dict, floats: tuple = (), ints: dict, consts: dict, cfg: dict, grid, shapes: dict,
-           tag: str, num_warps: int | None = None, num_stages: int | None = None) -> KernelSpec:
-    """A KernelSpec from pointer dtypes, float arg names, shape ints, constexprs and a tile config."""
-    args = tuple((n, "*" + _TL[d]) for n, d in ptrs.items()) + tuple((n, "fp32") for n in floats)
-    grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
-    return KernelSpec(
-        kernel=kernel, args=args, ints=tuple((n, int(v)) for n, v in ints.items()),
-        constexprs=tuple(consts.items()), num_warps=int(num_warps or cfg["num_warps"]),
-        num_stages=int(num_stages or cfg["num_stages"]), grid=grid,
-        shapes=tuple((n, int(v)) for n, v in shapes.items()), tag=tag,
-    )  # fmt: skip
+__all__ = ["SPECS", "CallSpec", "KernelSpec", "Tiles", "aot_specs", "call_spec", "get_spec", "kernel_call",
+           "kernel_call_op", "kernel_entry", "kernel_uses", "lowered_ops", "lowering_of", "register_specs", "run_call",
+           "run_op", "specialise", "unlowered_reasons"]
 
 
 # ---- call specialisations and the kernel-call op -----------------------------------------------------
@@ -285,7 +151,8 @@ def kernel_call_cost(spec, args, out) -> Cost:
     return record_of(call.op).cost(*full, out if len(out) > 1 else out[0])
 
 
-define(kernel_call, cost=kernel_call_cost, lowering=NotLowered("is the lowered form: a Triton kernel launch"))
+define(kernel_call, cost=kernel_call_cost, stage="lower_triton",
+       lowering=NotLowered("is the lowered form: a Triton kernel launch"))
 
 
 def lowered_ops(always: bool = False) -> frozenset:
@@ -300,561 +167,19 @@ def unlowered_reasons() -> dict:
     return out
 
 
-# ---- per-op specialisation (builders) ----------------------------------------------------------------
-
-
-class Tiles:
-    """Tile configs of the target GPU for one mode, looked up once per family.
-
-    `overrides` ({family: {key: value}}) replaces entries of the target's table for this lookup only, e.g.
-    {"fp8_gemm": {"BLOCK_M": 16, "BLOCK_N": 32}} (tests and benches of non-default tiles). Keys the table
-    lacks are allowed where a builder reads them: mla_decode's NUM_SPLITS (else derived from the SMs)."""
-
-    def __init__(self, target, mode: str, overrides: dict | None = None):
-        self.target = target
-        self.gpu = target.gpu if target is not None else targets.gpu_spec("h800")
-        self.mode = mode
-        self.sms = targets.compute_sms(target, mode) if target is not None else self.gpu.sms
-        unknown = set(overrides or ()) - set(targets.FAMILIES)
-        if unknown:
-            raise ValueError(f"tile overrides for unknown families {sorted(unknown)} (known: {targets.FAMILIES})")
-        self.overrides = {f: dict(c) for f, c in (overrides or {}).items()}
-        self._memo: dict = {}
-
-    def __call__(self, family: str) -> dict:
-        if family not in self._memo:
-            self._memo[family] = {**targets.tile_config(self.gpu, family, self.mode),
-                                  **self.overrides.get(family, {})}
-        return self._memo[family]
-
-    def key(self) -> tuple:
-        over = tuple(sorted((f, tuple(sorted(c.items()))) for f, c in self.overrides.items()))
-        return (self.gpu.name, self.gpu.arch, self.mode, self.sms) + ((over,) if over else ())
-
-
-def _rows(shape) -> int:
-    return math.prod(shape[:-1])
-
-
-def k_rmsnorm(rows: int, n: int, xd, wd, yd, tiles: Tiles) -> KernelSpec:
-    cfg = tiles("rmsnorm")
-    block = max(16, _p2(n))
-    return _kspec("dsv3c.codegen.kernels.rmsnorm:rmsnorm_kernel", ptrs={"x_ptr": xd, "w_ptr": wd, "y_ptr": yd},
-                  floats=("eps",), ints={"N": n, "stride_x": n, "stride_y": n},
-                  consts={"BLOCK_N": block, "EXACT": False}, cfg=cfg, grid=(rows,),
-                  num_warps=max(1, min(cfg["num_warps"], block // 256)), shapes={"rows": rows, "N": n},
-                  tag=f"rmsnorm_{rows}x{n}")
-
-
-def k_rmsnorm_quant(rows: int, n: int, xd, wd, pow2: bool, tiles: Tiles) -> KernelSpec:
-    cfg = tiles("rmsnorm")
-    block = max(QUANT_BLOCK, _p2(n))
-    return _kspec("dsv3c.codegen.kernels.rmsnorm:rmsnorm_quant_kernel",
-                  ptrs={"x_ptr": xd, "w_ptr": wd, "q_ptr": fp8.FP8, "s_ptr": torch.float32}, floats=("eps",),
-                  ints={"N": n, "stride_x": n, "stride_q": n, "stride_s": _cdiv(n, QUANT_BLOCK)},
-                  consts={"BLOCK_N": block, "POW2": bool(pow2), "EXACT": False}, cfg=cfg, grid=(rows,),
-                  num_warps=max(1, min(cfg["num_warps"], block // 256)), shapes={"rows": rows, "N": n},
-                  tag=f"rmsnorm_quant_{rows}x{n}" + ("_pow2" if pow2 else ""))
-
-
-def k_act_quant(m: int, k: int, xd, pow2: bool, tiles: Tiles) -> KernelSpec:
-    cfg = tiles("act_quant")
-    bm = max(1, min(cfg["BLOCK_M"], _p2(m)))
-    return _kspec("dsv3c.codegen.kernels.act_quant:act_quant_kernel",
-                  ptrs={"x_ptr": xd, "y_ptr": fp8.FP8, "s_ptr": torch.float32}, ints={"M": m, "K": k},
-                  consts={"BLOCK_M": bm, "BLOCK_K": QUANT_BLOCK, "POW2": bool(pow2), "EXACT": False}, cfg=cfg,
-                  grid=(_cdiv(m, bm), _cdiv(k, QUANT_BLOCK)), shapes={"M": m, "K": k},
-                  tag=f"act_quant_{m}x{k}" + ("_pow2" if pow2 else ""))
-
-
-def k_fp8_gemm(m: int, n: int, k: int, tiles: Tiles) -> KernelSpec:
-    cfg = tiles("fp8_gemm")
-    bm, bn = _clamp_block(cfg["BLOCK_M"], m, GEMM_MIN_M), _clamp_block(cfg["BLOCK_N"], n)
-    ptrs = {"a_ptr": fp8.FP8, "as_ptr": torch.float32, "b_ptr": fp8.FP8, "bs_ptr": torch.float32,
-            "c_ptr": torch.bfloat16}
-    return _kspec("dsv3c.codegen.kernels.fp8_gemm:fp8_gemm_kernel", ptrs=ptrs, ints={"M": m, "N": n, "K": k},
-                  consts={"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": cfg["BLOCK_K"], "EXACT": False}, cfg=cfg,
-                  grid=(_cdiv(m, bm), _cdiv(n, bn)), shapes={"M": m, "N": n, "K": k}, tag=f"fp8_gemm_{m}x{n}x{k}")
-
-
-def k_grouped(t: int, e: int, n: int, k: int, tiles: Tiles) -> KernelSpec:
-    cfg = tiles("grouped_fp8_gemm")
-    bm = _clamp_block(cfg["BLOCK_M"], max(1, t // max(e, 1)), GEMM_MIN_M)  # rows per expert on average
-    bn = _clamp_block(cfg["BLOCK_N"], n)
-    ptrs = {"a_ptr": fp8.FP8, "as_ptr": torch.float32, "b_ptr": fp8.FP8, "bs_ptr": torch.float32,
-            "c_ptr": torch.bfloat16, "offsets_ptr": torch.int32}
-    return _kspec("dsv3c.codegen.kernels.grouped_fp8_gemm:grouped_fp8_gemm_kernel", ptrs=ptrs, ints={"N": n, "K": k, "E": e},
-                  consts={"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": cfg["BLOCK_K"], "E_POW2": _p2(e), "EXACT": False},
-                  cfg=cfg, grid=(_cdiv(t, bm) + min(e, t), _cdiv(n, bn)), shapes={"T": t, "E": e, "N": n, "K": k},
-                  tag=f"grouped_fp8_gemm_{t}x{e}x{n}x{k}")
-
-
-def _swiglu_blocks(m: int, f: int, quant: bool, cfg: dict) -> tuple[int, int]:
-    block_f = max(min(_p2(f), cfg["BLOCK_N"]), 128 if quant else 16)
-    return max(1, min(_p2(m), 4096 // block_f)), block_f
-
-
-def k_swiglu(m: int, f: int, dt, tiles: Tiles) -> KernelSpec:
-    cfg = tiles("swiglu")
-    bm, bf = _swiglu_blocks(m, f, False, cfg)
-    return _kspec("dsv3c.codegen.kernels.swiglu:swiglu_kernel", ptrs={"g_ptr": dt, "u_ptr": dt, "h_ptr": dt},
-                  ints={"M": m, "F": f, "sg": f, "su": f, "sh": f},
-                  consts={"BLOCK_M": bm, "BLOCK_F": bf, "EXACT": False}, cfg=cfg, grid=(_cdiv(m, bm), _cdiv(f, bf)),
-                  shapes={"M": m, "F": f}, tag=f"swiglu_{m}x{f}")
-
-
-def k_swiglu_quant(m: int, f: int, dt, tiles: Tiles, pow2: bool = False) -> KernelSpec:
-    cfg = tiles("swiglu")
-    bm, bf = _swiglu_blocks(m, f, True, cfg)
-    ptrs = {"g_ptr": dt, "u_ptr": dt, "q_ptr": fp8.FP8, "s_ptr": torch.float32}
-    return _kspec("dsv3c.codegen.kernels.swiglu:swiglu_quant_kernel", ptrs=ptrs,
-                  ints={"M": m, "F": f, "sg": f, "su": f, "sq": f, "ss": _cdiv(f, QUANT_BLOCK)},
-                  consts={"BLOCK_M": bm, "BLOCK_F": bf, "POW2": bool(pow2), "EXACT": False}, cfg=cfg,
-                  grid=(_cdiv(m, bm), _cdiv(f, bf)), shapes={"M": m, "F": f},
-                  tag=f"swiglu_quant_{m}x{f}" + ("_pow2" if pow2 else ""))
-
-
-def build_rms_norm(ins, outs, attrs, tiles):
-    (xs, xd), (_, wd) = ins
-    (_, yd), = outs
-    return (k_rmsnorm(_rows(xs), xs[-1], xd, wd, yd, tiles),), ()
-
-
-def build_rope(ins, outs, attrs, tiles):
-    (xs, xd), (cs, cd), (_, sd) = ins
-    b, s = xs[:2]
-    h = xs[2] if len(xs) == 4 else 1
-    d = xs[-1]
-    half = d // 2
-    cfg = tiles("rope")
-    bh = max(1, min(cfg["BLOCK_M"], _p2(h)))
-    ints = {"S": s, "H": h, "HALF": half, "sxb": s * h * d, "sxs": h * d, "sxh": d, "scb": s * half, "scs": half,
-            "ssb": s * half, "sss": half, "syb": s * h * d, "sys": h * d, "syh": d}
-    k = _kspec("dsv3c.codegen.kernels.rope:rope_kernel", ptrs={"x_ptr": xd, "cos_ptr": cd, "sin_ptr": sd, "y_ptr": xd},
-               ints=ints, consts={"BLOCK_H": bh, "BLOCK_HALF": _p2(half), "EXACT": False}, cfg=cfg,
-               grid=(b * s, _cdiv(h, bh)), shapes={"B": b, "S": s, "H": h, "D": d}, tag=f"rope_{b}x{s}x{h}x{d}")
-    return (k,), ()
-
-
-def build_swiglu(ins, outs, attrs, tiles):
-    (gs, gd), _ = ins
-    return (k_swiglu(_rows(gs), gs[-1], gd, tiles),), ()
-
-
-def build_act_quant(ins, outs, attrs, tiles):
-    (xs, xd), = ins
-    return (k_act_quant(_rows(xs), xs[-1], xd, attrs["pow2_scale"], tiles),), ()
-
-
-def build_fp8_gemm(ins, outs, attrs, tiles):
-    (xs, _), _, (ws, _), _ = ins
-    return (k_fp8_gemm(_rows(xs), ws[0], xs[-1], tiles),), ()
-
-
-def build_fp8_linear(ins, outs, attrs, tiles):
-    (xs, xd), (ws, _) = ins
-    m, k = _rows(xs), xs[-1]
-    return (k_act_quant(m, k, xd, False, tiles), k_fp8_gemm(m, ws[0], k, tiles)), ("weight_quant",)
-
-
-def build_moe_gate(ins, outs, attrs, tiles):
-    (xs, _), (ws, _), (_, bd) = ins
-    t, e = xs[0], ws[0]
-    cfg = tiles("router")
-    n_group, top_k = attrs["n_group"], attrs["top_k"]
-    block_t = max(1, min(cfg["BLOCK_M"], _p2(t)))
-    consts = dict(N_GROUP=n_group, GROUP_SIZE=e // n_group, TOPK_GROUP=attrs["topk_group"], TOP_K=top_k,
-                  NORM=bool(attrs["norm_topk_prob"]), BLOCK_T=block_t, BLOCK_E=_p2(e), BLOCK_G=_p2(n_group),
-                  BLOCK_K=_p2(top_k))
-    ptrs = {"logits_ptr": torch.float32, "bias_ptr": bd, "w_ptr": torch.float32, "id_ptr": torch.int64}
-    k = _kspec("dsv3c.codegen.kernels.router:router_kernel", ptrs=ptrs, floats=("scaling",),
-               ints={"T": t, "E": e, "stride_l": e, "stride_w": top_k, "stride_i": top_k}, consts=consts, cfg=cfg,
-               grid=(_cdiv(t, block_t),), shapes={"T": t, "E": e, "k": top_k}, tag=f"router_{t}x{e}_top{top_k}")
-    return (k,), ("router_logits_gemm",)
-
-
-def _moe_kernels(t: int, k: int, e: int, f: int, d: int, dt, tiles):
-    tk = t * k
-    return (k_act_quant(tk, d, dt, False, tiles), k_grouped(tk, e, f, d, tiles), k_swiglu_quant(tk, f, dt, tiles),
-            k_grouped(tk, e, d, f, tiles))
-
-
-def build_moe_experts_fp8(ins, outs, attrs, tiles):
-    (xs, xd), (ids, _), _, (gq, _), *_ = ins
-    e, f, d = gq
-    return _moe_kernels(xs[0], ids[1], e, f, d, xd, tiles), ("token_sort", "weighted_combine")
-
-
-def build_moe_experts_fp8_train(ins, outs, attrs, tiles):
-    (xs, xd), (ids, _), _, (wg, _), *_ = ins
-    e, f, d = wg
-    return _moe_kernels(xs[0], ids[1], e, f, d, xd, tiles), ("weight_quant", "token_sort", "weighted_combine")
-
-
-def build_ep_experts(ins, outs, attrs, tiles):
-    """The received routes' experts on the grouped FP8 GEMMs (one route per row); None unless the GEMMs are FP8."""
-    if not attrs["fp8_gemms"]:
-        return None  # BF16 expert GEMMs: no kernel (as moe_experts), the op stays
-    (xs, xd), (tok, _), _, (wg, _), *_ = ins
-    s, f, d = wg
-    return _moe_kernels(tok[0], 1, s, f, d, xd, tiles), ("weight_quant", "route_sort", "route_gather")
-
-
-def build_ep_experts_fp8(ins, outs, attrs, tiles):
-    """As build_ep_experts over E4M3 local weights."""
-    (xs, xd), (tok, _), _, (gq, _), *_ = ins
-    s, f, d = gq
-    return _moe_kernels(tok[0], 1, s, f, d, xd, tiles), ("route_sort", "route_gather")
-
-
-def build_mla_attention(ins, outs, attrs, tiles):
-    from dsv3c.codegen.kernels.attention_prefill import head_split
-
-    (qs, qd), (ks, _), (vs, _) = ins
-    b, s, h, dqk = qs
-    t, dv = ks[1], vs[-1]
-    cfg = tiles("attention_prefill")
-    bm, bn = _clamp_block(cfg["BLOCK_M"], s), _clamp_block(cfg["BLOCK_N"], t)
-    da, db = head_split(dqk)
-    ints = {"S": s, "T": t, "H": h, "sqb": s * h * dqk, "sqs": h * dqk, "sqh": dqk, "skb": t * h * dqk,
-            "skt": h * dqk, "skh": dqk, "svb": t * h * dv, "svt": h * dv, "svh": dv, "sob": s * h * dv, "sos": h * dv,
-            "soh": dv}
-    consts = dict(DQK=dqk, DV=dv, DA=da, DB=db, BLOCK_DV=max(16, _p2(dv)), BLOCK_M=bm, BLOCK_N=bn, EXACT=False)
-    k = _kspec("dsv3c.codegen.kernels.attention_prefill:prefill_attention_kernel",
-               ptrs={"q_ptr": qd, "k_ptr": qd, "v_ptr": qd, "o_ptr": qd}, floats=("sm_scale",), ints=ints,
-               consts=consts, cfg=cfg, grid=(_cdiv(s, bm), b * h), shapes={"B": b, "S": s, "T": t, "H": h, "Dqk": dqk,
-                                                                            "Dv": dv},
-               tag=f"attention_prefill_{b}x{s}x{t}x{h}")
-    return (k,), ()
-
-
-def _latent_dims(r: int, dr: int) -> tuple[int, int]:
-    """Latent and rope widths padded to powers of two >= 16 (tensor-core K; zero padding leaves dots unchanged)."""
-    return max(16, _p2(r)), max(16, _p2(dr))
-
-
-def _mla_kernels(rows: int, h: int, rp: int, drp: int, pps: int, max_len: int, qd, cd, shapes: dict, tag: str,
-                 tiles: Tiles) -> tuple:
-    """MLA decode over a paged cache: `rows` query rows of h heads, pps pages of PAGE tokens per row's table,
-    at most max_len keys a row, widths rp + drp (powers of two); plus the split combine when the context is
-    split (flash-decoding)."""
-    from dsv3c.codegen.kernels.mla_decode import default_splits
-
-    cfg = tiles("mla_decode")
-    bh = max(16, min(cfg["BLOCK_H"], _p2(h)))
-    bn = max(16, min(cfg["BLOCK_N"], _p2(max_len), PAGE))
-    splits = int(cfg.get("NUM_SPLITS") or default_splits(rows, h, pps * PAGE, bh, tiles.sms))
-    ptrs = {"ql_ptr": qd, "qp_ptr": qd, "kv_ptr": cd, "bt_ptr": torch.int32, "len_ptr": torch.int32, "o_ptr": qd,
-            "part_ptr": torch.float32, "lse_ptr": torch.float32}
-    ints = {"H": h, "sql_b": h * rp, "sql_h": rp, "sqp_b": h * drp, "sqp_h": drp, "s_page": PAGE * (rp + drp),
-            "s_tok": rp + drp, "sbt_b": pps, "so_b": h * rp, "so_h": rp}
-    main = _kspec("dsv3c.codegen.kernels.mla_decode:mla_decode_kernel", ptrs=ptrs, floats=("sm_scale",), ints=ints,
-                  consts=dict(R=rp, DR=drp, PAGE_SIZE=PAGE, BLOCK_H=bh, BLOCK_N=bn, NUM_SPLITS=splits, EXACT=False),
-                  cfg=cfg, grid=(rows, _cdiv(h, bh), splits), shapes=shapes, tag=f"mla_decode_{tag}")
-    if splits == 1:
-        return (main,)
-    return (main, _kspec("dsv3c.codegen.kernels.mla_decode:mla_combine_kernel",
-                         ptrs={"part_ptr": torch.float32, "lse_ptr": torch.float32, "o_ptr": qd},
-                         ints={"H": h, "so_b": h * rp, "so_h": rp},
-                         consts=dict(R=rp, NUM_SPLITS=splits, BLOCK_S=_p2(splits), EXACT=False), cfg=cfg,
-                         grid=(rows * h,), num_warps=4, num_stages=1, shapes=shapes, tag=f"mla_combine_{tag}"))
-
-
-def build_latent_attention(ins, outs, attrs, tiles):
-    (qs, qd), _, (cs, cd), _ = ins
-    b, s, h, r = qs
-    t, dr = cs[1], ins[3][0][-1]
-    rp, drp = _latent_dims(r, dr)
-    # each query token is its own "sequence" whose length ends at its causal position
-    kernels = _mla_kernels(b * s, h, rp, drp, _cdiv(t, PAGE), t, qd, cd,
-                           {"B": b, "S": s, "T": t, "H": h, "R": r, "Dr": dr}, f"{b}x{s}x{t}x{h}", tiles)
-    return kernels, ("paged_cache_copy",)
-
-
-# ---- runners: run a specialisation's kernels on real tensors -----------------------------------------
-
-
-def _run_act_quant_rows(kq: KernelSpec, x2: Tensor) -> tuple[Tensor, Tensor]:
-    m, k = x2.shape
-    q = torch.empty(m, k, dtype=fp8.FP8, device=x2.device)
-    s = torch.empty(m, _cdiv(k, QUANT_BLOCK), dtype=torch.float32, device=x2.device)
-    if m and k:
-        kq.launch(x_ptr=x2.contiguous(), y_ptr=q, s_ptr=s)
-    return q, s
-
-
-def _run_swiglu_quant_rows(k: KernelSpec, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-    m, f = gate.shape
-    hq = torch.empty(m, f, dtype=fp8.FP8, device=gate.device)
-    hs = torch.empty(m, _cdiv(f, QUANT_BLOCK), dtype=torch.float32, device=gate.device)
-    if hq.numel():
-        k.launch(g_ptr=gate.contiguous(), u_ptr=up.contiguous(), q_ptr=hq, s_ptr=hs)
-    return hq, hs
-
-
-def _run_gemm_rows(kg: KernelSpec, a: Tensor, a_s: Tensor, wq: Tensor, ws: Tensor) -> Tensor:
-    m, n = a.shape[0], wq.shape[0]
-    c = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
-    if m and n:
-        kg.launch(a_ptr=a.contiguous(), as_ptr=a_s.contiguous(), b_ptr=wq.contiguous(), bs_ptr=ws.contiguous(),
-                  c_ptr=c)
-    return c
-
-
-def run_rms_norm(call, x, w):
-    (k,) = call.kernels
-    n = x.shape[-1]
-    y = torch.empty(_rows(x.shape), n, dtype=call.outputs[0][1], device=x.device)
-    if y.numel():
-        k.launch(x_ptr=x.reshape(-1, n).contiguous(), w_ptr=w.contiguous(), y_ptr=y, eps=float(call.attr("eps")))
-    return [y.reshape(x.shape)]
-
-
-def run_rope(call, x, cos, sin):
-    (k,) = call.kernels
-    b, s, d = x.shape[0], x.shape[1], x.shape[-1]
-    half = d // 2
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if y.numel():
-        k.launch(x_ptr=x.contiguous(), cos_ptr=cos.expand(b, s, half).contiguous(),
-                 sin_ptr=sin.expand(b, s, half).contiguous(), y_ptr=y)
-    return [y]
-
-
-def run_swiglu(call, gate, up):
-    (k,) = call.kernels
-    f = gate.shape[-1]
-    h = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    if h.numel():
-        k.launch(g_ptr=gate.reshape(-1, f).contiguous(), u_ptr=up.reshape(-1, f).contiguous(), h_ptr=h)
-    return [h]
-
-
-def run_act_quant(call, x):
-    (k,) = call.kernels
-    q, s = _run_act_quant_rows(k, x.reshape(-1, x.shape[-1]))
-    return [q.reshape(x.shape), s.reshape(*x.shape[:-1], s.shape[-1])]
-
-
-def run_fp8_gemm(call, xq, xs, wq, ws):
-    (k,) = call.kernels
-    y = _run_gemm_rows(k, xq.reshape(-1, xq.shape[-1]), xs.reshape(-1, xs.shape[-1]), wq, ws)
-    return [y.to(call.attr("out_dtype")).reshape(*xq.shape[:-1], wq.shape[0])]
-
-
-def run_fp8_linear(call, x, w):
-    kq, kg = call.kernels
-    xq, xs = _run_act_quant_rows(kq, x.reshape(-1, x.shape[-1]))
-    wq, ws = fp8.weight_quant(w)  # torch part: 128x128 block quantisation of the master weight
-    y = _run_gemm_rows(kg, xq, xs, wq, ws)
-    return [y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])]
-
-
-def run_moe_gate(call, x, weight, bias):
-    (k,) = call.kernels
-    t, top_k = x.shape[0], call.attr("top_k")
-    logits = x.float() @ weight.float().t()  # torch part: the FP32 router GEMM (as ref.moe_gate)
-    w = torch.empty(t, top_k, dtype=torch.float32, device=x.device)
-    ids = torch.empty(t, top_k, dtype=torch.int64, device=x.device)
-    if t:
-        k.launch(logits_ptr=logits.contiguous(), bias_ptr=bias.contiguous(), w_ptr=w, id_ptr=ids,
-                 scaling=float(call.attr("scaling")))
-    return [w, ids]
-
-
-def _run_moe(call, x, ids, weights, packed):
-    """Routed experts on grouped FP8 GEMMs: sort token copies by expert, gate/up, SwiGLU+quant, down, combine."""
-    kq, kgu, ksw, kd = call.kernels
-    t, top_k = ids.shape
-    e = packed[0][0].shape[0]
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)  # torch part: token_sort
-    offsets = torch.zeros(e + 1, dtype=torch.int32, device=x.device)
-    offsets[1:] = torch.bincount(flat, minlength=e).cumsum(0).to(torch.int32)
-    tokens = order // top_k
-    aq, a_s = _run_act_quant_rows(kq, x[tokens])
-    (gq, gs), (uq, us), (dq, ds) = packed
-    gate = _grouped(kgu, aq, a_s, gq, gs, offsets)
-    up = _grouped(kgu, aq, a_s, uq, us, offsets)
-    hq, hs = _run_swiglu_quant_rows(ksw, gate.to(x.dtype), up.to(x.dtype))
-    y = _grouped(kd, hq, hs, dq, ds, offsets)
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # torch part: weighted_combine
-    out.index_add_(0, tokens, y.float() * weights.reshape(-1)[order, None].float())
-    return [out.to(x.dtype)]
-
-
-def _grouped(k: KernelSpec, aq, a_s, wq, ws, offsets) -> Tensor:
-    c = torch.zeros(aq.shape[0], wq.shape[1], dtype=torch.bfloat16, device=aq.device)
-    if c.numel() and aq.shape[1]:
-        k.launch(a_ptr=aq, as_ptr=a_s, b_ptr=wq.contiguous(), bs_ptr=ws.contiguous(), c_ptr=c, offsets_ptr=offsets)
-    return c
-
-
-def _run_routes(call, x, tok, slot, packed):
-    """Per-route expert outputs: routes sorted by slot (padding, slot -1, last and left zero), grouped FP8 GEMMs."""
-    kq, kgu, ksw, kd = call.kernels
-    s = packed[0][0].shape[0]
-    key = torch.where(slot >= 0, slot, s)
-    order = torch.argsort(key, stable=True)  # torch part: route_sort
-    offsets = torch.zeros(s + 1, dtype=torch.int32, device=x.device)
-    offsets[1:] = torch.bincount(key, minlength=s + 1)[:s].cumsum(0).to(torch.int32)
-    rows = torch.where(slot[order] >= 0, tok[order], 0)  # torch part: route_gather
-    aq, a_s = _run_act_quant_rows(kq, x[rows])
-    (gq, gs), (uq, us), (dq, ds) = packed
-    gate = _grouped(kgu, aq, a_s, gq, gs, offsets)
-    up = _grouped(kgu, aq, a_s, uq, us, offsets)
-    hq = torch.empty(gate.shape, dtype=fp8.FP8, device=x.device)
-    hs = torch.empty(gate.shape[0], _cdiv(gate.shape[1], QUANT_BLOCK), dtype=torch.float32, device=x.device)
-    if hq.numel():
-        ksw.launch(g_ptr=gate.to(x.dtype), u_ptr=up.to(x.dtype), q_ptr=hq, s_ptr=hs)
-    y = _grouped(kd, hq, hs, dq, ds, offsets)
-    out = torch.zeros(y.shape, dtype=torch.bfloat16, device=x.device)
-    out[order] = y
-    return [out]
-
-
-def run_ep_experts(call, recv_x, recv_tok, recv_slot, w_gate, w_up, w_down):
-    packed = tuple(fp8.weight_quant(w) for w in (w_gate, w_up, w_down))  # torch part: weight_quant
-    return _run_routes(call, recv_x, recv_tok, recv_slot, packed)
-
-
-def run_ep_experts_fp8(call, recv_x, recv_tok, recv_slot, gq, gs, uq, us, dq, ds):
-    return _run_routes(call, recv_x, recv_tok, recv_slot, ((gq, gs), (uq, us), (dq, ds)))
-
-
-def run_moe_experts_fp8(call, x, ids, weights, gq, gs, uq, us, dq, ds):
-    return _run_moe(call, x, ids, weights, ((gq, gs), (uq, us), (dq, ds)))
-
-
-def run_moe_experts_fp8_train(call, x, ids, weights, w_gate, w_up, w_down):
-    packed = tuple(fp8.weight_quant(w) for w in (w_gate, w_up, w_down))  # torch part: weight_quant
-    return _run_moe(call, x, ids, weights, packed)
-
-
-def run_mla_attention(call, q, k, v):
-    (kern,) = call.kernels
-    b, s, h, _ = q.shape
-    o = torch.empty((b, s, h, v.shape[-1]), dtype=q.dtype, device=q.device)
-    if o.numel():
-        kern.launch(q_ptr=q.contiguous(), k_ptr=k.contiguous(), v_ptr=v.contiguous(), o_ptr=o,
-                    sm_scale=float(call.attr("scale")))
-    return [o]
-
-
-def _launch_mla(call, ql, qp, cache, table, lens) -> Tensor:
-    """o [rows, H, R] of MLA decode: query rows ql/qp against their pages of cache (table, lens per row)."""
-    kernels = call.kernels
-    rows, h, rp = ql.shape
-    o = torch.empty(rows, h, rp, dtype=ql.dtype, device=ql.device)
-    splits = dict(kernels[0].constexprs)["NUM_SPLITS"]
-    part = torch.empty(rows, h, splits, rp, dtype=torch.float32, device=ql.device)
-    lse = torch.empty(rows, h, splits, dtype=torch.float32, device=ql.device)
-    if o.numel():
-        kernels[0].launch(ql_ptr=ql.contiguous(), qp_ptr=qp.contiguous(), kv_ptr=cache.contiguous(),
-                          bt_ptr=table.contiguous(), len_ptr=lens.contiguous(), o_ptr=o, part_ptr=part,
-                          lse_ptr=lse, sm_scale=float(call.attr("scale")))
-        if splits > 1:
-            kernels[1].launch(part_ptr=part, lse_ptr=lse, o_ptr=o)
-    return o
-
-
-def run_latent_attention(call, q_lat, q_pe, ckv, kpe):
-    b, s, h, r = q_lat.shape
-    t, dr = ckv.shape[1], kpe.shape[-1]
-    rp, drp = _latent_dims(r, dr)
-    pps = _cdiv(t, PAGE)
-    dev, dt = q_lat.device, q_lat.dtype
-    # torch part: the latent cache copied into 64-token pages [B * pps, 64, rp + drp] (zero-padded widths)
-    cache = torch.zeros(b, pps * PAGE, rp + drp, dtype=ckv.dtype, device=dev)
-    cache[:, :t, :r] = ckv
-    cache[:, :t, rp:rp + dr] = kpe
-    cache = cache.reshape(b * pps, PAGE, rp + drp)
-    ql = torch.zeros(b * s, h, rp, dtype=dt, device=dev)
-    ql[..., :r] = q_lat.reshape(b * s, h, r)
-    qp = torch.zeros(b * s, h, drp, dtype=dt, device=dev)
-    qp[..., :dr] = q_pe.reshape(b * s, h, dr)
-    table = (torch.arange(b, device=dev)[:, None] * pps + torch.arange(pps, device=dev)[None, :]).to(torch.int32)
-    table = table.repeat_interleave(s, dim=0).contiguous()  # query (b, i) reads sequence b's pages
-    lens = (t - s + 1 + torch.arange(s, device=dev)).repeat(b).to(torch.int32)  # causal: keys <= its position
-    o = _launch_mla(call, ql, qp, cache, table, lens)
-    return [o[..., :r].reshape(b, s, h, r)]
-
-
-# ---- kernel variants no dsv3 op lowers to on its own --------------------------------------------------
-#
-# The ops above compose these kernels (the MoE runner launches swiglu_quant and grouped_fp8_gemm between
-# others; latent_attention builds its own page table); these builder/runner pairs expose them alone, with
-# the same KernelSpec builders and launch helpers, for kernel tests and benches. They are not dsv3 ops: no
-# graph contains them and lowering never emits them. Each is specialised like an op (`specialise`, `run_op`).
-
-
-def build_rms_norm_quant(ins, outs, attrs, tiles):
-    """act_quant(rms_norm(x, w, eps)) in one kernel: x [..., N], w [N]; attrs eps, pow2_scale."""
-    (xs, xd), (_, wd) = ins
-    return (k_rmsnorm_quant(_rows(xs), xs[-1], xd, wd, attrs.get("pow2_scale", False), tiles),), ()
-
-
-def run_rms_norm_quant(call, x, w):
-    (k,) = call.kernels
-    n = x.shape[-1]
-    m = _rows(x.shape)
-    q = torch.empty(m, n, dtype=fp8.FP8, device=x.device)
-    s = torch.empty(m, _cdiv(n, QUANT_BLOCK), dtype=torch.float32, device=x.device)
-    if q.numel():
-        k.launch(x_ptr=x.reshape(-1, n).contiguous(), w_ptr=w.contiguous(), q_ptr=q, s_ptr=s,
-                 eps=float(call.attr("eps")))
-    return [q.reshape(x.shape), s.reshape(*x.shape[:-1], s.shape[-1])]
-
-
-def build_swiglu_quant(ins, outs, attrs, tiles):
-    """act_quant(swiglu(gate, up)) in one kernel (the MoE runner's middle step); attr pow2_scale."""
-    (gs, gd), _ = ins
-    return (k_swiglu_quant(_rows(gs), gs[-1], gd, tiles, attrs.get("pow2_scale", False)),), ()
-
-
-def run_swiglu_quant(call, gate, up):
-    (k,) = call.kernels
-    f = gate.shape[-1]
-    q, s = _run_swiglu_quant_rows(k, gate.reshape(-1, f), up.reshape(-1, f))
-    return [q.reshape(gate.shape), s.reshape(*gate.shape[:-1], s.shape[-1])]
-
-
-def build_grouped_fp8_gemm(ins, outs, attrs, tiles):
-    """Grouped FP8 GEMM of expert-sorted rows: a [T, K] e4m3, scales, w [E, N, K] e4m3, scales, offsets [E+1]."""
-    (as_, _), _, (ws, _), _, _ = ins
-    return (k_grouped(as_[0], ws[0], ws[1], as_[1], tiles),), ()
-
-
-def run_grouped_fp8_gemm(call, aq, a_s, wq, ws, offsets):
-    (k,) = call.kernels
-    return [_grouped(k, aq.contiguous(), a_s.contiguous(), wq, ws, offsets.to(torch.int32).contiguous())]
-
-
-def build_mla_decode_paged(ins, outs, attrs, tiles):
-    """MLA decode against a caller's paged cache: q_lat [B, H, R], q_pe [B, H, DR], kv_cache [P, 64, R + DR],
-    block_table [B, nb] int32, seq_lens [B] int32 (R, DR powers of two ≥ 16); attr scale."""
-    (qs, qd), (ps, _), (cs, cd), (bts, _), _ = ins
-    b, h, r = qs
-    dr, nb = ps[-1], bts[1]
-    if (r, dr) != _latent_dims(r, dr) or cs[1:] != (PAGE, r + dr):
-        raise ValueError(f"mla_decode_paged: widths {r} + {dr} must be powers of two >= 16 and the cache "
-                         f"[pages, {PAGE}, {r + dr}], got {cs}")
-    return _mla_kernels(b, h, r, dr, nb, nb * PAGE, qd, cd, {"B": b, "H": h, "pages": cs[0], "R": r, "Dr": dr},
-                        f"paged_{b}x{nb}x{h}", tiles), ()
-
-
-def run_mla_decode_paged(call, q_lat, q_pe, kv_cache, block_table, seq_lens):
-    return [_launch_mla(call, q_lat, q_pe, kv_cache, block_table, seq_lens)]
-
-
-VARIANTS = {name: Lowering(f"{__name__}:build_{name}", f"{__name__}:run_{name}")
-            for name in ("rms_norm_quant", "swiglu_quant", "grouped_fp8_gemm", "mla_decode_paged")}
+def _variant(op: str) -> Variant | None:
+    """The kernel variant named op, or None for a dsv3 op (or an unknown name)."""
+    if op in RECORDS:
+        return None
+    load_families()
+    return VARIANTS.get(op)
 
 
 def lowering_of(op: str) -> Lowering:
-    """The builder/runner pair of a dsv3 op (its record) or of a kernel variant (VARIANTS)."""
-    if op in VARIANTS:
-        return VARIANTS[op]
+    """The builder/runner pair of a dsv3 op (its record) or of a kernel variant (`family.VARIANTS`)."""
+    variant = _variant(op)
+    if variant is not None:
+        return variant.lowering
     lowering = record_of(op).lowering
     if not isinstance(lowering, Lowering):
         raise ValueError(f"dsv3 op {op!r} has no kernels: {lowering.reason}")
@@ -878,24 +203,22 @@ def specialise(op: str, ins: tuple, outs: tuple, attrs: tuple, tiles: Tiles) -> 
 # ---- entry points: an op (or kernel variant) on tensors, or its AOT specs, the way lowering does it ----------
 
 DEFAULT_TARGET = "h800x2048"
-_REQUIRED = object()
-VARIANT_ATTRS = {"rms_norm_quant": {"eps": _REQUIRED, "pow2_scale": False}, "swiglu_quant": {"pow2_scale": False},
-                 "grouped_fp8_gemm": {}, "mla_decode_paged": {"scale": _REQUIRED}}
 
 
 def _normalised_attrs(op: str, n_tensors: int, attrs: dict) -> tuple:
     """((name, value), ...) of op's non-tensor arguments in schema order, defaults filled in (as lower_triton)."""
-    if op in VARIANTS:
-        names, arity = VARIANT_ATTRS[op], None
+    variant = _variant(op)
+    if variant is not None:
+        names, arity = variant.attrs, None
     else:
         schema = getattr(torch.ops.dsv3, op).default._schema
-        names = {a.name: (a.default_value if a.has_default_value() else _REQUIRED)
+        names = {a.name: (a.default_value if a.has_default_value() else REQUIRED)
                  for a in schema.arguments if str(a.type) != "Tensor"}
         arity = sum(str(a.type) == "Tensor" for a in schema.arguments)
     if arity is not None and n_tensors != arity:
         raise TypeError(f"{op}: takes {arity} tensors, got {n_tensors}")
     unknown = set(attrs) - set(names)
-    missing = [n for n, d in names.items() if d is _REQUIRED and n not in attrs]
+    missing = [n for n, d in names.items() if d is REQUIRED and n not in attrs]
     if unknown or missing:
         raise TypeError(f"{op}: unknown attributes {sorted(unknown)}, missing {missing} (takes {list(names)})")
     return tuple((n, attrs.get(n, d)) for n, d in names.items())
@@ -903,7 +226,7 @@ def _normalised_attrs(op: str, n_tensors: int, attrs: dict) -> tuple:
 
 def _output_specs(op: str, ins: tuple, attrs: tuple) -> tuple:
     """((shape, dtype), ...) of op's results at these inputs, from its fake impl on meta tensors (() for variants)."""
-    if op in VARIANTS:
+    if _variant(op) is not None:
         return ()
     schema = getattr(torch.ops.dsv3, op).default._schema
     metas = iter(torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in ins)
@@ -915,7 +238,7 @@ def _output_specs(op: str, ins: tuple, attrs: tuple) -> tuple:
 
 def call_spec(op: str, *inputs, target=DEFAULT_TARGET, mode: str = "prefill", tiles: dict | None = None,
               **attrs) -> CallSpec:
-    """The CallSpec lowering makes for op (a dsv3 op or a VARIANTS name) at these inputs: tensors or
+    """The CallSpec lowering makes for op (a dsv3 op or a kernel variant) at these inputs: tensors or
     (shape, dtype) pairs, then the op's non-tensor arguments by name. `target` is a target name (or Target,
     or None for a bare H800), `tiles` overrides the target's tile table per family (see `Tiles`)."""
     ins = tuple((tuple(x.shape), x.dtype) if isinstance(x, Tensor) else (tuple(x[0]), x[1]) for x in inputs)

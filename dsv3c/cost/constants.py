@@ -19,6 +19,10 @@ from dataclasses import dataclass
 from dsv3c.cost import calibration
 
 
+H800_NIC = 50e9  # bytes/s: the 400 Gb/s CX7 NICs the link measurements were taken on
+H800_NVLINK = 160e9  # bytes/s: H800's achieved NVLink bandwidth in those measurements
+
+
 class ConstantError(ValueError):
     """An unknown cost-model constant or a value that is not a positive number."""
 
@@ -104,11 +108,22 @@ class Constants:
 
     @classmethod
     def for_target(cls, target) -> "Constants":
-        """Defaults with the target's own values: its comm SMs."""
+        """Defaults with the target's own values: its comm SMs, and link bandwidths measured on H800 (400 Gb/s
+        NICs, ~160 GB/s NVLink) scaled to the target's NIC and achieved NVLink bandwidth."""
         c = cls()
         if not math.isclose(float(target.comm_sms), c["comm_sms"]):
             c._c["comm_sms"] = dataclasses.replace(c._c["comm_sms"], value=float(target.comm_sms), source="target",
                                                    note=f"from target {target.name}")
+        ratios = {"ib": target.nic_bandwidth / H800_NIC, "rdma": target.nic_bandwidth / H800_NIC,
+                  "nvlink": target.gpu.nvlink_achieved / H800_NVLINK}
+        for name, entry in list(c._c.items()):
+            link = next((k for k in ratios if f"_{k}_" in name), None)
+            if name.endswith("GBps") and link and not math.isclose(ratios[link], 1.0):
+                k = ratios[link]
+                c._c[name] = dataclasses.replace(
+                    entry, value=entry.value * k, low=None if entry.low is None else entry.low * k,
+                    high=None if entry.high is None else entry.high * k, source="target",
+                    note=f"{entry.note}; scaled x{k:.3g} to target {target.name}'s {link} bandwidth")
         return c
 
     def __getitem__(self, name: str) -> float:

@@ -6,7 +6,7 @@ from torch import Tensor
 from dsv3c.ops import ref
 from dsv3c.ops.record import Cost, Lowering, causal_pairs, define, io_bytes
 
-_CODEGEN = "dsv3c.codegen.lowering"
+_KERNELS = "dsv3c.codegen.kernels"
 ATTENTION_BWD_RATIO = 2.5  # backward: dQ, dK, dV, dP and the recomputed scores: five matmuls against two
 
 
@@ -48,7 +48,7 @@ def latent_attention_cost(q_lat, q_pe, ckv, kpe, scale, out) -> Cost:
                 kernel="latent_attention", shape=(b, h, s, ckv.shape[1], r, q_pe.shape[-1]))
 
 
-define(mla_attention, cost=mla_attention_cost, autograd=3,
-       lowering=Lowering(f"{_CODEGEN}:build_mla_attention", f"{_CODEGEN}:run_mla_attention"))
-define(latent_attention, cost=latent_attention_cost, autograd=4,
-       lowering=Lowering(f"{_CODEGEN}:build_latent_attention", f"{_CODEGEN}:run_latent_attention"))
+define(mla_attention, cost=mla_attention_cost, autograd=3, stage="capture",
+       lowering=Lowering.of(f"{_KERNELS}.attention_prefill", "mla_attention"))
+define(latent_attention, cost=latent_attention_cost, autograd=4, stage="mla_fuse",
+       lowering=Lowering.of(f"{_KERNELS}.mla_decode", "latent_attention"))

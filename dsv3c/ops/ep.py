@@ -452,12 +452,14 @@ def _record_cost(fn):
 
 
 _COLLECTIVE = NotLowered("a collective: all_to_all_single on the EP process group (NCCL on GPUs), no Triton kernel")
-define(ep_dispatch, cost=_record_cost(cost_ep_dispatch), lowering=_COLLECTIVE,
+_STAGE = "expert_partition"
+_KERNELS = "dsv3c.codegen.kernels.grouped_fp8_gemm"
+define(ep_dispatch, cost=_record_cost(cost_ep_dispatch), stage=_STAGE, lowering=_COLLECTIVE,
        autograd=(_dispatch_backward, _dispatch_setup))
-_CODEGEN = "dsv3c.codegen.lowering"
-define(ep_experts, cost=_record_cost(cost_ep_experts), autograd=6,
-       lowering=Lowering(f"{_CODEGEN}:build_ep_experts", f"{_CODEGEN}:run_ep_experts",
-                         partial="BF16 expert GEMMs (fp8_gemms false) have no grouped-GEMM kernel; they run as torch"))
-define(ep_experts_fp8, cost=_record_cost(cost_ep_experts_fp8),
-       lowering=Lowering(f"{_CODEGEN}:build_ep_experts_fp8", f"{_CODEGEN}:run_ep_experts_fp8"))
-define(ep_combine, cost=_record_cost(cost_ep_combine), lowering=_COLLECTIVE, autograd=(_combine_backward, _combine_setup))
+define(ep_experts, cost=_record_cost(cost_ep_experts), autograd=6, stage=_STAGE,
+       lowering=Lowering.of(_KERNELS, "ep_experts",
+                            partial="BF16 expert GEMMs (fp8_gemms false) have no grouped-GEMM kernel; they run as torch"))
+define(ep_experts_fp8, cost=_record_cost(cost_ep_experts_fp8), stage=_STAGE,
+       lowering=Lowering.of(_KERNELS, "ep_experts_fp8"))
+define(ep_combine, cost=_record_cost(cost_ep_combine), stage=_STAGE, lowering=_COLLECTIVE,
+       autograd=(_combine_backward, _combine_setup))

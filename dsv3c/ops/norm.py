@@ -6,7 +6,7 @@ from torch import Tensor
 from dsv3c.ops import ref
 from dsv3c.ops.record import Lowering, define, elementwise
 
-_CODEGEN = "dsv3c.codegen.lowering"
+_KERNELS = "dsv3c.codegen.kernels"
 
 
 @torch.library.custom_op("dsv3::rms_norm", mutates_args=())
@@ -45,8 +45,8 @@ def _(gate, up):
 # per output element: RMSNorm squares, sums, scales by rsqrt and by weight (4); RoPE two products and a
 # sum (3); SwiGLU the sigmoid (exp, add, divide), and two products (5). Backward: twice the forward for
 # RMSNorm and SwiGLU (both inputs' gradients), once for RoPE (the inverse rotation).
-define(rms_norm, cost=elementwise(4, 2.0), lowering=Lowering(f"{_CODEGEN}:build_rms_norm", f"{_CODEGEN}:run_rms_norm"),
+define(rms_norm, cost=elementwise(4, 2.0), stage="capture", lowering=Lowering.of(f"{_KERNELS}.rmsnorm", "rms_norm"),
        autograd=2)
-define(rope, cost=elementwise(3, 1.0), lowering=Lowering(f"{_CODEGEN}:build_rope", f"{_CODEGEN}:run_rope"), autograd=3)
-define(swiglu, cost=elementwise(5, 2.0), lowering=Lowering(f"{_CODEGEN}:build_swiglu", f"{_CODEGEN}:run_swiglu"),
+define(rope, cost=elementwise(3, 1.0), stage="capture", lowering=Lowering.of(f"{_KERNELS}.rope", "rope"), autograd=3)
+define(swiglu, cost=elementwise(5, 2.0), stage="capture", lowering=Lowering.of(f"{_KERNELS}.swiglu", "swiglu"),
        autograd=2)

@@ -6,7 +6,7 @@ from torch import Tensor
 from dsv3c.ops import fp8
 from dsv3c.ops.record import Cost, Lowering, define, elementwise, gemm_flops, io_bytes, nbytes, rows
 
-_CODEGEN = "dsv3c.codegen.lowering"
+_KERNELS = "dsv3c.codegen.kernels"
 
 
 @torch.library.custom_op("dsv3::act_quant", mutates_args=())
@@ -68,7 +68,7 @@ def fp8_linear_cost(x, w, out) -> Cost:
 
 
 # act_quant per element: |x| into the tile's max, the scaled value, the cast (3); it has no backward
-define(act_quant, cost=elementwise(3, 0.0), lowering=Lowering(f"{_CODEGEN}:build_act_quant", f"{_CODEGEN}:run_act_quant"))
-define(fp8_gemm, cost=fp8_gemm_cost, lowering=Lowering(f"{_CODEGEN}:build_fp8_gemm", f"{_CODEGEN}:run_fp8_gemm"))
-define(fp8_linear, cost=fp8_linear_cost, autograd=(_fp8_linear_backward, _fp8_linear_setup),
-       lowering=Lowering(f"{_CODEGEN}:build_fp8_linear", f"{_CODEGEN}:run_fp8_linear"))
+define(act_quant, cost=elementwise(3, 0.0), stage="fp8_quant", lowering=Lowering.of(f"{_KERNELS}.act_quant", "act_quant"))
+define(fp8_gemm, cost=fp8_gemm_cost, stage="fp8_quant", lowering=Lowering.of(f"{_KERNELS}.fp8_gemm", "fp8_gemm"))
+define(fp8_linear, cost=fp8_linear_cost, autograd=(_fp8_linear_backward, _fp8_linear_setup), stage="fp8_quant",
+       lowering=Lowering.of(f"{_KERNELS}.fp8_gemm", "fp8_linear"))

@@ -1,8 +1,13 @@
-"""One record per dsv3 op: the custom op (schema, reference, fake), its autograd, its cost and its lowering.
+"""One record per dsv3 op: the custom op (schema, reference, fake), its autograd, its cost, the stage it first
+appears at and its lowering.
 
-`define(op, cost=..., lowering=...)` is the only way an op joins the vocabulary. Cost and lowering are
-required keywords, so an op without them fails at import; `check_complete()` (run when `dsv3c.ops` is
-imported and again by the pass manager) fails if a `dsv3::` op exists that has no record.
+`define(op, cost=..., stage=..., lowering=...)` is the only way an op joins the vocabulary. Cost, stage and
+lowering are required keywords, so an op without them fails at import; `check_complete()` (run when
+`dsv3c.ops` is imported and again by the pass manager) fails if a `dsv3::` op exists that has no record.
+
+Stage: "capture" for an op the captured model contains, else the name of the pass that first creates it.
+The pass registry derives from it which ops are legal after capture and which each pass adds
+(`passes.registry`), and `passes/README.md`'s legal-op table is rendered from the records.
 
 Cost convention (`Cost`): `flops` of the forward (a multiply-add is 2), `bwd_flops` of its backward as
 executed (0 for ops with no backward), `bytes` read and written in HBM by the forward, and for
@@ -11,7 +16,8 @@ takes the node's arguments in schema order (tensors as their meta values, consta
 its output value.
 
 Lowering: `Lowering(builder, runner)` names, as "module:function", the code generator's builder (shapes and
-attributes → Triton kernel specialisations) and runner (a specialisation's kernels on real tensors); names
+attributes → Triton kernel specialisations) and runner (a specialisation's kernels on real tensors), which
+live in the op's kernel family module (`Lowering.of(module, op)`: its build_<op> and run_<op>); names
 rather than functions keep this package a leaf that imports no code generator. `NotLowered(reason)` marks
 an op that stays a torch op after lowering (collectives, the kernel call itself).
 """
@@ -73,6 +79,11 @@ class Lowering:
     runner: str
     partial: str = ""
 
+    @classmethod
+    def of(cls, module: str, op: str, partial: str = "") -> "Lowering":
+        """The lowering by build_<op> and run_<op> of kernel family module `module`."""
+        return cls(f"{module}:build_{op}", f"{module}:run_{op}", partial)
+
     def resolve(self, which: str) -> Callable:
         """The builder or runner function itself."""
         module, name = getattr(self, which).split(":")
@@ -95,6 +106,22 @@ class OpRecord:
     cost: Callable[..., Cost]
     lowering: Lowering | NotLowered
     backward: str  # "reference" (re-run under autograd), "custom" or "none"
+    stage: str  # "capture", or the pass that first creates the op
+
+    @property
+    def doc(self) -> str:
+        """The first line of the op's docstring: what it computes."""
+        return (self._fn.__doc__ or "").strip().splitlines()[0]
+
+    @property
+    def module(self) -> str:
+        """The module that defines the op: its family."""
+        return self._fn.__module__
+
+    @property
+    def _fn(self) -> Callable:
+        """The function the custom op was made from."""
+        return getattr(self.op, "_init_fn", None) or self.op
 
     @property
     def lowered(self) -> bool:
@@ -109,12 +136,15 @@ class OpRecordError(TypeError):
     """An op is registered without its record, or a record is malformed."""
 
 
-def define(op, *, cost: Callable[..., Cost], lowering: Lowering | NotLowered, autograd=None) -> object:
-    """Register op's record; autograd is None (no backward), an int n (backward re-runs the reference
-    w.r.t. the first n inputs) or a (backward, setup_context) pair."""
+def define(op, *, cost: Callable[..., Cost], stage: str, lowering: Lowering | NotLowered, autograd=None) -> object:
+    """Register op's record; stage is "capture" or the pass that first creates op; autograd is None (no
+    backward), an int n (backward re-runs the reference w.r.t. the first n inputs) or a (backward,
+    setup_context) pair."""
     name = getattr(op, "_name", None) or str(op)
     if not callable(cost) or not isinstance(lowering, (Lowering, NotLowered)):
         raise OpRecordError(f"dsv3 op {name}: a record needs a cost function and a Lowering or NotLowered mark")
+    if not isinstance(stage, str) or not stage:
+        raise OpRecordError(f"dsv3 op {name}: stage must be 'capture' or the name of the pass that creates it")
     if name in RECORDS:
         raise OpRecordError(f"dsv3 op {name} is defined twice")
     backward = "none"
@@ -125,7 +155,7 @@ def define(op, *, cost: Callable[..., Cost], lowering: Lowering | NotLowered, au
         fn, setup = autograd
         op.register_autograd(fn, setup_context=setup)
         backward = "custom"
-    RECORDS[name] = OpRecord(name, op, cost, lowering, backward)
+    RECORDS[name] = OpRecord(name, op, cost, lowering, backward, stage)
     return op
 
 

@@ -6,7 +6,7 @@ from torch import Tensor
 from dsv3c.ops import fp8, ref
 from dsv3c.ops.record import Cost, Lowering, NotLowered, define, expected_experts_hit, gemm_flops, nbytes
 
-_CODEGEN = "dsv3c.codegen.lowering"
+_KERNELS = "dsv3c.codegen.kernels"
 
 
 @torch.library.custom_op("dsv3::moe_gate", mutates_args=())
@@ -123,11 +123,10 @@ def moe_experts_fp8_train_cost(x, ids, weights, w_gate, w_up, w_down, out) -> Co
     return experts_cost(x, ids, (w_gate, w_up, w_down), out, backward=True, dtype="fp8")
 
 
-define(moe_gate, cost=moe_gate_cost, autograd=3,
-       lowering=Lowering(f"{_CODEGEN}:build_moe_gate", f"{_CODEGEN}:run_moe_gate"))
-define(moe_experts, cost=moe_experts_cost, autograd=6,
+define(moe_gate, cost=moe_gate_cost, autograd=3, stage="capture", lowering=Lowering.of(f"{_KERNELS}.router", "moe_gate"))
+define(moe_experts, cost=moe_experts_cost, autograd=6, stage="capture",
        lowering=NotLowered("no BF16 grouped-GEMM kernel; fp8_quant turns it into moe_experts_fp8"))
-define(moe_experts_fp8, cost=moe_experts_fp8_cost,
-       lowering=Lowering(f"{_CODEGEN}:build_moe_experts_fp8", f"{_CODEGEN}:run_moe_experts_fp8"))
-define(moe_experts_fp8_train, cost=moe_experts_fp8_train_cost, autograd=6,
-       lowering=Lowering(f"{_CODEGEN}:build_moe_experts_fp8_train", f"{_CODEGEN}:run_moe_experts_fp8_train"))
+define(moe_experts_fp8, cost=moe_experts_fp8_cost, stage="fp8_quant",
+       lowering=Lowering.of(f"{_KERNELS}.grouped_fp8_gemm", "moe_experts_fp8"))
+define(moe_experts_fp8_train, cost=moe_experts_fp8_train_cost, autograd=6, stage="fp8_quant",
+       lowering=Lowering.of(f"{_KERNELS}.grouped_fp8_gemm", "moe_experts_fp8_train"))

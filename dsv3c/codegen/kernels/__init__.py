@@ -1,8 +1,5 @@
-"""Triton kernels of dsv3c: one module per kernel family, @triton.jit code only.
-
-How a kernel is specialised, launched and compiled is the code generator's business, once for all kernels:
-`dsv3c.codegen.lowering` builds each op's KernelSpecs from shapes, attributes and the target's tiles
-(`KernelSpec.launch` runs one on tensors, `KernelSpec.aot` gives its AOTSpec), and its entry points
-`run_op(op, *tensors, target=..., mode=..., tiles=..., **attrs)` and `aot_specs(op, inputs, attrs, ...)`
-serve tests and benches. There are no per-module launch()/aot_spec() functions.
+"""Kernel families of dsv3c: one module per family, each holding its Triton kernels and everything host-side
+about them: its tile table, its KernelSpec builders, and the builder and runner of each dsv3 op lowered to it
+(the contract: `dsv3c.codegen.family`). `dsv3c.codegen.lowering` specialises and runs an op through the
+builder and runner its record names; `family.load_families()` imports every module here.
 """

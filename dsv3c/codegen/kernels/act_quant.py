@@ -9,9 +9,9 @@ power of two; triton-lang/triton#8322). Under the interpreter (constexpr EXACT, 
 the values are first rounded to nearest-even on the e4m3 grid in float32, so the cast is exact;
 compiled kernels use the hardware's round-to-nearest-even conversion instead.
 
-Only the @triton.jit code lives here. Block sizes, grids, launch options and host tensors come from the
-code generator: its builder (`dsv3c.codegen.lowering`) makes the KernelSpecs, `KernelSpec.launch` runs
-them, `KernelSpec.aot` gives their AOTSpecs; `lowering.run_op` / `lowering.aot_specs` do it for one op.
+After the @triton.jit code: the family's tile table, its KernelSpec builders (`k_*`), and the builder and
+runner of each op lowered to it (`dsv3c.codegen.family` says what each is), with their imports, so that
+editing the host side moves no kernel (Triton's cache key holds a kernel's first line number).
 """
 
 import triton
@@ -41,3 +41,48 @@ def act_quant_kernel(x_ptr, y_ptr, s_ptr, M, K, BLOCK_M: tl.constexpr, BLOCK_K: 
         q = round_e4m3(q)
     tl.store(y_ptr + offs, q.to(tl.float8e4nv), mask=mask)
     tl.store(s_ptr + rows.to(tl.int64) * tl.cdiv(K, BLOCK_K) + pid_k, scale, mask=rows < M)
+
+
+# ---- host side ------------------------------------------------------------------------------------------
+
+import torch
+from torch import Tensor
+
+from dsv3c.codegen.family import QUANT_BLOCK, KernelSpec, cdiv, kspec, p2, row_count
+from dsv3c.codegen.tiles import TileTable, Tiles, hopper
+from dsv3c.ops import fp8
+
+TILES = TileTable("act_quant", hopper(dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=1)))  # BLOCK_N: one quant group
+
+
+def k_act_quant(m: int, k: int, xd, pow2: bool, tiles: Tiles) -> KernelSpec:
+    """1x128 quantisation of an [m, k] activation."""
+    cfg = tiles(TILES)
+    bm = max(1, min(cfg["BLOCK_M"], p2(m)))
+    return kspec(f"{__name__}:act_quant_kernel",
+                 ptrs={"x_ptr": xd, "y_ptr": fp8.FP8, "s_ptr": torch.float32}, ints={"M": m, "K": k},
+                 consts={"BLOCK_M": bm, "BLOCK_K": QUANT_BLOCK, "POW2": bool(pow2), "EXACT": False}, cfg=cfg,
+                 grid=(cdiv(m, bm), cdiv(k, QUANT_BLOCK)), shapes={"M": m, "K": k},
+                 tag=f"act_quant_{m}x{k}" + ("_pow2" if pow2 else ""))
+
+
+def run_act_quant_rows(kq: KernelSpec, x2: Tensor) -> tuple[Tensor, Tensor]:
+    """(E4M3 codes, scales) of x2 [m, k] by the act_quant kernel kq."""
+    m, k = x2.shape
+    q = torch.empty(m, k, dtype=fp8.FP8, device=x2.device)
+    s = torch.empty(m, cdiv(k, QUANT_BLOCK), dtype=torch.float32, device=x2.device)
+    if m and k:
+        kq.launch(x_ptr=x2.contiguous(), y_ptr=q, s_ptr=s)
+    return q, s
+
+
+def build_act_quant(ins, outs, attrs, tiles):
+    """act_quant(x [..., K], pow2_scale): one quantisation kernel."""
+    (xs, xd), = ins
+    return (k_act_quant(row_count(xs), xs[-1], xd, attrs["pow2_scale"], tiles),), ()
+
+
+def run_act_quant(call, x):
+    (k,) = call.kernels
+    q, s = run_act_quant_rows(k, x.reshape(-1, x.shape[-1]))
+    return [q.reshape(x.shape), s.reshape(*x.shape[:-1], s.shape[-1])]

@@ -8,9 +8,9 @@ softmax in FP32 (base 2): first the blocks every query of the tile sees whole (n
 diagonal blocks with the causal mask. The q/k head dim is split into two power-of-two chunks
 (192 = 128 + 64) so no tensor-core work is spent on padding; v's width is padded to a power of two.
 
-Only the @triton.jit code lives here. Block sizes, grids, launch options and host tensors come from the
-code generator: its builder (`dsv3c.codegen.lowering`) makes the KernelSpecs, `KernelSpec.launch` runs
-them, `KernelSpec.aot` gives their AOTSpecs; `lowering.run_op` / `lowering.aot_specs` do it for one op.
+After the @triton.jit code: the family's tile table, its KernelSpec builders (`k_*`), and the builder and
+runner of each op lowered to it (`dsv3c.codegen.family` says what each is), with their imports, so that
+editing the host side moves no kernel (Triton's cache key holds a kernel's first line number).
 """
 
 import triton
@@ -104,3 +104,49 @@ def head_split(dqk: int) -> tuple[int, int]:
     da = max(16, 1 << (dqk.bit_length() - 1))
     rest = dqk - da
     return da, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
+
+
+# ---- host side ------------------------------------------------------------------------------------------
+
+from dsv3c.codegen.family import cdiv, clamp_block, kspec, p2
+from dsv3c.codegen.tiles import TileTable, hopper
+
+
+def attention_shared_bytes(c: dict) -> int:
+    """Resident q, pipelined K and V (bf16)."""
+    return 2 * (c["BLOCK_M"] * c["BLOCK_DQK"] + c["num_stages"] * c["BLOCK_N"] * (c["BLOCK_DQK"] + c["BLOCK_DV"]))
+
+
+# BLOCK_DQK/BLOCK_DV: DeepSeek-V3's 192/128 head dims, for the shared-memory estimate (the builder sizes the kernel's)
+TILES = TileTable("attention_prefill", hopper(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_DQK=192, BLOCK_DV=128, num_warps=8,
+                                                   num_stages=3)), attention_shared_bytes)
+
+
+def build_mla_attention(ins, outs, attrs, tiles):
+    """mla_attention(q, k, v, scale): one flash-style causal attention kernel."""
+    (qs, qd), (ks, _), (vs, _) = ins
+    b, s, h, dqk = qs
+    t, dv = ks[1], vs[-1]
+    cfg = tiles(TILES)
+    bm, bn = clamp_block(cfg["BLOCK_M"], s), clamp_block(cfg["BLOCK_N"], t)
+    da, db = head_split(dqk)
+    ints = {"S": s, "T": t, "H": h, "sqb": s * h * dqk, "sqs": h * dqk, "sqh": dqk, "skb": t * h * dqk,
+            "skt": h * dqk, "skh": dqk, "svb": t * h * dv, "svt": h * dv, "svh": dv, "sob": s * h * dv, "sos": h * dv,
+            "soh": dv}
+    consts = dict(DQK=dqk, DV=dv, DA=da, DB=db, BLOCK_DV=max(16, p2(dv)), BLOCK_M=bm, BLOCK_N=bn, EXACT=False)
+    k = kspec(f"{__name__}:prefill_attention_kernel",
+              ptrs={"q_ptr": qd, "k_ptr": qd, "v_ptr": qd, "o_ptr": qd}, floats=("sm_scale",), ints=ints,
+              consts=consts, cfg=cfg, grid=(cdiv(s, bm), b * h), shapes={"B": b, "S": s, "T": t, "H": h, "Dqk": dqk,
+                                                                          "Dv": dv},
+              tag=f"attention_prefill_{b}x{s}x{t}x{h}")
+    return (k,), ()
+
+
+def run_mla_attention(call, q, k, v):
+    (kern,) = call.kernels
+    b, s, h, _ = q.shape
+    o = q.new_empty((b, s, h, v.shape[-1]))
+    if o.numel():
+        kern.launch(q_ptr=q.contiguous(), k_ptr=k.contiguous(), v_ptr=v.contiguous(), o_ptr=o,
+                    sm_scale=float(call.attr("scale")))
+    return [o]

@@ -2,7 +2,7 @@
 
 Triton's CPU interpreter truncates float32 → bfloat16, mis-rounds float32 → e4m3 just below a power of
 two (no carry into the exponent) and multiplies bf16 dot operands as raw bits. Under the interpreter
-(constexpr EXACT, set by `lowering.KernelSpec.launch`) values are first rounded to nearest-even on the target grid in
+(constexpr EXACT, set by `family.KernelSpec.launch`) values are first rounded to nearest-even on the target grid in
 float32, so the cast itself is exact; compiled kernels use the hardware conversions and skip that step.
 """
 

@@ -9,9 +9,9 @@ is the promotion to FP32 every 128 elements of K. Ragged M, N, K are masked (zer
 Under the interpreter (constexpr EXACT) the FP32 result is rounded to nearest-even bf16 in
 float32 before the cast, because the interpreter truncates float32 -> bfloat16.
 
-Only the @triton.jit code lives here. Block sizes, grids, launch options and host tensors come from the
-code generator: its builder (`dsv3c.codegen.lowering`) makes the KernelSpecs, `KernelSpec.launch` runs
-them, `KernelSpec.aot` gives their AOTSpecs; `lowering.run_op` / `lowering.aot_specs` do it for one op.
+After the @triton.jit code: the family's tile table, its KernelSpec builders (`k_*`), and the builder and
+runner of each op lowered to it (`dsv3c.codegen.family` says what each is), with their imports, so that
+editing the host side moves no kernel (Triton's cache key holds a kernel's first line number).
 """
 
 import triton
@@ -66,3 +66,76 @@ def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, BLOCK_M: tl.co
     bs_ptrs = bs_ptr + (offs_n // BLOCK_K) * nkb
     acc = block_scaled_dot(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, mask_m, mask_n, K, nkb, BLOCK_M, BLOCK_N, BLOCK_K)
     store_bf16(c_ptr, acc, offs_m, offs_n, mask_m, mask_n, N, EXACT)
+
+
+# ---- host side ------------------------------------------------------------------------------------------
+
+import torch
+from torch import Tensor
+
+from dsv3c.codegen.family import GEMM_MIN_M, KernelSpec, cdiv, clamp_block, kspec, row_count
+from dsv3c.codegen.kernels.act_quant import k_act_quant, run_act_quant_rows
+from dsv3c.codegen.tiles import TileTable, Tiles, hopper
+from dsv3c.ops import fp8
+
+# BLOCK_K = 128: one K block is one promotion interval (FP32 accumulation on CUDA cores every 128 elements
+# of K) and one 1x128 activation / 128x128 weight scale group. Decode's few rows take 64-row tiles.
+GEMM_BIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
+GEMM_SMALL = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+GEMM_BY_MODE = {"train": GEMM_BIG, "prefill": GEMM_BIG, "decode": GEMM_SMALL}
+
+
+def gemm_shared_bytes(c: dict) -> int:
+    """Pipelined fp8 A and B tiles, fp32 scales of the A rows and the B block."""
+    return c["num_stages"] * (c["BLOCK_M"] * c["BLOCK_K"] + c["BLOCK_N"] * c["BLOCK_K"] + 4 * c["BLOCK_M"] + 4)
+
+
+TILES = TileTable("fp8_gemm", hopper(GEMM_BY_MODE), gemm_shared_bytes)
+
+
+def k_fp8_gemm(m: int, n: int, k: int, tiles: Tiles) -> KernelSpec:
+    """Block-scaled FP8 GEMM [m, k] x [n, k]ᵀ with BF16 output."""
+    cfg = tiles(TILES)
+    bm, bn = clamp_block(cfg["BLOCK_M"], m, GEMM_MIN_M), clamp_block(cfg["BLOCK_N"], n)
+    ptrs = {"a_ptr": fp8.FP8, "as_ptr": torch.float32, "b_ptr": fp8.FP8, "bs_ptr": torch.float32,
+            "c_ptr": torch.bfloat16}
+    return kspec(f"{__name__}:fp8_gemm_kernel", ptrs=ptrs, ints={"M": m, "N": n, "K": k},
+                 consts={"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": cfg["BLOCK_K"], "EXACT": False}, cfg=cfg,
+                 grid=(cdiv(m, bm), cdiv(n, bn)), shapes={"M": m, "N": n, "K": k}, tag=f"fp8_gemm_{m}x{n}x{k}")
+
+
+def _run_gemm_rows(kg: KernelSpec, a: Tensor, a_s: Tensor, wq: Tensor, ws: Tensor) -> Tensor:
+    """BF16 a·wqᵀ of E4M3 rows a [m, k] (scales a_s) and weight wq [n, k] (block scales ws) by kernel kg."""
+    m, n = a.shape[0], wq.shape[0]
+    c = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
+    if m and n:
+        kg.launch(a_ptr=a.contiguous(), as_ptr=a_s.contiguous(), b_ptr=wq.contiguous(), bs_ptr=ws.contiguous(),
+                  c_ptr=c)
+    return c
+
+
+def build_fp8_gemm(ins, outs, attrs, tiles):
+    """fp8_gemm(xq, xs, wq, ws, out_dtype): one FP8 GEMM kernel."""
+    (xs, _), _, (ws, _), _ = ins
+    return (k_fp8_gemm(row_count(xs), ws[0], xs[-1], tiles),), ()
+
+
+def run_fp8_gemm(call, xq, xs, wq, ws):
+    (k,) = call.kernels
+    y = _run_gemm_rows(k, xq.reshape(-1, xq.shape[-1]), xs.reshape(-1, xs.shape[-1]), wq, ws)
+    return [y.to(call.attr("out_dtype")).reshape(*xq.shape[:-1], wq.shape[0])]
+
+
+def build_fp8_linear(ins, outs, attrs, tiles):
+    """fp8_linear(x, w): activation quantisation, then the FP8 GEMM; the weight is quantised in torch."""
+    (xs, xd), (ws, _) = ins
+    m, k = row_count(xs), xs[-1]
+    return (k_act_quant(m, k, xd, False, tiles), k_fp8_gemm(m, ws[0], k, tiles)), ("weight_quant",)
+
+
+def run_fp8_linear(call, x, w):
+    kq, kg = call.kernels
+    xq, xs = run_act_quant_rows(kq, x.reshape(-1, x.shape[-1]))
+    wq, ws = fp8.weight_quant(w)  # torch part: 128x128 block quantisation of the master weight
+    y = _run_gemm_rows(kg, xq, xs, wq, ws)
+    return [y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])]

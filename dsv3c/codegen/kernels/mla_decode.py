@@ -11,9 +11,9 @@ q_pe·k_peᵀ on tensor cores) and as values (p·c_kv). Softmax is online in FP3
 one split (flash-decoding, for few sequences x long contexts) each split writes its normalised partial
 output and log-sum-exp, and a second kernel combines them.
 
-Only the @triton.jit code lives here. Block sizes, grids, launch options and host tensors come from the
-code generator: its builder (`dsv3c.codegen.lowering`) makes the KernelSpecs, `KernelSpec.launch` runs
-them, `KernelSpec.aot` gives their AOTSpecs; `lowering.run_op` / `lowering.aot_specs` do it for one op.
+After the @triton.jit code: the family's tile table, its KernelSpec builders (`k_*`), and the builder and
+runner of each op lowered to it (`dsv3c.codegen.family` says what each is), with their imports, so that
+editing the host side moves no kernel (Triton's cache key holds a kernel's first line number).
 """
 
 import triton
@@ -107,3 +107,125 @@ def default_splits(batch: int, heads: int, max_len: int, block_h: int, sms: int 
     programs = batch * triton.cdiv(heads, block_h)
     want = triton.cdiv(2 * sms, programs)
     return max(1, min(want, triton.cdiv(max_len, 256), 32))
+
+
+# ---- host side ------------------------------------------------------------------------------------------
+
+import torch
+from torch import Tensor
+
+from dsv3c.codegen.family import REQUIRED, cdiv, kspec, p2, variant
+from dsv3c.codegen.tiles import TileTable, Tiles, hopper
+
+PAGE = 64  # tokens per page of the latent cache
+
+
+def mla_shared_bytes(c: dict) -> int:
+    """Resident q, pipelined latent+rope KV pages, the P tile (bf16)."""
+    d = c["BLOCK_DV"] + c["BLOCK_DPE"]
+    return 2 * (c["BLOCK_H"] * d + c["num_stages"] * c["BLOCK_N"] * d + c["BLOCK_H"] * c["BLOCK_N"])
+
+
+# BLOCK_DV/BLOCK_DPE: DeepSeek-V3's latent 512 + rope 64, for the shared-memory estimate (the builder pads the real widths)
+TILES = TileTable("mla_decode", hopper(dict(BLOCK_H=32, BLOCK_N=64, PAGE_SIZE=PAGE, BLOCK_DV=512, BLOCK_DPE=64,
+                                            num_warps=4, num_stages=2)), mla_shared_bytes)
+
+
+def _latent_dims(r: int, dr: int) -> tuple[int, int]:
+    """Latent and rope widths padded to powers of two >= 16 (tensor-core K; zero padding leaves dots unchanged)."""
+    return max(16, p2(r)), max(16, p2(dr))
+
+
+def _mla_kernels(rows: int, h: int, rp: int, drp: int, pps: int, max_len: int, qd, cd, shapes: dict, tag: str,
+                 tiles: Tiles) -> tuple:
+    """MLA decode over a paged cache: `rows` query rows of h heads, pps pages of PAGE tokens per row's table,
+    at most max_len keys a row, widths rp + drp (powers of two); plus the split combine when the context is
+    split (flash-decoding, to fill the target's compute SMs)."""
+    cfg = tiles(TILES)
+    bh = max(16, min(cfg["BLOCK_H"], p2(h)))
+    bn = max(16, min(cfg["BLOCK_N"], p2(max_len), PAGE))
+    splits = int(cfg.get("NUM_SPLITS") or default_splits(rows, h, pps * PAGE, bh, tiles.sms))
+    ptrs = {"ql_ptr": qd, "qp_ptr": qd, "kv_ptr": cd, "bt_ptr": torch.int32, "len_ptr": torch.int32, "o_ptr": qd,
+            "part_ptr": torch.float32, "lse_ptr": torch.float32}
+    ints = {"H": h, "sql_b": h * rp, "sql_h": rp, "sqp_b": h * drp, "sqp_h": drp, "s_page": PAGE * (rp + drp),
+            "s_tok": rp + drp, "sbt_b": pps, "so_b": h * rp, "so_h": rp}
+    main = kspec(f"{__name__}:mla_decode_kernel", ptrs=ptrs, floats=("sm_scale",), ints=ints,
+                 consts=dict(R=rp, DR=drp, PAGE_SIZE=PAGE, BLOCK_H=bh, BLOCK_N=bn, NUM_SPLITS=splits, EXACT=False),
+                 cfg=cfg, grid=(rows, cdiv(h, bh), splits), shapes=shapes, tag=f"mla_decode_{tag}")
+    if splits == 1:
+        return (main,)
+    return (main, kspec(f"{__name__}:mla_combine_kernel",
+                        ptrs={"part_ptr": torch.float32, "lse_ptr": torch.float32, "o_ptr": qd},
+                        ints={"H": h, "so_b": h * rp, "so_h": rp},
+                        consts=dict(R=rp, NUM_SPLITS=splits, BLOCK_S=p2(splits), EXACT=False), cfg=cfg,
+                        grid=(rows * h,), num_warps=4, num_stages=1, shapes=shapes, tag=f"mla_combine_{tag}"))
+
+
+def _launch_mla(call, ql, qp, cache, table, lens) -> Tensor:
+    """o [rows, H, R] of MLA decode: query rows ql/qp against their pages of cache (table, lens per row)."""
+    kernels = call.kernels
+    rows, h, rp = ql.shape
+    o = torch.empty(rows, h, rp, dtype=ql.dtype, device=ql.device)
+    splits = dict(kernels[0].constexprs)["NUM_SPLITS"]
+    part = torch.empty(rows, h, splits, rp, dtype=torch.float32, device=ql.device)
+    lse = torch.empty(rows, h, splits, dtype=torch.float32, device=ql.device)
+    if o.numel():
+        kernels[0].launch(ql_ptr=ql.contiguous(), qp_ptr=qp.contiguous(), kv_ptr=cache.contiguous(),
+                          bt_ptr=table.contiguous(), len_ptr=lens.contiguous(), o_ptr=o, part_ptr=part,
+                          lse_ptr=lse, sm_scale=float(call.attr("scale")))
+        if splits > 1:
+            kernels[1].launch(part_ptr=part, lse_ptr=lse, o_ptr=o)
+    return o
+
+
+def build_latent_attention(ins, outs, attrs, tiles):
+    """latent_attention: MLA decode with each query token its own "sequence" ending at its causal position."""
+    (qs, qd), _, (cs, cd), _ = ins
+    b, s, h, r = qs
+    t, dr = cs[1], ins[3][0][-1]
+    rp, drp = _latent_dims(r, dr)
+    kernels = _mla_kernels(b * s, h, rp, drp, cdiv(t, PAGE), t, qd, cd,
+                           {"B": b, "S": s, "T": t, "H": h, "R": r, "Dr": dr}, f"{b}x{s}x{t}x{h}", tiles)
+    return kernels, ("paged_cache_copy",)
+
+
+def run_latent_attention(call, q_lat, q_pe, ckv, kpe):
+    b, s, h, r = q_lat.shape
+    t, dr = ckv.shape[1], kpe.shape[-1]
+    rp, drp = _latent_dims(r, dr)
+    pps = cdiv(t, PAGE)
+    dev, dt = q_lat.device, q_lat.dtype
+    # torch part: the latent cache copied into 64-token pages [B * pps, 64, rp + drp] (zero-padded widths)
+    cache = torch.zeros(b, pps * PAGE, rp + drp, dtype=ckv.dtype, device=dev)
+    cache[:, :t, :r] = ckv
+    cache[:, :t, rp:rp + dr] = kpe
+    cache = cache.reshape(b * pps, PAGE, rp + drp)
+    ql = torch.zeros(b * s, h, rp, dtype=dt, device=dev)
+    ql[..., :r] = q_lat.reshape(b * s, h, r)
+    qp = torch.zeros(b * s, h, drp, dtype=dt, device=dev)
+    qp[..., :dr] = q_pe.reshape(b * s, h, dr)
+    table = (torch.arange(b, device=dev)[:, None] * pps + torch.arange(pps, device=dev)[None, :]).to(torch.int32)
+    table = table.repeat_interleave(s, dim=0).contiguous()  # query (b, i) reads sequence b's pages
+    lens = (t - s + 1 + torch.arange(s, device=dev)).repeat(b).to(torch.int32)  # causal: keys <= its position
+    o = _launch_mla(call, ql, qp, cache, table, lens)
+    return [o[..., :r].reshape(b, s, h, r)]
+
+
+def build_mla_decode_paged(ins, outs, attrs, tiles):
+    """MLA decode against a caller's paged cache: q_lat [B, H, R], q_pe [B, H, DR], kv_cache [P, 64, R + DR],
+    block_table [B, nb] int32, seq_lens [B] int32 (R, DR powers of two ≥ 16); attr scale."""
+    (qs, qd), (ps, _), (cs, cd), (bts, _), _ = ins
+    b, h, r = qs
+    dr, nb = ps[-1], bts[1]
+    if (r, dr) != _latent_dims(r, dr) or cs[1:] != (PAGE, r + dr):
+        raise ValueError(f"mla_decode_paged: widths {r} + {dr} must be powers of two >= 16 and the cache "
+                         f"[pages, {PAGE}, {r + dr}], got {cs}")
+    return _mla_kernels(b, h, r, dr, nb, nb * PAGE, qd, cd, {"B": b, "H": h, "pages": cs[0], "R": r, "Dr": dr},
+                        f"paged_{b}x{nb}x{h}", tiles), ()
+
+
+def run_mla_decode_paged(call, q_lat, q_pe, kv_cache, block_table, seq_lens):
+    return [_launch_mla(call, q_lat, q_pe, kv_cache, block_table, seq_lens)]
+
+
+variant(__name__, "mla_decode_paged", scale=REQUIRED)

@@ -4,9 +4,9 @@ One program handles one token (b, s) and a block of heads; the token's cos/sin r
 broadcast over the heads. x is loaded as contiguous rows and split into (even, odd) pairs in registers.
 Arithmetic in float32, output in x's dtype (like ref.rope). The YaRN frequencies and mscale live in cos/sin.
 
-Only the @triton.jit code lives here. Block sizes, grids, launch options and host tensors come from the
-code generator: its builder (`dsv3c.codegen.lowering`) makes the KernelSpecs, `KernelSpec.launch` runs
-them, `KernelSpec.aot` gives their AOTSpecs; `lowering.run_op` / `lowering.aot_specs` do it for one op.
+After the @triton.jit code: the family's tile table, its KernelSpec builders (`k_*`), and the builder and
+runner of each op lowered to it (`dsv3c.codegen.family` says what each is), with their imports, so that
+editing the host side moves no kernel (Triton's cache key holds a kernel's first line number).
 """
 
 import triton
@@ -38,3 +38,41 @@ def rope_kernel(
     y = tl.reshape(tl.join(y0, y1), (BLOCK_H, 2 * BLOCK_HALF))
     out = y_ptr + b * syb + s * sys + heads[:, None].to(tl.int64) * syh + d[None, :]
     tl.store(out, cast_out(y, y_ptr.dtype.element_ty, EXACT), mask=mask)
+
+
+# ---- host side ------------------------------------------------------------------------------------------
+
+import torch
+
+from dsv3c.codegen.family import cdiv, kspec, p2
+from dsv3c.codegen.tiles import TileTable, hopper
+
+TILES = TileTable("rope", hopper(dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)))  # 16 heads x 64 rope dims
+
+
+def build_rope(ins, outs, attrs, tiles):
+    """rope(x [B, S, (H,) d], cos, sin [B, S, d/2]): one kernel, a token and a block of heads per program."""
+    (xs, xd), (cs, cd), (_, sd) = ins
+    b, s = xs[:2]
+    h = xs[2] if len(xs) == 4 else 1
+    d = xs[-1]
+    half = d // 2
+    cfg = tiles(TILES)
+    bh = max(1, min(cfg["BLOCK_M"], p2(h)))
+    ints = {"S": s, "H": h, "HALF": half, "sxb": s * h * d, "sxs": h * d, "sxh": d, "scb": s * half, "scs": half,
+            "ssb": s * half, "sss": half, "syb": s * h * d, "sys": h * d, "syh": d}
+    k = kspec(f"{__name__}:rope_kernel", ptrs={"x_ptr": xd, "cos_ptr": cd, "sin_ptr": sd, "y_ptr": xd},
+              ints=ints, consts={"BLOCK_H": bh, "BLOCK_HALF": p2(half), "EXACT": False}, cfg=cfg,
+              grid=(b * s, cdiv(h, bh)), shapes={"B": b, "S": s, "H": h, "D": d}, tag=f"rope_{b}x{s}x{h}x{d}")
+    return (k,), ()
+
+
+def run_rope(call, x, cos, sin):
+    (k,) = call.kernels
+    b, s, d = x.shape[0], x.shape[1], x.shape[-1]
+    half = d // 2
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if y.numel():
+        k.launch(x_ptr=x.contiguous(), cos_ptr=cos.expand(b, s, half).contiguous(),
+                 sin_ptr=sin.expand(b, s, half).contiguous(), y_ptr=y)
+    return [y]

@@ -1,7 +1,7 @@
 """Sigmoid group-limited top-k router (DeepSeek-V3 `noaux_tc`) over router logits, one program per token block.
 
 Split of work: the router GEMM logits = x·W_gateᵀ ([T, 7168] x [7168, 256], FP32 as in ref.moe_gate) stays
-in torch (the moe_gate op's runner in `dsv3c.codegen.lowering` does it); the Triton kernel does everything after it, which is the part
+in torch (the moe_gate op's runner below does it); the Triton kernel does everything after it, which is the part
 torch runs as a dozen small kernels: s = sigmoid(logits); s + b; per group the sum of its top-2 (s + b);
 keep the topk_group best groups; pick the top-k experts of the kept groups by (s + b); gather their
 plain s; normalise to sum 1 (optional; in log space, so underflowing scores keep their ratios);
@@ -12,9 +12,9 @@ ref.moe_gate (lowest group / expert index wins), so the ids and their order equa
 Experts are padded to a power of two; groups are contiguous slices of GROUP_SIZE experts and need
 not be a power of two.
 
-Only the @triton.jit code lives here. Block sizes, grids, launch options and host tensors come from the
-code generator: its builder (`dsv3c.codegen.lowering`) makes the KernelSpecs, `KernelSpec.launch` runs
-them, `KernelSpec.aot` gives their AOTSpecs; `lowering.run_op` / `lowering.aot_specs` do it for one op.
+After the @triton.jit code: the family's tile table, its KernelSpec builders (`k_*`), and the builder and
+runner of each op lowered to it (`dsv3c.codegen.family` says what each is), with their imports, so that
+editing the host side moves no kernel (Triton's cache key holds a kernel's first line number).
 """
 
 import triton
@@ -89,3 +89,49 @@ def router_kernel(
     omask = rmask[:, None] & (kcols < TOP_K)[None, :]
     tl.store(w_ptr + r64 * stride_w + kcols[None, :], weights, mask=omask)
     tl.store(id_ptr + r64 * stride_i + kcols[None, :], ids.to(id_ptr.dtype.element_ty), mask=omask)
+
+
+# ---- host side ------------------------------------------------------------------------------------------
+
+import torch
+
+from dsv3c.codegen.family import cdiv, kspec, p2
+from dsv3c.codegen.tiles import TileTable, hopper
+
+
+def router_shared_bytes(c: dict) -> int:
+    """Pipelined bf16 token and gate rows."""
+    return c["num_stages"] * 2 * (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"]
+
+
+TILES = TileTable("router", hopper(dict(BLOCK_M=16, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=2)),  # 256 experts
+                  router_shared_bytes)
+
+
+def build_moe_gate(ins, outs, attrs, tiles):
+    """moe_gate: the router kernel over FP32 logits, which the runner computes in torch."""
+    (xs, _), (ws, _), (_, bd) = ins
+    t, e = xs[0], ws[0]
+    cfg = tiles(TILES)
+    n_group, top_k = attrs["n_group"], attrs["top_k"]
+    block_t = max(1, min(cfg["BLOCK_M"], p2(t)))
+    consts = dict(N_GROUP=n_group, GROUP_SIZE=e // n_group, TOPK_GROUP=attrs["topk_group"], TOP_K=top_k,
+                  NORM=bool(attrs["norm_topk_prob"]), BLOCK_T=block_t, BLOCK_E=p2(e), BLOCK_G=p2(n_group),
+                  BLOCK_K=p2(top_k))
+    ptrs = {"logits_ptr": torch.float32, "bias_ptr": bd, "w_ptr": torch.float32, "id_ptr": torch.int64}
+    k = kspec(f"{__name__}:router_kernel", ptrs=ptrs, floats=("scaling",),
+              ints={"T": t, "E": e, "stride_l": e, "stride_w": top_k, "stride_i": top_k}, consts=consts, cfg=cfg,
+              grid=(cdiv(t, block_t),), shapes={"T": t, "E": e, "k": top_k}, tag=f"router_{t}x{e}_top{top_k}")
+    return (k,), ("router_logits_gemm",)
+
+
+def run_moe_gate(call, x, weight, bias):
+    (k,) = call.kernels
+    t, top_k = x.shape[0], call.attr("top_k")
+    logits = x.float() @ weight.float().t()  # torch part: the FP32 router GEMM (as ref.moe_gate)
+    w = torch.empty(t, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(t, top_k, dtype=torch.int64, device=x.device)
+    if t:
+        k.launch(logits_ptr=logits.contiguous(), bias_ptr=bias.contiguous(), w_ptr=w, id_ptr=ids,
+                 scaling=float(call.attr("scaling")))
+    return [w, ids]
