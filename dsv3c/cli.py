@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     rsrc.add_argument("--model", default="tiny", help="built-in preset (default tiny)")
     rsrc.add_argument("--config", help="an HF-format config.json instead of a preset")
     r.add_argument("--checkpoint", help="HF-layout safetensors directory (default: random weights)")
+    r.add_argument("--plan", help="a plan.json of `dsv3c compile`: run its layout (ranks, degrees, stages, schedule, "
+                   "expert placement) on gloo processes against one process")
     r.add_argument("--mode", choices=["prefill", "decode"], default="prefill")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--batch", type=_positive)
@@ -245,8 +247,8 @@ RUN_MAX_PARAMS = 2_000_000_000  # run holds real weights on one device
 
 def cmd_run(args, argv) -> int:
     """dsv3c run: exit 0 when the lowered graph's logits are within the FP8 tolerance (dsv3c.runtime.executor), else 1."""
-    if args.pp:
-        return _cmd_run_pipelined(args)
+    if args.plan or args.pp:
+        return _run_parallel(args)
     if args.tokens is not None:
         return _run_speculative(args)
     if args.train and args.ranks is None and args.ep is None:
@@ -268,7 +270,7 @@ def cmd_run(args, argv) -> int:
 
     cfg = _load_config(args)
     if args.ranks is not None or args.ep is not None:
-        return _run_ep(args, cfg)
+        return _run_parallel(args)
     validate.check_mode_options(args.mode, args.kv_len, "run")
     shapes = {**DEFAULT_SHAPES[args.mode], **{k: v for k, v in dict(batch=args.batch, seq=args.seq,
                                                                         kv_len=args.kv_len).items() if v is not None}}
@@ -295,20 +297,55 @@ def cmd_schedule(args, argv) -> int:
     return 0
 
 
-def _run_ep(args, cfg) -> int:
-    """dsv3c run --ranks N --ep E: the expert-partitioned program on gloo ranks against eager (exit 0 within tolerance)."""
-    from dsv3c.runtime.ep_run import EPRunError, run_ep
+def _run_parallel(args) -> int:
+    """dsv3c run --plan FILE, or --ranks/--ep/--pp (a plan is made first): the plan's layout on gloo processes against
+    the single-process model; exit 0 within tolerance, else 1."""
+    from dsv3c.parallel import ParallelError
+    from dsv3c.runtime.ep_run import EPRunError
+    from dsv3c.runtime.launch import RunPlanError, load_plan, plan_run, run_plan
+    from dsv3c.runtime.pipelined import PipelineArgError
+    from model_def import DeepseekV3
+    from model_def.counts import parameter_counts
 
-    ranks = args.ranks if args.ranks is not None else args.ep
     try:
-        result = run_ep(cfg, ranks, args.ep or ranks, train=args.train, seed=args.seed, batch=args.batch or 1,
-                        seq=args.seq or 8)  # fmt: skip
-    except EPRunError as e:
-        raise UsageError(str(e)) from None
-    if args.expert_load_out:
+        if args.plan:
+            if args.ranks or args.ep or args.pp or args.micro_batches or args.schedule != "1f1b":
+                raise UsageError("--plan takes the ranks, degrees, schedule and micro-batches from the plan")
+            cfg, mode, plan = load_plan(args.plan)
+        else:
+            cfg = _load_config(args)
+            pp = args.pp or 1
+            ranks = args.ranks or (args.ep or 1) * pp
+            ep = args.ep if args.ep is not None else (ranks // pp if not args.pp else 1)
+            mode = "train" if args.train or args.pp else "prefill"
+            if args.pp and (args.mode != "prefill" or args.kv_len or args.checkpoint):
+                raise UsageError("--pp runs a training step: --mode, --kv-len and --checkpoint do not apply")
+            if ranks % pp:
+                raise UsageError(f"--pp {pp} does not divide --ranks {ranks}")
+        if parameter_counts(DeepseekV3(cfg, device="meta"))["total"] > RUN_MAX_PARAMS:
+            raise UsageError(f"model {cfg.name} is too large to run on CPU processes")
+        if not args.plan:
+            plan = plan_run(cfg, ranks, mode, pp, ep, args.schedule if args.pp else None, args.micro_batches,
+                            args.seq or 8)
+        batch = args.batch or 1
+        if plan.mesh.pp > 1 and args.batch:  # a pipelined step's sequences per replica: micro-batches x their size
+            if args.batch % plan.micro_batches:
+                raise UsageError(f"--batch {args.batch} is not a multiple of the {plan.micro_batches} micro-batches")
+            batch = args.batch // plan.micro_batches
+        result = run_plan(cfg, plan, train=mode == "train" or args.train, seed=args.seed, batch=batch,
+                          seq=args.seq or 8)
+    except (EPRunError, PipelineArgError, RunPlanError, ParallelError) as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+    if "expert_load" in result and args.expert_load_out:
         Path(args.expert_load_out).write_text(json.dumps({"layers": result["expert_load"]}) + "\n")
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "expert_load"}))
+    elif "schedule" in result:
+        print(f"{result['schedule']} pp={result['pp']} ep={result['ep']} ranks={result['ranks']} micro-batches="
+              f"{result['micro_batches']} ({result['executor']}): loss {result['loss']:.6f} (reference "
+              f"{result['reference_loss']:.6f}), loss rel err {result['loss_rel_err']:.2e} (tol {result['loss_tol']:g}), "
+              f"grad max cos-diff {result['grad_max_cos_diff']:.2e} (tol {result['cos_tol']:g}), grad max rel err "
+              f"{result['grad_max_rel_err']:.2e}: {'OK' if result['ok'] else 'MISMATCH'}")  # fmt: skip
     else:
         keys = ["logits_max_rel_err", "loss_rel_err", "grad_max_cos_diff", "max_nodes_per_token"]
         print(f"ranks {result['ranks']} ep {result['ep']}: " + ", ".join(f"{k} {result[k]:.3g}" for k in keys if k in result)
@@ -334,35 +371,6 @@ def _run_speculative(args) -> int:
     else:
         print(", ".join(f"{k} {result[k]}" for k in keys))
     return 0 if result["tokens_equal"] else 1
-
-
-def _cmd_run_pipelined(args) -> int:
-    """dsv3c run --pp P [--ranks N --schedule K --micro-batches M] --train: one pipelined training step checked
-    against the single-process model; exit 0 within tolerance, else 1."""
-    from dsv3c.runtime.pipelined import PipelineArgError, make_spec, run_many
-
-    if args.mode != "prefill" or args.kv_len or args.checkpoint:
-        raise UsageError("--pp/--train runs a training step: --mode, --kv-len and --checkpoint do not apply")
-    pp = args.pp or 1
-    m = args.micro_batches or 2 * pp
-    seq = args.seq or 8
-    if args.batch and args.batch % m:
-        raise UsageError(f"--batch {args.batch} is not a multiple of --micro-batches {m}")
-    try:
-        spec = make_spec(_load_config(args), args.schedule, pp, m, args.ranks, args.ep or 1,
-                         mb_size=(args.batch or m) // m, seq=seq, seed=args.seed)  # fmt: skip
-    except PipelineArgError as e:
-        raise UsageError(str(e)) from None
-    result = run_many([spec])[0]
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{result['schedule']} pp={result['pp']} ep={result['ep']} ranks={result['ranks']} micro-batches={result['micro_batches']} "
-              f"({result['executor']}): loss {result['loss']:.6f} (reference {result['reference_loss']:.6f}), "
-              f"loss rel err {result['loss_rel_err']:.2e} (tol {result['loss_tol']:g}), "
-              f"grad max cos-diff {result['grad_max_cos_diff']:.2e} (tol {result['cos_tol']:g}), "
-              f"grad max rel err {result['grad_max_rel_err']:.2e}: {'OK' if result['ok'] else 'MISMATCH'}")  # fmt: skip
-    return 0 if result["ok"] else 1
 
 
 COMMANDS = {"compile": cmd_compile, "targets": cmd_targets, "passes": cmd_passes, "inspect": cmd_inspect, "run": cmd_run,

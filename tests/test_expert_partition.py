@@ -13,7 +13,9 @@ import dsv3c
 import passes
 from dsv3c import cli
 import targets
+from dsv3c.eplb import PlacementError
 from dsv3c.ir import Plan
+from dsv3c.parallel.plan import expert_parallel
 from dsv3c.ops import ep as ep_ops
 from dsv3c.ops import ref
 from dsv3c.passmgr.verify import verify
@@ -88,10 +90,13 @@ def captured():
     return model, dsv3c.capture(SMALL, "train", 1, 8, model=model)
 
 
-def run_pass(program, placement=None, **options):
+def run_pass(program, ep=1, gpus_per_node=8, placement=None):
+    """expert_partition under an EP-only parallel plan; placement: per-layer (phy2log, log2phy, logcnt) triples."""
     p = passes.REGISTRY["expert_partition"]
-    plan = Plan(copy.deepcopy(program), targets.get_target("h800x8"), options={"placement": placement})
-    stats = p.fn(plan, options)
+    plan = Plan(copy.deepcopy(program), targets.get_target("h800x8"))
+    tables = None if placement is None else tuple(torch.stack([t[i] for t in placement]) for i in range(3))
+    plan.analyses.parallel = expert_parallel(program.cfg, program.mode, ep, gpus_per_node, tables)
+    stats = p.fn(plan, {})
     verify(plan.program, p.legal_after(passes.CAPTURED_OPS))
     return plan.program, stats
 
@@ -133,9 +138,9 @@ def test_pass_keeps_invariants_and_proves_the_node_limit(captured, ep, gpn, repl
     assert local and all(w.shape[0] == stats["slots_per_gpu"] for w in local)
 
 
-def test_bad_ep_is_a_partition_error(captured):
+def test_bad_ep_is_refused_by_the_parallel_plan(captured):
     _, before = captured
-    with pytest.raises(PartitionError, match="does not divide"):
+    with pytest.raises(PlacementError, match="does not divide"):
         run_pass(before, ep=3)
 
 
@@ -174,7 +179,7 @@ def test_gloo_ranks_match_eager(ranks, train):
 def test_cli_usage_errors(capsys):
     assert cli.main(["run", "--ranks", "4", "--ep", "3"]) == 2
     assert cli.main(["run", "--ranks", "0"]) == 2
-    assert cli.main(["run", "--ranks", "3"]) == 2  # 16 experts over 3 ranks
+    assert cli.main(["run", "--ranks", "2", "--ep", "2", "--plan", "x.json"]) == 2  # --plan brings its own degrees
     assert cli.main(["run", "--model", "deepseek-v3", "--ranks", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("dsv3c: error:") == 4

@@ -263,14 +263,28 @@ def compiled():
         for mode, shapes in REFERENCE_SHAPES.items():
             out[mode] = dsv3c.compile(cfg, target="h800x8", mode=mode, out=f"{tmp}/{mode}",
                                       pipeline="dce,mla_fuse,fp8_quant,cost", **shapes)
+            out[mode]["quant_flops"] = _quantisation_flops(cfg, mode, shapes)
     return out
+
+
+def _quantisation_flops(cfg, mode: str, shapes: dict) -> int:
+    """FLOPs per token of the act_quant nodes fp8_quant inserts (the recipe's work, not the model's)."""
+    from dsv3c.ir import Plan
+    from tests.test_passes import TARGET
+
+    plan = Plan(dsv3c.capture(cfg, mode, **shapes), TARGET)
+    for name in ("dce", "mla_fuse", "fp8_quant"):
+        passes.REGISTRY[name].fn(plan, {})
+    quant = sum(node_cost(n).flops for n in plan.program.graph.nodes if dsv3c.ops.op_name(n.target) == "act_quant")
+    return quant // (shapes["batch"] * shapes["seq"])
 
 
 @pytest.mark.parametrize("mode", list(REFERENCE_SHAPES))
 def test_cost_pass_totals_match_model_figures(compiled, mode):
+    """The compiled graph's model FLOPs are the figures' (counted before fp8_quant) plus the quantisation kernels."""
     plan = compiled[mode]
     graph, model = plan["graph_cost"]["model_flops_per_token"], plan["model"]["flops_per_token"][mode]
-    assert abs(graph - model) <= 0.01 * model, (mode, graph, model)
+    assert abs(graph - plan["quant_flops"] - model) <= 2, (mode, graph, plan["quant_flops"], model)
     bwd = plan["graph_cost"]["totals"]["bwd_flops"]
     assert (bwd > 0) == (mode == "train"), (mode, bwd)
     if mode != "train":

@@ -233,28 +233,32 @@ class TrainPricer:
 
     # ---- stages --------------------------------------------------------------------------------------
     def stage_units(self, cand: Candidate, fits=None) -> list[tuple[int, int]]:
-        """The units of each model stage, [(start, stop)], cut on the priced unit times (and memory)."""
-        key = (cand.kind, cand.stages, cand.ep)
-        weights = [self.unit_weight(u, cand) for u in self.units]
-        if fits is not None:
-            return partition(weights, cand.stages, fits)
-        if key not in self._stages:
-            rank_of = [cand.pp - 1 - s % cand.pp if cand.kind == "dualpipe" and s >= cand.pp else s for s in
-                       range(cand.stages)]
-            if cand.kind == "dualpipe":  # model stage s runs in both directions: on rank s and on rank pp-1-s
-                rank_of = list(range(cand.pp))
-                return self._dualpipe_split(weights, cand, key)
-            if cand.kind == "dualpipev":
-                rank_of = [s if s < cand.pp else 2 * cand.pp - 1 - s for s in range(cand.stages)]
-            self._stages[key] = balance_ranks(weights, partition(weights, cand.stages), rank_of)
-        return self._stages[key]
+        """The units of each model stage, [(start, stop)], cut on the priced unit times (and memory).
 
-    def _dualpipe_split(self, weights, cand: Candidate, key) -> list[tuple[int, int]]:
-        """DualPipe: rank r runs model stage r (one direction) and model stage pp-1-r (the other), so ranks pair
-        stages from both ends of the model."""
-        rank_of = [min(s, cand.pp - 1 - s) for s in range(cand.pp)]
-        self._stages[key] = balance_ranks(weights, partition(weights, cand.stages), rank_of)
-        return self._stages[key]
+        The head and the MTP modules stay together on the last stage (the loss needs both), as one piece. Stages
+        that share a rank are balanced by their sum: DualPipe runs model stage s on rank s and, in the other
+        direction, on rank pp-1-s; DualPipeV's rank r holds stages r and 2·pp-1-r.
+        """
+        key = (cand.kind, cand.stages, cand.ep)
+        if fits is None and key in self._stages:
+            return self._stages[key]
+        tail = self.units.index("head")
+        weights = [self.unit_weight(u, cand) for u in self.units]
+        pieces = weights[:tail] + [sum(weights[tail:])]
+        if fits is not None:
+            cut = partition(pieces, cand.stages, lambda k, a, b: fits(k, a, b + (len(weights) - len(pieces)) *
+                                                                         (b == len(pieces))))
+        else:
+            rank_of = list(range(cand.stages))
+            if cand.kind == "dualpipe":
+                rank_of = [min(s, cand.pp - 1 - s) for s in range(cand.pp)]
+            elif cand.kind == "dualpipev":
+                rank_of = [min(s, 2 * cand.pp - 1 - s) for s in range(cand.stages)]
+            cut = balance_ranks(pieces, partition(pieces, cand.stages), rank_of)
+        cut = [(a, len(weights) if b == len(pieces) else b) for a, b in cut]
+        if fits is None:
+            self._stages[key] = cut
+        return cut
 
     def stage_time(self, cand: Candidate, cut) -> list[BlockTime]:
         """Each model stage's BlockTime: its units one after the other."""

@@ -124,6 +124,17 @@ def single_gpu(cfg, mode: str) -> ParallelPlan:
                         (tuple(unit_names(cfg)),) if train else ())
 
 
+def expert_parallel(cfg, mode: str, ep: int, gpus_per_node: int, tables=None) -> ParallelPlan:
+    """A layout of ep ranks that partitions only the routed experts, over nodes of gpus_per_node ranks; tables:
+    the stacked placement (phy2log [L, P], log2phy, logcnt) over them, None: contiguous (PlacementError if impossible)."""
+    experts = cfg.n_routed_experts
+    slots = experts if tables is None else tables[0].shape[1]
+    gpn = min(gpus_per_node, ep)
+    mesh = make_mesh(ep, gpn, ep=ep, dp=ep, experts=experts, redundant=slots - experts, mode=mode)
+    placement = None if tables is None else ExpertPlacement(ep, gpn, *tables)
+    return ParallelPlan(mode, mesh, f"ep={ep}", "given", placement=placement)
+
+
 def from_dict(d: dict, mode: str) -> ParallelPlan:
     """The ParallelPlan of a plan.json `parallel` (PlacementError when it is inconsistent)."""
     try:

@@ -68,14 +68,15 @@ def prepare(cfg, mode: str, batch: int, seq: int, seed: int):
 
 
 def partition(program, ep: int, gpus_per_node: int, placement=None):
-    """The program with expert_partition applied (a copy), and the pass stats."""
+    """The program with expert_partition applied (a copy) under an EP-only parallel plan, and the pass stats."""
     import passes
     import targets
     from dsv3c.ir import Plan
+    from dsv3c.parallel.plan import expert_parallel
 
-    plan = Plan(copy.deepcopy(program), targets.get_target(f"h800x{max(ep, gpus_per_node)}"),
-                options={"placement": placement})
-    stats = passes.REGISTRY["expert_partition"].fn(plan, {"ep": ep, "gpus_per_node": gpus_per_node})
+    plan = Plan(copy.deepcopy(program), targets.get_target(f"h800x{max(ep, gpus_per_node)}"))
+    plan.analyses.parallel = expert_parallel(program.cfg, program.mode, ep, gpus_per_node, placement)
+    stats = passes.REGISTRY["expert_partition"].fn(plan, {})
     return plan.program, stats
 
 

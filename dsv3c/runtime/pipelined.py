@@ -32,7 +32,10 @@ sums across ranks. With ranks = pp × dp, dp > 1 replicates the pipeline: replic
 d·M..(d+1)·M−1, gradients are averaged over the dp group (all_reduce), and the reference runs all dp·M
 micro-batches.
 
-Expert parallelism (ep = dp > 1): the dp replicas of a pipeline stage (global ranks j, j+pp, …) form that
+Ranks follow the parallel plan's rank map: pipeline stage p is the dp consecutive global ranks p·dp ..
+p·dp+dp−1, replica d is the d-th of them, and a pipeline is the ranks {p·dp + d}.
+
+Expert parallelism (ep = dp > 1): the dp replicas of a pipeline stage (its consecutive ranks) form that
 stage's EP group (its own process group, created on every rank in the same order); replica d is EP rank d.
 Every MoE layer of a stage (decoder layers and the MTP block) holds only its EP rank's routed experts
 (contiguous: experts d·E/ep … (d+1)·E/ep − 1; stages.EPExperts) and runs dsv3.ep_dispatch → ep_experts →
@@ -390,13 +393,13 @@ def _step(rank, world, spec, device):
     cfg = ModelConfig.from_dict(spec["config"], name=spec["config_name"])
     kind, pp, m, lam = spec["schedule"], spec["pp"], spec["micro_batches"], spec["mtp_lambda"]
     dp = world // pp
-    d, pp_rank = divmod(rank, pp)  # rank = d·pp + pp_rank
-    pp_groups = [dist.new_group(list(range(i * pp, (i + 1) * pp))) for i in range(dp)] if dp > 1 else [dist.group.WORLD]
-    dp_groups = [dist.new_group(list(range(j, world, pp))) for j in range(pp)] if dp > 1 else None
+    # the plan's rank map: pipeline stage p is the dp consecutive ranks p·dp .. p·dp+dp−1, replica d the d-th of them
+    pp_rank, d = divmod(rank, dp)
+    pp_groups = [dist.new_group([p * dp + j for p in range(pp)]) for j in range(dp)] if dp > 1 else [dist.group.WORLD]
+    dp_groups = [dist.new_group(list(range(p * dp, (p + 1) * dp))) for p in range(pp)] if dp > 1 else None
     ep = spec.get("ep", 1)
-    # a stage's EP group: its dp replicas (global ranks pp_rank, pp_rank + pp, …), EP rank d; created on every
-    # rank in the same order
-    ep_groups = [dist.new_group(list(range(j, world, pp))) for j in range(pp)] if ep > 1 else None
+    # a stage's EP group: its dp replicas (consecutive ranks), EP rank d; created on every rank in the same order
+    ep_groups = dp_groups if ep > 1 else None
     model = build_model(cfg, spec["seed"])
     batch_all = make_batch(cfg, m * dp, spec["mb_size"], spec["seq"], spec["seed"])
     batch = batch_all[d * m * spec["mb_size"] : (d + 1) * m * spec["mb_size"]].to(device)
@@ -407,7 +410,7 @@ def _step(rank, world, spec, device):
     with active(ep_ctx) if ep_ctx else contextlib.nullcontext():  # forward and backward exchange tokens
         if kind == "dualpipe":
             lowered = lower_bidirectional(actions, pp)[pp_rank]
-            ex = BidirectionalExecutor(mods, pp, m, [d * pp + r for r in range(pp)],
+            ex = BidirectionalExecutor(mods, pp, m, [p * dp + d for p in range(pp)],
                                        (spec["mb_size"], spec["seq"], cfg.hidden_size), device, lam)  # fmt: skip
             losses = ex.step(lowered, list(batch.chunk(m, dim=0)))
         else:
