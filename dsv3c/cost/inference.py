@@ -339,17 +339,17 @@ def head_kernels(cfg, unit, target, mode, c, tokens: float, name: str = "head") 
 
 
 def expected_targets(cfg, unit: Unit) -> tuple[float, float]:
-    """(E[distinct nodes], E[distinct GPUs]) a token's routed experts reach, uniform node-limited routing (prefill)."""
+    """(E[distinct nodes], E[distinct GPUs]) a token's routed experts reach under the unit's uniform-load placement."""
     import torch
 
     from dsv3c.eplb import rebalance_experts
-    from passes.expert_partition import expected_targets as expect
+    from dsv3c.placement import ExpertPlacement, expected_fanout
 
     slots = unit.routed_slots_per_gpu * unit.ep
     nodes = max(1, unit.ep // unit.gpus_per_node)
-    _, log2phy, _ = rebalance_experts(torch.ones(1, cfg.n_routed_experts), slots, cfg.n_group, nodes, unit.ep)
-    return expect(None, log2phy[0], cfg.n_routed_experts, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
-                  unit.routed_slots_per_gpu, min(unit.ep, unit.gpus_per_node))
+    tables = rebalance_experts(torch.ones(1, cfg.n_routed_experts), slots, cfg.n_group, nodes, unit.ep)
+    placement = ExpertPlacement(unit.ep, min(unit.ep, unit.gpus_per_node), *tables)
+    return expected_fanout(placement, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok)
 
 
 def nvlink_bw(target, c) -> float:
@@ -602,7 +602,7 @@ def report_sections(inf: dict) -> list[tuple]:
         secs.append(("Communication per micro-batch per MoE block per GPU (low-latency, direct IB)",
                      [[p, _mb(m[p]["ib_bytes"]), _us(m[p]["seconds"])] for p in ("dispatch", "combine")],
                      ["phase", "IB", "time"]))
-        if "mtp" in inf:
+        if isinstance(inf.get("mtp"), dict):  # the speed-up; a bool (decode_figures' flag) when there is no MTP
             t = inf["mtp"]
             secs.append(("MTP speculative decoding", [
                 ["acceptance", f"{t['acceptance']:g} ({t['acceptance_source']})"],

@@ -26,6 +26,7 @@ from functools import lru_cache
 from dsv3c.cost import blocks as B
 from dsv3c.cost.constants import Constants
 from dsv3c.ops.ep import two_hop_bytes
+from dsv3c.placement import ExpertPlacement, expected_fanout
 from dsv3c.schedules import build
 from dsv3c.cost.fastsim import CompiledSchedule, peaks_of
 from dsv3c.schedules.simulate import simulate
@@ -56,31 +57,15 @@ class Layout:
         return f"PP{self.pp} EP{self.ep} DP{self.dp} {self.kind} m={self.micro_batches}x{self.mb_seqs}"
 
 
-# ---- expected distinct targets of a token (node-limited routing, contiguous placement) -----------------
+# ---- expected distinct targets of a token (the contiguous placement) ------------------------------------
 
 @lru_cache(maxsize=256)
 def expected_targets(experts: int, n_group: int, topk_group: int, top_k: int, ep: int, gpus_per_node: int):
-    """(E[distinct nodes], E[distinct GPUs]) per token: topk_group uniform groups, top_k uniform experts among them.
-
-    The same hypergeometric model as passes/expert_partition.expected_targets, on the contiguous placement.
-    """
+    """(E[distinct nodes], E[distinct GPUs]) per token on the contiguous placement over ep ranks (expected_fanout)."""
     if ep <= 1 or not experts:
         return 1.0, 1.0
-    per_rank = experts // ep
-    size = experts // max(1, n_group)
-    # group choices are symmetric under contiguous placement when groups align with ranks; average a few
-    groups = list(range(n_group))
-    combos = [tuple(groups[(s + j) % n_group] for j in range(topk_group)) for s in range(n_group)]
-    tot = [0.0, 0.0]
-    for combo in combos:
-        members = [e for g in combo for e in range(g * size, (g + 1) * size)]
-        m, k = len(members), min(top_k, len(members))
-        for i, place in enumerate((lambda e: (e // per_rank) // gpus_per_node, lambda e: e // per_rank)):
-            counts: dict = {}
-            for e in members:
-                counts[place(e)] = counts.get(place(e), 0) + 1
-            tot[i] += sum(1 - math.comb(m - a, k) / math.comb(m, k) for a in counts.values())
-    return tot[0] / len(combos), tot[1] / len(combos)
+    placement = ExpertPlacement.contiguous(1, experts, ep, min(ep, gpus_per_node))
+    return expected_fanout(placement, n_group, topk_group, top_k)
 
 
 # ---- chunk times per block kind ----------------------------------------------------------------------
