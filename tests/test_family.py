@@ -20,7 +20,7 @@ import targets
 from dsv3c import cli
 from dsv3c.ir import Plan
 from dsv3c.placement import ExpertPlacement, expected_fanout
-from model_def import DeepseekV3, ModelConfig
+from model_def import ConfigError, DeepseekV3, ModelConfig
 from model_def.config import PRESETS
 from model_def.counts import parameter_counts
 from passes.expert_partition import PartitionError
@@ -32,6 +32,7 @@ DATA = Path(__file__).parent / "data"
 PUBLISHED = {"kimi-k2": DATA / "kimi_k2_instruct.config.json", "moonlight": DATA / "moonlight_16b_a3b_instruct.config.json"}
 FIELDS = [f for f in ModelConfig.__dataclass_fields__ if f not in ("name", "extra")]
 # the default pipeline without lower_triton (whose kernels for the full-size shapes take minutes to compile cold)
+KIMI_YARN = PRESETS["tiny-kimi-k2"]["rope_scaling"]
 NO_KERNELS = "dce,mla_fuse,fp8_quant,expert_partition,cost,pipeline_partition"
 
 
@@ -60,6 +61,30 @@ def test_published_config_is_the_preset(name):
     assert (hf.n_group, hf.q_lora_rank, hf.n_routed_experts) == (preset.n_group, preset.q_lora_rank, preset.n_routed_experts)
 
 
+def test_v3_releases_read_as_the_preset():
+    """V3.1's FP8 config (UE8M0 scale format) and a transformers-5 form without rope scaling read with V3's shapes."""
+    v31 = {**PRESETS["deepseek-v3"], "quantization_config": {**PRESETS["deepseek-v3"]["quantization_config"],
+                                                             "scale_fmt": "ue8m0"}}
+    v3 = ModelConfig.preset("deepseek-v3")
+    assert {f: getattr(ModelConfig.from_dict(v31), f) for f in FIELDS if f != "quantization_config"} == {
+        f: getattr(v3, f) for f in FIELDS if f != "quantization_config"}
+    plain = {k: v for k, v in PRESETS["moonlight"].items() if k not in ("rope_scaling", "rope_theta")}
+    t5 = ModelConfig.from_dict({**plain, "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}})
+    assert t5.rope_scaling is None and t5.yarn is None and t5.rope_theta == 50000.0
+
+
+@pytest.mark.parametrize("change, phrase", [
+    ({"tie_word_embeddings": True}, "tie_word_embeddings"), ({"attention_bias": True}, "attention_bias"),
+    ({"rope_interleave": False}, "rope_interleave"), ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "'linear'"),
+    ({"rope_scaling": {**KIMI_YARN, "truncate": "no"}}, "truncate"), ({"num_nextn_predict_layers": 2}, "> 1"),
+])  # fmt: skip
+def test_what_dsv3c_does_not_implement_is_refused_in_one_line(change, phrase):
+    """Options transformers takes but dsv3c's model lacks are a one-line ConfigError naming the option."""
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_dict({**PRESETS["tiny-kimi-k2"], **change})
+    assert phrase in str(e.value) and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_parameter_counts_equal_transformers(name):
     """Main-model parameters (router bias included) equal transformers' model of the same config on 'meta'."""
@@ -77,7 +102,6 @@ def test_published_sizes():
 
 # ---- numerics of the variants against transformers ----------------------------------------------------------------
 
-KIMI_YARN = PRESETS["tiny-kimi-k2"]["rope_scaling"]
 VARIANTS = {
     "kimi": PRESETS["tiny-kimi-k2"],  # one group, no MTP, more experts, other vocab and scale, beta_fast == beta_slow
     "moonlight": PRESETS["tiny-moonlight"],  # no q-LoRA, 2 shared experts, top-6 of one group, no rope scaling
