@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from dsv3c.eplb import PlacementError, load_expert_load, load_stats, rebalance_experts
-from dsv3c.placement import ParallelMesh, default_mesh, parse_parallel
+from dsv3c.placement import ExpertPlacement, ParallelMesh, default_mesh, keeps_node_limit, parse_parallel
 
 
 @dataclass
@@ -82,6 +82,12 @@ def choose_layout(cfg, target, mode: str, parallel: str | None = None, expert_lo
         tables = (phy2log, *inverse_tables(phy2log, experts))
     else:
         tables = rebalance_experts(weight, slots, cfg.n_group, nodes, mesh.ep)
+    # two-hop dispatch (train, prefill) needs the node limit of the config's groups: refuse before any capture
+    placement = ExpertPlacement(mesh.ep, min(mesh.ep, target.gpus_per_node), *tables)
+    if mode != "decode" and not keeps_node_limit(placement, cfg.n_group, cfg.topk_group):
+        raise PlacementError(f"EP {mesh.ep} over {mesh.ep_nodes} nodes lets a token reach more than "
+                             f"topk_group={cfg.topk_group} nodes (its groups span nodes); choose an EP degree that "
+                             "maps expert groups to nodes")
     return Layout(mesh, tables, load)
 
 

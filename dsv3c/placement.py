@@ -25,7 +25,8 @@ from dsv3c.eplb import PlacementError, inverse_tables, positive_int, contiguous_
 
 __all__ = [
     "PlacementError", "ExpertPlacement", "NodeBound", "ParallelMesh", "contiguous_placement", "max_nodes_per_token_bound",
-    "check_node_limit", "node_limited", "expected_fanout", "nodes_reached", "make_mesh", "parse_parallel", "default_mesh",
+    "check_node_limit", "node_limited", "keeps_node_limit", "expected_fanout", "nodes_reached", "make_mesh",
+    "parse_parallel", "default_mesh",
 ]
 
 
@@ -224,6 +225,13 @@ def max_nodes_per_token_bound(placement: ExpertPlacement, n_group: int, topk_gro
 def node_limited(n_group: int, topk_group: int) -> bool:
     """Whether routing limits a token's groups (n_group > 1, keeping topk_group < n_group), hence its nodes."""
     return n_group > 1 and topk_group < n_group
+
+
+def keeps_node_limit(placement: ExpertPlacement, n_group: int, topk_group: int) -> bool:
+    """Whether no token of any layer can reach more than topk_group nodes (true without node-limited routing)."""
+    if not node_limited(n_group, topk_group) or placement.num_nodes <= topk_group:
+        return True
+    return max_nodes_per_token_bound(placement, n_group, topk_group).max <= topk_group
 
 
 def expected_fanout(placement: ExpertPlacement, n_group: int, topk_group: int, top_k: int, layer: int = 0,

@@ -81,7 +81,8 @@ ERRORS = {  # id: (arguments, input files {name: text}, a phrase the message mus
     # nodes of 2 GPUs: each of tiny's 4 expert groups spans 2 nodes, so a token's 2 groups can reach 4 nodes
     "ep_breaks_node_limit": (["compile", "--target", "pairs.toml", "--model", "tiny", "--mode", "prefill", "--seq", "8",
                               "--parallel", "ep=16", "--out", "out"],
-                             {"pairs.toml": 'name = "pairs"\ngpu = "h800"\ngpus = 16\ngpus_per_node = 2\n'}, "topk_group=2"),
+                             {"pairs.toml": 'name = "pairs"\ngpu = "h800"\ngpus = 16\ngpus_per_node = 2\n'},
+                             "topk_group=2 nodes"),
     "batch_zero": (["compile", "--target", "h800x8", "--model", "tiny", "--batch", "0", "--out", "out"], {}, "--batch"),
     "seq_not_int": (["compile", "--target", "h800x8", "--model", "tiny", "--seq", "abc", "--out", "out"], {}, "abc"),
     "mode_unknown": (["compile", "--target", "h800x8", "--model", "tiny", "--mode", "fly", "--out", "out"], {}, "fly"),

@@ -5,7 +5,7 @@ tests/data holds published config.json files, keys and values as published (comp
 --config): kimi_k2_instruct.config.json is moonshotai/Kimi-K2-Instruct's on Hugging Face (as released in July
 2025, transformers_version 4.48.3); moonlight_16b_a3b_instruct.config.json is moonshotai/Moonlight-16B-A3B-
 Instruct's at revision 4e735b07a89f73647dfab71ab91b840f362ede5b (indented as HF writes it). The base models
-(Kimi-K2-Base, Moonlight-16B-A3B) have the same architecture fields; the model cards list the same shapes.
+(Kimi-K2-Base, Moonlight-16B-A3B) have the same architecture (Kimi-K2's model card, Moonlight's deployment docs).
 """
 
 import copy
@@ -29,10 +29,11 @@ from tests.test_model_hf import EAGER, hf_logits, ours_logits, randomise, rel_er
 transformers = pytest.importorskip("transformers")
 
 DATA = Path(__file__).parent / "data"
-PUBLISHED = {"kimi-k2": DATA / "kimi_k2_instruct.config.json", "moonlight": DATA / "moonlight_16b_a3b_instruct.config.json"}
+PUBLISHED = {"kimi-k2": DATA / "kimi_k2_instruct.config.json",
+             "moonlight": DATA / "moonlight_16b_a3b_instruct.config.json"}
 FIELDS = [f for f in ModelConfig.__dataclass_fields__ if f not in ("name", "extra")]
-# the default pipeline without lower_triton (whose kernels for the full-size shapes take minutes to compile cold)
 KIMI_YARN = PRESETS["tiny-kimi-k2"]["rope_scaling"]
+# the default pipeline without lower_triton (whose kernels for the full-size shapes take minutes to compile cold)
 NO_KERNELS = "dce,mla_fuse,fp8_quant,expert_partition,cost,pipeline_partition"
 
 
@@ -58,7 +59,8 @@ def test_published_config_is_the_preset(name):
     assert {f: getattr(published, f) for f in FIELDS} == {f: getattr(preset, f) for f in FIELDS}
     raw = json.loads(PUBLISHED[name].read_text())
     hf = hf_config(raw)
-    assert (hf.n_group, hf.q_lora_rank, hf.n_routed_experts) == (preset.n_group, preset.q_lora_rank, preset.n_routed_experts)
+    assert (hf.n_group, hf.q_lora_rank, hf.n_routed_experts) == (preset.n_group, preset.q_lora_rank,
+                                                                  preset.n_routed_experts)
 
 
 def test_v3_releases_read_as_the_preset():
@@ -133,7 +135,7 @@ def test_variant_logits_match_transformers(tmp_path, variant):
 
 
 def monte_carlo_fanout(placement: ExpertPlacement, n_group: int, topk_group: int, top_k: int, tokens: int = 20000):
-    """Mean distinct (nodes, GPUs) over sampled tokens: uniform topk_group groups, then uniform top_k experts in them."""
+    """Mean distinct (nodes, GPUs) of sampled tokens: uniform topk_group groups, then uniform top_k experts in them."""
     gen = torch.Generator().manual_seed(0)
     e = placement.experts
     groups = torch.rand(tokens, n_group, generator=gen).topk(topk_group, dim=-1).indices
@@ -191,10 +193,21 @@ def test_expert_partition_without_groups_plans_the_fanout():
     stats = passes.REGISTRY["expert_partition"].fn(plan, {"ep": 8, "gpus_per_node": 4})
     assert stats["node_limited"] is False and stats["max_nodes_per_token"] == 2
     want = expected_fanout(ExpertPlacement.contiguous(1, cfg.n_routed_experts, 8, 4), 1, 1, cfg.num_experts_per_tok)
-    assert stats["expected_nodes_per_token"] == round(want[0], 4) and stats["expected_gpus_per_token"] == round(want[1], 4)
-    grouped = capture(ModelConfig.preset("tiny"), "prefill", batch=1, seq=4)
+    got = (stats["expected_nodes_per_token"], stats["expected_gpus_per_token"])
+    assert got == (round(want[0], 4), round(want[1], 4))
+    grouped = Plan(capture(ModelConfig.preset("tiny"), "prefill", batch=1, seq=4), targets.get_target("h800x16"))
     with pytest.raises(PartitionError, match="topk_group=2"):  # 4 groups on 8 nodes of 2: a token reaches 4 nodes
-        passes.REGISTRY["expert_partition"].fn(Plan(grouped, targets.get_target("h800x16")), {"ep": 16, "gpus_per_node": 2})
+        passes.REGISTRY["expert_partition"].fn(grouped, {"ep": 16, "gpus_per_node": 2})
+
+
+def test_training_search_keeps_the_node_limit():
+    """On 1024 GPUs V3's candidate layouts stop at EP64 (its 8 groups on 8 nodes); Kimi-K2's (one group) go beyond."""
+    from dsv3c.cost.search import candidate_layouts
+
+    t = targets.get_target("h800x1024")
+    v3 = {lay.ep for lay in candidate_layouts(ModelConfig.preset("deepseek-v3"), t, 15360)}
+    kimi = {lay.ep for lay in candidate_layouts(ModelConfig.preset("kimi-k2"), t, 15360)}
+    assert max(v3) == 64 and 128 in kimi
 
 
 # ---- every mode compiles for every preset -------------------------------------------------------------------------

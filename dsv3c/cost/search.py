@@ -2,17 +2,27 @@
 sort by step time.
 
 Legality: `dsv3c.placement.make_mesh` (pp x dp = GPUs, no TP in training, EP inside a stage's data-parallel
-ranks, node-aligned, dividing the experts), `dsv3c.schedules.validate` (DualPipe: even pp, even micro-batch
-count >= 2 pp), a stage per pipeline unit at least, and the global batch dividing into micro-batches of
-`mb_seqs` sequences over the DP ranks. Memory is checked before the (more expensive) simulation, and the
+ranks, node-aligned, dividing the experts), node-limited routing kept where the config has groups (the
+contiguous placement of the EP group reaches at most topk_group nodes per token), `dsv3c.schedules.validate`
+(DualPipe: even pp, even micro-batch count >= 2 pp), a stage per pipeline unit at least, and the global batch
+dividing into micro-batches of `mb_seqs` sequences over the DP ranks. Memory is checked before the (more expensive) simulation, and the
 per-block chunk costs, stage partitions and schedules are shared by all candidates.
 """
 
 from __future__ import annotations
 
 from dsv3c.cost.train import Layout, LayoutError, TrainCostModel
-from dsv3c.placement import PlacementError, make_mesh
+from functools import lru_cache
+
+from dsv3c.placement import ExpertPlacement, PlacementError, keeps_node_limit, make_mesh
 from dsv3c.schedules import KINDS, ScheduleError, validate
+
+
+@lru_cache(maxsize=256)
+def _keeps_node_limit(experts: int, n_group: int, topk_group: int, ep: int, gpus_per_node: int) -> bool:
+    """Whether EP over ep ranks (the contiguous placement) keeps the config's node limit."""
+    placement = ExpertPlacement.contiguous(1, experts, ep, min(ep, gpus_per_node))
+    return keeps_node_limit(placement, n_group, topk_group)
 
 
 def _divisors(n: int) -> list[int]:
@@ -35,6 +45,8 @@ def candidate_layouts(cfg, target, global_batch: int, kinds=KINDS, mb_seqs=(1,),
             except PlacementError:
                 continue
             if e > 1 and not cfg.n_routed_experts:
+                continue
+            if e > 1 and not _keeps_node_limit(cfg.n_routed_experts, cfg.n_group, cfg.topk_group, e, gpn):
                 continue
             for kind in kinds:
                 stages = 2 * p if kind == "dualpipev" else p
