@@ -5,15 +5,15 @@ Legality: `dsv3c.placement.make_mesh` (pp x dp = GPUs, no TP in training, EP ins
 ranks, node-aligned, dividing the experts), node-limited routing kept where the config has groups (the
 contiguous placement of the EP group reaches at most topk_group nodes per token), `dsv3c.schedules.validate`
 (DualPipe: even pp, even micro-batch count >= 2 pp), a stage per pipeline unit at least, and the global batch
-dividing into micro-batches of `mb_seqs` sequences over the DP ranks. Memory is checked before the (more expensive) simulation, and the
-per-block chunk costs, stage partitions and schedules are shared by all candidates.
+dividing into micro-batches of `mb_seqs` sequences over the DP ranks. Memory is checked before the (more
+expensive) simulation, and the per-block chunk costs, stage partitions and schedules are shared by all candidates.
 """
 
 from __future__ import annotations
 
-from dsv3c.cost.train import Layout, LayoutError, TrainCostModel
 from functools import lru_cache
 
+from dsv3c.cost.train import Layout, LayoutError, TrainCostModel
 from dsv3c.placement import ExpertPlacement, PlacementError, keeps_node_limit, make_mesh
 from dsv3c.schedules import KINDS, ScheduleError, validate
 
