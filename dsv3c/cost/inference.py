@@ -137,7 +137,8 @@ def decode(plan, cfg, facts: BlockFacts, target, c, fanout, mtp: bool) -> dict:
         t = t + draft["time"]
     per_step = 1 + (c["mtp_acceptance"] if mtp else 0)
     batch = facts.shapes["batch"]
-    return {"batch_per_gpu": batch, "context": facts.shapes["kv_len"], "mtp": mtp, "tokens_per_sequence_per_step": per_step,
+    return {"batch_per_gpu": batch, "context": facts.shapes["kv_len"], "speculative": mtp,
+            "tokens_per_sequence_per_step": per_step,
             "step_seconds": t.total, "tpot_seconds": t.total / per_step,
             "tokens_per_gpu_per_second": batch * per_step / t.total, "split_seconds": _split(t),
             "per_layer": _per_layer(step), "communication_per_micro_batch": step["communication"]}
