@@ -159,3 +159,12 @@ def test_set_reaches_every_mode(figures, mode):
         assert figs[1][key] >= figs[0][key]
         a, b = (f["per_layer"]["moe"]["communication_side_seconds"] for f in figs)
     assert b > a
+
+
+def test_step_lower_bound_never_exceeds_the_step(figures):
+    """The search prunes by this bound: it must hold for every candidate it could prune."""
+    planned = plan_train(figures, "auto")
+    pricer = planned.pricer
+    for ev in planned.search["fitting"]:
+        assert pricer.step_lower_bound(ev.cand) <= ev.step_seconds * (1 + 1e-12), ev.cand.label()
+    assert len(planned.search["fitting"]) >= 8 and planned.search["pruned"]
