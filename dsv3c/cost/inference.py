@@ -100,10 +100,10 @@ def kv_capacity(plan, facts: BlockFacts, target, c, kv_per_token: int, context: 
 
 
 def _split(t: Time) -> dict:
-    """The step's parts for plan.json (compute, memory, overheads, exposed communication, latency)."""
+    """The step's parts for plan.json, as training's (an inference unit has no pipeline bubble and no optimizer)."""
     d = t.as_dict()
     return {"compute": d["compute"], "memory": d["memory"], "overhead": d["overhead"], "comm": d["comm"],
-            "latency": d["latency"]}
+            "latency": d["latency"], "bubble": 0.0, "optimizer": 0.0}
 
 
 def prefill(plan, cfg, facts: BlockFacts, target, c, fanout) -> dict:
