@@ -89,19 +89,10 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path) -> "ModelConfig":
-        """Read and validate an HF-format config.json."""
-        try:
-            with open(path, "rb") as f:
-                data = f.read(1 << 24)
-            raw = json.loads(data.decode("utf-8"))
-        except OSError as e:
-            raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start})") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config {path} is not valid JSON: {e.msg} at line {e.lineno}") from None
-        except (RecursionError, ValueError) as e:
-            raise ConfigError(f"config {path} is not valid JSON: {str(e).splitlines()[0][:120]}") from None
+        """Read and validate an HF-format config.json (a regular file, size- and depth-capped: dsv3c.inputs)."""
+        from dsv3c.inputs import MAX_CONFIG_BYTES, load_json
+
+        raw = load_json(path, "config", MAX_CONFIG_BYTES, ConfigError)
         if not isinstance(raw, dict):
             raise ConfigError(f"config {path} must hold a JSON object")
         return cls.from_dict(raw, name=str(raw.get("_name_or_path") or "custom"))
