@@ -323,6 +323,9 @@ def _run_ep(args, cfg) -> int:
 
     from dsv3c import outdir, validate
 
+    if args.mode != "prefill" or args.kv_len or args.checkpoint:
+        raise UsageError("--ranks/--ep run a prefill (or --train) step on random weights: --mode decode, --kv-len and "
+                         "--checkpoint do not apply")
     ranks = args.ranks if args.ranks is not None else args.ep
     validate.check_run_sizes(ranks)
     validate.check_run_shapes(cfg, "prefill", {"batch": args.batch or 1, "seq": args.seq or 8, "kv_len": 0}, ranks)
@@ -350,8 +353,9 @@ def _run_speculative(args) -> int:
 
     if args.mode != "decode":
         raise UsageError("--tokens generates tokens: it needs --mode decode")
-    if args.ranks is not None or args.ep is not None or args.checkpoint:
-        raise UsageError("--tokens runs in one process on random weights: --ranks/--ep/--checkpoint do not apply yet")
+    if args.ranks is not None or args.ep is not None or args.checkpoint or args.kv_len:
+        raise UsageError("--tokens runs in one process on random weights from a --seq prompt: --ranks/--ep/--checkpoint/"
+                         "--kv-len do not apply")
     from dsv3c import validate
 
     validate.check_run_sizes(1, tokens=args.tokens)

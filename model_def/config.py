@@ -191,6 +191,8 @@ class ModelConfig:
             if not isinstance(rs.get(key), (int, float)) or isinstance(rs.get(key), bool) or rs[key] <= 0:
                 raise ConfigError(f"rope_scaling.{key} must be a positive number")
         checks.check_rope_numbers(rs)
+        if self.rope_theta <= 1:  # YaRN's correction range divides by log(rope_theta)
+            raise ConfigError(f"rope_theta must exceed 1 with YaRN rope_scaling, got {self.rope_theta}")
 
     def to_dict(self) -> dict:
         """The config as HF config.json fields (hub form), deterministic."""

@@ -62,10 +62,12 @@ def _under(path: str, outputs) -> bool:
 
 
 def touched_outside(before: dict, after: dict, outputs=()) -> list[str]:
-    """Paths created, changed or removed that are not at or under the given outputs."""
+    """Paths created, changed or removed that are not at or under the given outputs (new folders leading to an
+    output, made to hold it, excepted)."""
     outs = [os.path.normpath(o) for o in outputs if o and not os.path.isabs(o)]
     changed = {p for p in set(before) | set(after) if before.get(p, "absent") != after.get(p, "absent")}
-    return sorted(p for p in changed if not _under(p, outs))
+    made = {p for p in changed if p not in before and after.get(p, "absent") is None and any(_under(o, [p]) for o in outs)}
+    return sorted(p for p in changed - made if not _under(p, outs))
 
 
 def run_in_process(capsys, argv: list[str], files: dict | None = None, dirs=()) -> tuple[int, list, list, dict, dict]:

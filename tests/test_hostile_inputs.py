@@ -11,6 +11,7 @@ import pytest
 import passes
 from dsv3c import bounds, cli, inputs, outdir
 from dsv3c.outdir import MARKER
+from model_def.config import TINY as TINY_CONFIG
 from tests.cli_harness import check_clean, listing, run_case
 
 TINY = ["--model", "tiny", "--target", "h800x8"]
@@ -73,6 +74,11 @@ CASES = {  # name: (argv, files, dirs, words the one error line holds)
     "global_batch_unicode": (["compile", *TINY, "--global-batch", "١٠"], {}, [], "digits 0-9"),
     "seed_too_large": (["run", "--seed", str(2**64)], {}, [], "--seed"),
     "tokens_over_bound": (["run", "--mode", "decode", "--tokens", "100000"], {}, [], "--tokens 100,000"),
+    # found by the generated fuzzer (tests/test_fuzz_cli.py)
+    "yarn_rope_theta_1": (["compile", "--target", "h800x8", "--config", "c.json", *CHEAP],
+                          {"c.json": json.dumps({**TINY_CONFIG, "rope_theta": 1}).encode()}, [],
+                          "rope_theta must exceed 1"),
+    "run_ranks_ignoring_kv_len": (["run", "--ranks", "2", "--kv-len", "99999999"], {}, [], "--kv-len"),
     "run_pp_micro_batches_over_bound": (["run", "--pp", "2", "--micro-batches", "5000"], {}, [],
                                         "--micro-batches 5,000"),
 }
@@ -180,6 +186,16 @@ def test_decode_defaults_fit_the_model(capsys, tmp_path, monkeypatch):
     assert "kv_len 4095 used" in plan["shapes_notes"][0]
     assert "kv_len 4095 used" in (tmp_path / "o" / "report.txt").read_text()
     assert cli.main(["compile", *TINY, "--mode", "decode", "--kv-len", "4096", "--passes", "dce", "--out", "p"]) == 2
+
+
+def test_decode_on_one_gpu_compiles(capsys, tmp_path, monkeypatch):
+    """One GPU has no communication: the communication-bound rate is null, not inf (exit 1 before, found by the
+    fuzzer)."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["compile", "--model", "tiny", "--target", "h800x1", "--mode", "decode", "--passes", "dce,cost",
+                     "--out", "o"]) == 0, capsys.readouterr().err  # fmt: skip
+    plan = json.loads((tmp_path / "o" / "plan.json").read_text())
+    assert plan["inference"]["communication_bound_tokens_per_gpu_per_second"] is None
 
 
 # ---- outputs: a foreign file survives every command ---------------------------------------------------------

@@ -26,7 +26,6 @@ micro-batch); communication not hidden behind the other micro-batch's compute is
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 from dsv3c.eplb import PlacementError
@@ -508,7 +507,7 @@ def decode_figures(cfg, target, unit: Unit, batch: float, context: int, c: dict,
         },
         "communication_bound_seconds": tot["communication_seconds"],
         "communication_bound_tokens_per_gpu_per_second": batch * tokens_per_step / tot["communication_seconds"]
-        if tot["communication_seconds"] else math.inf,
+        if tot["communication_seconds"] else None,  # one GPU: no communication, no bound (JSON has no inf)
         "communication_per_micro_batch": step["moe_block"]["per_micro_batch"]["communication"],
     }
 
@@ -591,7 +590,8 @@ def report_sections(inf: dict) -> list[tuple]:
                 ["TPOT", _us(inf["tpot_seconds"])], ["tokens/s per GPU", f"{inf['tokens_per_gpu_per_second']:,.0f}"]]
         rows += [[k.replace("_seconds", "").replace("_", " ") + " (time per step)", _us(v)] for k, v in inf["split_seconds"].items()]
         rows.append(["communication alone (bound per step)", _us(inf["communication_bound_seconds"])])
-        rows.append(["tokens/s per GPU, communication bound", f"{inf['communication_bound_tokens_per_gpu_per_second']:,.0f}"])
+        bound = inf["communication_bound_tokens_per_gpu_per_second"]
+        rows.append(["tokens/s per GPU, communication bound", "none (no communication)" if bound is None else f"{bound:,.0f}"])
         secs.append(("Decode (roofline)", rows))
         per = inf["per_layer_seconds"]
         secs.append(("Decode time per layer (both micro-batches)",
