@@ -261,6 +261,13 @@ RUN_MAX_PARAMS = 2_000_000_000  # run holds real weights on one device
 
 def cmd_run(args, argv) -> int:
     """dsv3c run: exit 0 when the lowered graph's logits are within the FP8 tolerance (dsv3c.runtime.executor), else 1."""
+    if args.tokens is not None and args.pp:
+        raise UsageError("--tokens generates tokens in one process: --pp does not apply")
+    if args.expert_load_out and (args.pp or (args.ranks is None and args.ep is None)):
+        raise UsageError("--expert-load-out writes what an expert-parallel run observes: it needs --ranks or --ep, "
+                         "without --pp")
+    if args.micro_batches is not None and not args.pp:
+        raise UsageError("--micro-batches applies to a pipelined training step: it needs --pp")
     if args.pp:
         return _cmd_run_pipelined(args)
     if args.tokens is not None:

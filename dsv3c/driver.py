@@ -26,7 +26,6 @@ from model_def import DeepseekV3, ModelConfig
 from model_def.counts import parameter_counts
 
 
-
 class OptionError(ValueError):
     """A compile option outside what the model allows."""
 
