@@ -319,7 +319,7 @@ def grouped_linear(x: Tensor, counts: Tensor, w: Tensor) -> Tensor:
     expert = torch.repeat_interleave(torch.arange(s, device=x.device), counts)
     pos = torch.arange(x.shape[0], device=x.device) - (torch.cumsum(counts, 0) - counts)[expert]
     batch = x.new_zeros((s, int(counts.max()), x.shape[1])).index_put((expert, pos), x)
-    return torch.bmm(batch, w.transpose(1, 2))[expert, pos]
+    return torch.bmm(w, batch.transpose(1, 2)).transpose(1, 2)[expert, pos]  # (w·xᵀ)ᵀ: w's gradient stays contiguous
 
 
 def experts_ref(recv_x, recv_tok, recv_slot, w_gate, w_up, w_down, fp8_gemms: bool, ep: int = 1) -> Tensor:

@@ -13,7 +13,7 @@ sender's local index on each target node over `rail_group`, then NVLink inside t
 `all_to_all` issues every exchange as an asynchronous collective (`async_op=True`) and waits for it; the
 wait blocks only the calling thread. `link_delay` (seconds) models a slower link for measurements: an
 exchange completes no earlier than link_delay after it was issued. With a `tracer` each exchange is
-recorded as a communication span on the context's `lane`. `comm` replaces torch.distributed with an
+recorded as a communication span of the calling thread. `comm` replaces torch.distributed with an
 in-process exchange (`dsv3c.ops.ep.LocalExchange`, ranks as threads of one process).
 
 This module imports nothing of dsv3c, so the op vocabulary can read it without an import cycle.
@@ -45,8 +45,7 @@ class EPContext:
     node_group: object = None
     observe: bool = False
     link_delay: float = 0.0
-    tracer: object = None  # anything with span(lane, name, cat, start, end, args)
-    lane: str = "main"
+    tracer: object = None  # anything with span(name, cat, start, end, args) (dsv3c.runtime.trace.Tracer)
     comm: object = None  # None: torch.distributed; else an in-process exchange with all_to_all(ctx, t, send, recv, hop)
     load: dict = field(default_factory=dict)  # MoE layer index -> routed tokens per logical expert (this rank)
     max_nodes_per_token: int = 0  # the most distinct nodes one of this rank's tokens was sent to
@@ -101,7 +100,7 @@ class EPContext:
         if self.link_delay:
             time.sleep(max(0.0, start + self.link_delay - time.perf_counter()))
         if self.tracer is not None:
-            self.tracer.span(self.lane, f"{name} ({hop})", "comm", start, time.perf_counter(),
+            self.tracer.span(f"{name} ({hop})", "comm", start, time.perf_counter(),
                              {"rows_sent": sum(send), "rows_received": sum(recv)})
         return out
 

@@ -59,7 +59,8 @@ def plan_run(cfg, ranks: int, mode: str, pp: int = 1, ep: int = 1, kind: str | N
     return planned.plan
 
 
-def run_plan(cfg, plan, train: bool, seed: int = 0, batch: int = 1, seq: int = 8) -> dict:
+def run_plan(cfg, plan, train: bool, seed: int = 0, batch: int = 1, seq: int = 8, link_delay: float = 0.0,
+             trace=None) -> dict:
     """Execute plan on mesh.gpus gloo processes and compare with one process (see dsv3c.runtime.ep_run/pipelined)."""
     mesh = plan.mesh
     if mesh.tp != 1:
@@ -71,25 +72,11 @@ def run_plan(cfg, plan, train: bool, seed: int = 0, batch: int = 1, seq: int = 8
         if m > MAX_RUN_MICRO_BATCHES:
             raise RunPlanError(f"the plan's {m} micro-batches per pipeline exceed the {MAX_RUN_MICRO_BATCHES} a run "
                                "executes; compile with a smaller --global-batch")
-        if mesh.ep not in (1, mesh.dp):
-            raise RunPlanError(f"the pipelined runtime runs EP 1 or EP = dp ({mesh.dp}); the plan has EP {mesh.ep}")
-        _check_contiguous(plan)
         spec = make_spec(cfg, plan.kind, mesh.pp, m, mesh.gpus, mesh.ep, mb_size=batch, seq=seq, seed=seed,
-                         ranges=plan.layer_ranges())
+                         ranges=plan.layer_ranges(), placement=None if plan.placement is None else plan.placement.phy2log,
+                         gpus_per_node=mesh.gpus_per_node, link_delay=link_delay, trace=trace)  # fmt: skip
         return run_many([spec])[0]
     from dsv3c.runtime.ep_run import run_ep
 
     return run_ep(cfg, mesh.gpus, mesh.ep, train=train, seed=seed, batch=batch, seq=seq,
                   gpus_per_node=mesh.gpus_per_node, placement=plan.tables())
-
-
-def _check_contiguous(plan) -> None:
-    """The pipelined runtime holds experts in contiguous slices: refuse other placements."""
-    p = plan.placement
-    if p is None:
-        return
-    import torch
-
-    if p.num_slots != p.experts or not torch.equal(p.phy2log, torch.arange(p.experts).expand_as(p.phy2log)):
-        raise RunPlanError("the pipelined runtime holds each EP rank's experts as a contiguous slice; the plan's "
-                           "placement (redundant or rebalanced experts) runs only without --pp")
