@@ -258,6 +258,11 @@ def ep_dispatch(
     else:
         xr = route.broadcast(ctx, x, "dispatch")
     handle = _register(ctx, route)
+    if ctx.observe:
+        ctx.received_tokens += xr.shape[0]
+        ctx.token_capacity += ep * t
+        for h in route.hops:
+            ctx.sent_rows[h.name] += sum(h.tok_send) - h.tok_send[ctx.hop_rank(h.name)]
     rows, routes = max(ep * t, xr.shape[0]), max(ep * t * k, route.row.numel())
     first = route.hops[0]
     return (
@@ -282,7 +287,8 @@ def _observe(ctx, layer: int, ids: Tensor, dst: Tensor, experts: int) -> None:
     ctx.load[layer] = ctx.load.get(layer, 0) + load
     for per, attr in ((ctx.gpus_per_node, "max_nodes_per_token"), (1, "max_gpus_per_token")):
         where = dst // per
-        distinct = (torch.zeros(dst.shape[0], int(where.max()) + 1, dtype=torch.bool).scatter_(1, where, True)).sum(1)
+        hit = torch.zeros(dst.shape[0], int(where.max()) + 1, dtype=torch.bool, device=dst.device)
+        distinct = hit.scatter_(1, where, True).sum(1)
         setattr(ctx, attr, max(getattr(ctx, attr), int(distinct.max()) if distinct.numel() else 0))
 
 

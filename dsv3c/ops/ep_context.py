@@ -50,7 +50,10 @@ class EPContext:
     load: dict = field(default_factory=dict)  # MoE layer index -> routed tokens per logical expert (this rank)
     max_nodes_per_token: int = 0  # the most distinct nodes one of this rank's tokens was sent to
     max_gpus_per_token: int = 0
-    sent_rows: dict = field(default_factory=lambda: dict.fromkeys(HOPS, 0))  # rows sent to other ranks, per hop
+    sent_rows: dict = field(default_factory=lambda: dict.fromkeys(HOPS, 0))  # observe: dispatched token rows sent
+    # to other ranks, per hop
+    received_tokens: int = 0  # observe: token rows dispatch delivered here (the receive buffers' sizes)
+    token_capacity: int = 0  # observe: the padded rows of the static shapes (ep·T per dispatch)
     handles: dict = field(default_factory=dict)  # dispatch handle -> its route, or a weak reference (dsv3c.ops.ep)
     next_handle: int = 1
     recent: object = None  # the route of the last combine (alive until its autograd setup has run)
@@ -87,8 +90,6 @@ class EPContext:
     def all_to_all(self, t: torch.Tensor, send: list[int], recv: list[int], hop: str = "ep",
                    name: str = "all_to_all") -> torch.Tensor:  # fmt: skip
         """t's rows over hop's group: send[p] rows to peer p, recv[p] rows from peer p (peers in hop_members order)."""
-        me = self.hop_rank(hop)
-        self.sent_rows[hop] += sum(send) - send[me]
         start = time.perf_counter()
         if self.hop_size(hop) == 1:
             out = t.clone()
