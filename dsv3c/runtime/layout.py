@@ -20,6 +20,21 @@ from dsv3c.ops.ep_context import EPContext
 KINDS = ("ep", "dp", "edp", "pp")
 
 
+def backend_device(backend: str | None, init: str | None):
+    """(backend, this rank's device): NCCL with cuda:LOCAL_RANK under torchrun (init None) when CUDA is present or
+    asked for, else gloo on the CPU."""
+    import os
+
+    import torch
+
+    backend = backend or ("nccl" if torch.cuda.is_available() and init is None else "gloo")
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        return backend, device
+    return backend, torch.device("cpu")
+
+
 def route_of(mesh, mode: str) -> str:
     """'two-hop' when an EP group spans nodes outside decode, else 'direct'."""
     return "two-hop" if mesh.ep > mesh.ep_gpus_per_node and mode != "decode" else "direct"

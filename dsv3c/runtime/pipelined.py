@@ -415,13 +415,9 @@ def _worker(rank: int, world: int, specs: list[dict], init_method: str | None, o
 
     importlib.import_module("torch._dynamo")  # (the custom ops' first call imports it; do it before timing)
 
-    backend = specs[0].get("backend") or ("nccl" if torch.cuda.is_available() and init_method is None else "gloo")
-    if backend == "nccl":
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
+    from dsv3c.runtime.layout import backend_device
+
+    backend, device = backend_device(specs[0].get("backend"), init_method)
     kw = {"init_method": init_method} if init_method else {}
     dist.init_process_group(backend, rank=rank, world_size=world, **kw)
     try:
@@ -580,11 +576,12 @@ def _overlap_summary(results, per_run, link_delay) -> dict:
     between = _compare(seq["loss"], seq_grads, ovl["loss"], ovl_grads)
     worst = max((float((ovl_grads[k] - v).abs().max()) for k, v in seq_grads.items()), default=0.0)
     figures = [[r[5] for r in run] for run in per_run]  # per run, per rank: comm / compute / exposed seconds
-    exposed = [max(f["exposed_comm_seconds"] for f in run) for run in figures]
+    exposed = [sum(f["exposed_comm_seconds"] for f in run) for run in figures]
     return {"orders": ["sequential", "overlapped"], "link_delay_seconds": link_delay,
             "step_seconds": [run[0][4] for run in per_run],
-            "ep_comm_seconds": [max(f["comm_seconds"] for f in run) for run in figures],
+            "ep_comm_seconds": [sum(f["comm_seconds"] for f in run) for run in figures],
             "exposed_ep_comm_seconds": exposed, "exposed_ratio": exposed[1] / exposed[0] if exposed[0] else None,
+            "exposed_ep_comm_seconds_per_rank": [[f["exposed_comm_seconds"] for f in run] for run in figures],
             "loss_rel_err_between_orders": between["loss_rel_err"],
             "grad_max_cos_diff_between_orders": between["grad_max_cos_diff"], "grad_max_abs_diff_between_orders": worst,
             "orders_agree": between["loss_rel_err"] <= LOSS_TOL and between["grad_max_cos_diff"] <= COS_TOL,

@@ -5,8 +5,9 @@ lane ("main", or the thread's name: the pipelined runtime's overlapped forward c
 its own). Compute spans cover a whole action (its own waits included); communication spans cover an
 exchange from its issue to its completion.
 
-Exposed communication of a rank: the time some exchange is in flight while no lane computes, where a lane
-computes during its compute spans except while it waits for its own exchanges. Overlap hides an exchange
+Exposed communication of a rank: the time some EP exchange ("comm") is in flight while no lane computes,
+where a lane computes during its compute spans except while it waits for its own exchanges or receives
+("p2p", the pipeline's activations and gradients). Overlap hides an exchange
 of one lane behind the other lane's compute (and two lanes' exchanges in flight at once count once).
 
 `write_trace(path, runs)` writes the spans of several runs (one per process in the trace, rank by rank) in
@@ -65,11 +66,12 @@ def _length(intervals) -> float:
 
 
 def exposed(spans: list[dict], comm_cat: str = "comm") -> dict:
-    """Seconds of communication in flight, compute, and communication exposed (no lane computing) of one rank."""
+    """Seconds of communication (summed over the exchanges), of compute, and of communication in flight while no
+    lane computes, of one rank."""
     comm = [s for s in spans if s["cat"] == comm_cat]
     busy = []
-    for lane in {s["lane"] for s in spans}:
-        own = _merge((s["start"], s["end"]) for s in comm if s["lane"] == lane)
+    for lane in {s["lane"] for s in spans}:  # a lane computes in its compute spans except while it waits
+        own = _merge((s["start"], s["end"]) for s in spans if s["lane"] == lane and s["cat"] != "compute")
         work = _merge((s["start"], s["end"]) for s in spans if s["lane"] == lane and s["cat"] == "compute")
         busy += _minus(work, own)
     busy = _merge(busy)
