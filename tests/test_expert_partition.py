@@ -245,8 +245,13 @@ def test_cli_usage_errors(capsys):
     assert cli.main(["run", "--ranks", "0"]) == 2
     assert cli.main(["run", "--ranks", "2", "--ep", "2", "--plan", "x.json"]) == 2  # --plan brings its own degrees
     assert cli.main(["run", "--model", "deepseek-v3", "--ranks", "2"]) == 2
+    assert cli.main(["run", "--ranks", "2", "--link-delay-ms", "-1"]) == 2
+    assert cli.main(["run", "--fp8"]) == 2  # --fp8, --trace, --link-delay-ms: runs on ranks only
+    assert cli.main(["run", "--trace", "t.json"]) == 2
+    assert cli.main(["run", "--ranks", "2", "--tokens", "4"]) == 2  # tokens need --mode decode
+    assert cli.main(["run", "--ranks", "2", "--mode", "decode"]) == 2  # decode on ranks needs --tokens
     err = capsys.readouterr().err
-    assert err.count("dsv3c: error:") == 4
+    assert err.count("dsv3c: error:") == 9 and len(err.strip().splitlines()) == 9
 
 
 def test_cli_json_and_expert_load(tmp_path, capsys):

@@ -101,8 +101,9 @@ class EPContext:
         if self.link_delay:
             time.sleep(max(0.0, start + self.link_delay - time.perf_counter()))
         if self.tracer is not None:
+            row_bytes = math.prod(t.shape[1:]) * t.element_size()
             self.tracer.span(f"{name} ({hop})", "comm", start, time.perf_counter(),
-                             {"rows_sent": sum(send), "rows_received": sum(recv)})
+                             {"rows_sent": sum(send), "rows_received": sum(recv), "bytes_sent": sum(send) * row_bytes})
         return out
 
 
