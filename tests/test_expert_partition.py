@@ -102,7 +102,7 @@ def test_simulated_ranks_backward_equals_unpartitioned_experts(layer, gpn_draw):
         recv_x, tok, slot, counts, order, _ = ops.ep_dispatch(xs[r], ids[r], phy2log, log2phy, logcnt, ep, 0, False,
                                                               gpn, 1.0, 1.0)  # fmt: skip
         y = ops.ep_experts(recv_x, tok, slot, *[w[phy2log[r * per : (r + 1) * per]] for w in weights], False, ep)
-        (ops.ep_combine(y, ws[r], counts, order, ep, gpn, xs[r].dtype) * probe[r]).sum().backward()
+        (ops.ep_combine(y, ws[r], counts, order, ep, gpn, xs[r].dtype, 1.0, 1.0) * probe[r]).sum().backward()
 
     ep_ops.run_ranks(rank_fn, ep, gpn, route)
     leaves = xs + ws + weights
@@ -198,7 +198,8 @@ def test_dispatch_counts_ib_only_when_ep_spans_nodes(ep, gpn, quant):
     assert (c["nvlink_bytes"] > 0) == (ep > 1 and gpn > 1)
     y = torch.empty(ep * 64 * 8, 256, dtype=torch.bfloat16, device="meta")
     w = torch.empty(64, 8, device="meta")
-    cc = ep_ops.cost_ep_combine([y, w, None, None, ep, gpn, torch.bfloat16], torch.empty(64, 256, device="meta"))
+    cc = ep_ops.cost_ep_combine([y, w, None, None, ep, gpn, torch.bfloat16, exp_nodes, exp_gpus],
+                                torch.empty(64, 256, device="meta"))
     assert (cc["ib_bytes"] > 0) == spans
     if spans and quant:  # FP8 + scales per (token, node) against BF16 per route
         assert c["ib_bytes"] < cc["ib_bytes"]

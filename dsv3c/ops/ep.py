@@ -14,8 +14,10 @@ exchanges its counts first ([peers, 2] ints), then the per-route metadata, then 
 buffers of exactly the exchanged counts. Combine is the reverse with reductions: each expert GPU sums
 its routes of a token (g·y, the routing weights sent along first), the forwarding GPU of two-hop sums
 its node's rows of a token (DeepEP's per-node reduction), the home rank sums the rest; sums in float32,
-rows on the wire in y's dtype (BF16 under the FP8 recipe). Dispatch leaves the route in the context and
-returns its handle (DeepEP's dispatch handle) for combine and the backward.
+rows on the wire in y's dtype (BF16 under the FP8 recipe). Where DeepEP's dispatch returns a handle that
+combine reuses, combine and the backwards here re-derive the route from their inputs (counts and
+route_order give every route's destination) with one metadata round per hop (ints, no rows): the ops stay
+functions of their arguments, whatever calls them in whatever order.
 
 - `ep_dispatch(x, ids, phy2log, log2phy, logcnt, ep, layer, quant, gpus_per_node, exp_nodes, exp_gpus)`:
   with `quant` the rows travel as E4M3 codes plus 1x128 float32 scales (`dsv3c.ops.fp8.act_quant`),
@@ -25,18 +27,17 @@ returns its handle (DeepEP's dispatch handle) for combine and the backward.
   Outputs, padded to the static shapes a captured graph needs (ep·T tokens and ep·T·k routes are the most
   a rank can receive when every rank has T tokens; an eager caller whose ranks hold different token
   counts gets exactly what arrived when that is more): recv_x [ep·T, D], recv_tok [ep·T·k] (row of
-  recv_x, -1 = padding), recv_slot [ep·T·k] (local slot, -1 = padding), counts [5, ep] (rows 0-3 per EP
-  peer: tokens sent / received, routes sent / received; row 4: [the dispatch handle, 0, ...]),
-  route_order [T·k] (this rank's flat (t, j) routes in the first hop's send order), send_tok [ep·T]
-  (token sent per row of the first hop, -1 = padding).
+  recv_x, -1 = padding), recv_slot [ep·T·k] (local slot, -1 = padding), counts [4, ep] (per EP peer:
+  tokens sent / received, routes sent / received), route_order [T·k] (this rank's flat (t, j) routes
+  ordered by destination rank), send_tok [ep·T] (token sent per row of the first hop, -1 = padding).
 - `ep_experts(recv_x, recv_tok, recv_slot, w_gate [S, F, D], w_up, w_down, fp8, ep)`: SwiGLU per received
   route with the rank's local expert weights, all local slots in one grouped (batched) GEMM per
   projection (`fp8`: every GEMM a `dsv3.fp8_linear`, as in `moe_experts_fp8_train`, per slot: the FP8
   Dgrad/Wgrad recipe has no grouped reference) → per-route outputs y [ep·T·k, D] (BF16 under fp8, else
   x's dtype). `ep_experts_fp8` is the inference variant over E4M3 weights and their 128x128 block scales
   (one grouped FP8 GEMM per projection; lowered to the Triton grouped kernel).
-- `ep_combine(y, weights, counts, route_order, ep, gpus_per_node, out_dtype)`: Σ_j g[t, j]·y[t, j] at
-  every token's home rank, by the reductions above.
+- `ep_combine(y, weights, counts, route_order, ep, gpus_per_node, out_dtype, exp_nodes, exp_gpus)`:
+  Σ_j g[t, j]·y[t, j] at every token's home rank, by the reductions above.
 
 Autograd is explicit: dispatch's backward reduces the gradients of the received tokens back to their home
 ranks (combine direction, float32 sums); combine's backward broadcasts the output gradient to the expert
@@ -58,7 +59,6 @@ from __future__ import annotations
 
 import math
 import threading
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -104,7 +104,6 @@ class Route:
     row: Tensor
     slot: Tensor
     src: Tensor
-    weights: Tensor | None = None  # combine: the routing weight of each route, moved to its expert GPU
 
     @property
     def rows(self) -> int:
@@ -174,7 +173,7 @@ def plan_route(ctx: EPContext, dst: Tensor, slot: Tensor, tokens: int) -> Route:
     return Route([h1, h2], row, extra[:, 0], extra[:, 1])
 
 
-# ---- contexts and handles -----------------------------------------------------------------------------
+# ---- contexts -----------------------------------------------------------------------------------------
 
 _SINGLE = threading.local()
 
@@ -193,26 +192,12 @@ def _context(ep: int) -> EPContext:
     return ctx
 
 
-def _register(ctx: EPContext, route: Route) -> int:
-    """Keep route in ctx under a new handle (dropping the handles of routes no autograd graph holds any more)."""
-    for h in [h for h, v in ctx.handles.items() if isinstance(v, weakref.ref) and v() is None]:
-        del ctx.handles[h]
-    h = ctx.next_handle
-    ctx.next_handle += 1
-    ctx.handles[h] = route
-    return h
-
-
-def _route(ctx: EPContext, handle: int, release: bool = False) -> Route:
-    """The route of a handle. release (dispatch's autograd setup, combine): from now on the context holds it only
-    weakly, so it lives as long as an autograd node that saved it (or until the next combine: `ctx.recent`)."""
-    entry = ctx.handles.get(handle)
-    route = entry() if isinstance(entry, weakref.ref) else entry
-    if route is None:
-        raise RuntimeError(f"EP dispatch handle {handle} is unknown in this EP context (combine without its dispatch)")
-    if release:
-        ctx.handles[handle] = weakref.ref(route)
-    return route
+def route_of(ctx: EPContext, counts: Tensor, route_order: Tensor, tokens: int) -> Route:
+    """The route a dispatch took, from its outputs: every route's destination (counts' routes per peer in
+    route_order) planned again (one metadata round per hop)."""
+    dst = torch.empty_like(route_order)
+    dst[route_order] = torch.repeat_interleave(torch.arange(ctx.size, device=counts.device), counts[2])
+    return plan_route(ctx, dst, torch.zeros_like(dst), tokens)
 
 
 def _pad(t: Tensor, rows: int, fill) -> Tensor:
@@ -222,18 +207,15 @@ def _pad(t: Tensor, rows: int, fill) -> Tensor:
     return out
 
 
-def _counts(ctx: EPContext, route: Route, dst: Tensor, tokens: int, handle: int) -> Tensor:
-    """[5, ep]: per EP peer tokens sent / received, routes sent / received; row 4 the handle."""
+def _counts(ctx: EPContext, route: Route, dst: Tensor, tokens: int) -> Tensor:
+    """[4, ep]: per EP peer tokens sent / received, routes sent / received."""
     ep, dev = ctx.size, dst.device
     home = torch.arange(dst.numel(), device=dev) // max(1, dst.numel() // max(1, tokens))
     sent = torch.zeros(tokens, ep, dtype=torch.bool, device=dev)
     sent[home, dst] = True
     got = torch.zeros(route.rows, ep, dtype=torch.bool, device=dev)
     got[route.row, route.src] = True
-    handle_row = torch.zeros(ep, dtype=torch.int64, device=dev)
-    handle_row[0] = handle
-    return torch.stack([sent.sum(0), got.sum(0), torch.bincount(dst, minlength=ep),
-                        torch.bincount(route.src, minlength=ep), handle_row])  # fmt: skip
+    return torch.stack([sent.sum(0), got.sum(0), torch.bincount(dst, minlength=ep), torch.bincount(route.src, minlength=ep)])
 
 
 # ---- ep_dispatch ------------------------------------------------------------------------------------
@@ -257,17 +239,16 @@ def ep_dispatch(
         xr = fp8.act_dequant(codes.view(fp8.FP8), route.broadcast(ctx, scales, "dispatch scales")).to(x.dtype)
     else:
         xr = route.broadcast(ctx, x, "dispatch")
-    handle = _register(ctx, route)
     if ctx.observe:
         ctx.received_tokens += xr.shape[0]
         ctx.token_capacity += ep * t
         for h in route.hops:
             ctx.sent_rows[h.name] += sum(h.tok_send) - h.tok_send[ctx.hop_rank(h.name)]
     rows, routes = max(ep * t, xr.shape[0]), max(ep * t * k, route.row.numel())
-    first = route.hops[0]
+    flat = dst.reshape(-1)
     return (
-        _pad(xr, rows, 0), _pad(route.row, routes, -1), _pad(route.slot, routes, -1),
-        _counts(ctx, route, dst.reshape(-1), t, handle), first.rt_idx.clone(), _pad(first.tok_idx, ep * t, -1),
+        _pad(xr, rows, 0), _pad(route.row, routes, -1), _pad(route.slot, routes, -1), _counts(ctx, route, flat, t),
+        torch.argsort(flat, stable=True), _pad(route.hops[0].tok_idx, ep * t, -1),
     )  # fmt: skip
 
 
@@ -277,7 +258,7 @@ def _(x, ids, phy2log, log2phy, logcnt, ep, layer, quant, gpus_per_node, exp_nod
     i64 = torch.int64
     return (
         x.new_empty((ep * t, x.shape[1])), x.new_empty((ep * t * k,), dtype=i64), x.new_empty((ep * t * k,), dtype=i64),
-        x.new_empty((5, ep), dtype=i64), x.new_empty((t * k,), dtype=i64), x.new_empty((ep * t,), dtype=i64),
+        x.new_empty((4, ep), dtype=i64), x.new_empty((t * k,), dtype=i64), x.new_empty((ep * t,), dtype=i64),
     )  # fmt: skip
 
 
@@ -294,15 +275,16 @@ def _observe(ctx, layer: int, ids: Tensor, dst: Tensor, experts: int) -> None:
 
 def _dispatch_setup(ctx, inputs, output):
     x, ep = inputs[0], inputs[5]
-    ctx.ep, ctx.dtype = ep, x.dtype
-    ctx.route = _route(_context(ep), int(output[3][4, 0]), release=True)
+    ctx.ep, ctx.dtype, ctx.tokens = ep, x.dtype, x.shape[0]
+    ctx.save_for_backward(output[3], output[4])
 
 
 def _dispatch_backward(ctx, grad_x, *_):
-    route = ctx.route
     if grad_x is None:
         return (None, *[None] * 10)
-    grad = route.reduce(_context(ctx.ep), grad_x[: route.rows], ctx.dtype, "dispatch backward")
+    ep_ctx = _context(ctx.ep)
+    route = route_of(ep_ctx, *ctx.saved_tensors, ctx.tokens)
+    grad = route.reduce(ep_ctx, grad_x[: route.rows], ctx.dtype, "dispatch backward")
     return (grad.to(ctx.dtype), *[None] * 10)
 
 
@@ -397,39 +379,40 @@ def _(recv_x, recv_tok, recv_slot, gq, gs, uq, us, dq, ds, ep):
 
 @torch.library.custom_op("dsv3::ep_combine", mutates_args=())
 def ep_combine(
-    y: Tensor, weights: Tensor, counts: Tensor, route_order: Tensor, ep: int, gpus_per_node: int, out_dtype: torch.dtype
+    y: Tensor, weights: Tensor, counts: Tensor, route_order: Tensor, ep: int, gpus_per_node: int, out_dtype: torch.dtype,
+    exp_nodes: float, exp_gpus: float,
 ) -> Tensor:
     """Σ_j g[t, j]·y[t, j] at every token's home rank [T, D]: summed per expert GPU, per node (two-hop), at home."""
     ctx = _context(ep)
-    route = ctx.recent = _route(ctx, int(counts[4, 0]), release=True)
-    n = route.row.numel()
-    route.weights = route.move(ctx, weights.reshape(-1, 1).float(), "combine weights")[:, 0]
+    route = route_of(ctx, counts, route_order, weights.shape[0])
+    w = route.move(ctx, weights.reshape(-1, 1).float(), "combine weights")
     partial = torch.zeros(route.rows, y.shape[1], dtype=torch.float32, device=y.device)
-    partial.index_add_(0, route.row, y[:n].float() * route.weights[:, None])
+    partial.index_add_(0, route.row, y[: route.row.numel()].float() * w)
     return route.reduce(ctx, partial, y.dtype, "combine").to(out_dtype)
 
 
 @ep_combine.register_fake
-def _(y, weights, counts, route_order, ep, gpus_per_node, out_dtype):
+def _(y, weights, counts, route_order, ep, gpus_per_node, out_dtype, exp_nodes, exp_gpus):
     return y.new_empty((weights.shape[0], y.shape[1]), dtype=out_dtype)
 
 
 def _combine_setup(ctx, inputs, output):
-    y, weights, counts, _, ep, _, _ = inputs
-    ctx.ep, ctx.wshape, ctx.wdtype = ep, weights.shape, weights.dtype
-    ctx.route = _route(_context(ep), int(counts[4, 0]))
-    ctx.save_for_backward(y)
+    y, weights, counts, order, ep = inputs[:5]
+    ctx.ep = ep
+    ctx.save_for_backward(y, weights, counts, order)
 
 
 def _combine_backward(ctx, grad_out):
-    (y,) = ctx.saved_tensors
-    route, ep_ctx = ctx.route, _context(ctx.ep)
+    y, weights, counts, order = ctx.saved_tensors
+    ep_ctx = _context(ctx.ep)
+    route = route_of(ep_ctx, counts, order, weights.shape[0])
     n = route.row.numel()
+    w = route.move(ep_ctx, weights.reshape(-1, 1).float(), "combine backward weights")
     g = route.broadcast(ep_ctx, grad_out.to(y.dtype), "combine backward")[route.row].float()
     grad_y = torch.zeros_like(y)
-    grad_y[:n] = (route.weights[:, None] * g).to(y.dtype)
-    grad_w = route.back(ep_ctx, (y[:n].float() * g).sum(-1, keepdim=True), "combine backward weights")
-    return grad_y, grad_w.reshape(ctx.wshape).to(ctx.wdtype), None, None, None, None, None
+    grad_y[:n] = (w * g).to(y.dtype)
+    grad_w = route.back(ep_ctx, (y[:n].float() * g).sum(-1, keepdim=True), "combine backward weight grads")
+    return grad_y, grad_w.reshape(weights.shape).to(weights.dtype), *[None] * 7
 
 
 # ---- all ranks in one process ------------------------------------------------------------------------
@@ -497,7 +480,7 @@ def simulate_ep(x_per_rank, ids_per_rank, weights_per_rank, placement, expert_we
                                                               gpus_per_node or ep, 1.0, 1.0)  # fmt: skip
         local = [w[phy2log[r * per : (r + 1) * per]] for w in expert_weights]
         y = ops.ep_experts(recv_x, tok, slot, *local, fp8_gemms, ep)
-        return ops.ep_combine(y, weights_per_rank[r], counts, order, ep, gpus_per_node or ep, x.dtype)
+        return ops.ep_combine(y, weights_per_rank[r], counts, order, ep, gpus_per_node or ep, x.dtype, 1.0, 1.0)
 
     return run_ranks(rank_fn, ep, gpus_per_node, route)
 
@@ -574,17 +557,15 @@ def cost_ep_experts_fp8(args, out) -> dict:
 
 
 def cost_ep_combine(args, out) -> dict:
-    """Combine: one row per route back to its home rank in y's dtype (BF16 under FP8), two-hop; k FMAs per element.
-
-    The home rank applies the routing weights, so every route's row travels (the IB/NVLink split is
-    two_hop_bytes with k targets per token); summing a token's routes per node before IB, as DeepEP
-    does with the weights sent along, would cut this to dispatch's counts.
-    """
-    y, weights, ep, gpn = args[0], args[1], args[4], args[5]
+    """Combine: dispatch's transfer reversed, a row in y's dtype (BF16 under FP8) per (token, target GPU) over
+    NVLink and per (token, other target node) over IB (each expert GPU sums its routes of a token, each
+    forwarding GPU its node's rows: two_hop_bytes with dispatch's expected nodes and GPUs per token); k FMAs
+    per element. The routing weights sent ahead (k floats per token) are left out: under 0.1% of the rows."""
+    y, weights, ep, gpn, exp_nodes, exp_gpus = args[0], args[1], args[4], args[5], args[7], args[8]
     t, k, d = weights.shape[0], weights.shape[1], y.shape[1]
     row = d * y.element_size()
-    ib, nvlink = two_hop_bytes(t, row, ep, gpn, float(k), float(k))
-    return {"flops": 2 * t * k * d, "bwd_flops": 4 * t * k * d, "bytes": _nbytes(out) + t * k * row,
+    ib, nvlink = two_hop_bytes(t, row, ep, gpn, exp_nodes, exp_gpus)
+    return {"flops": 2 * t * k * d, "bwd_flops": 4 * t * k * d, "bytes": _nbytes(out) + int(t * exp_gpus * row),
             "ib_bytes": ib, "nvlink_bytes": nvlink, "kernel": "combine", "shape": (t, row, ep, gpn)}  # fmt: skip
 
 

@@ -54,9 +54,6 @@ class EPContext:
     # to other ranks, per hop
     received_tokens: int = 0  # observe: token rows dispatch delivered here (the receive buffers' sizes)
     token_capacity: int = 0  # observe: the padded rows of the static shapes (ep·T per dispatch)
-    handles: dict = field(default_factory=dict)  # dispatch handle -> its route, or a weak reference (dsv3c.ops.ep)
-    next_handle: int = 1
-    recent: object = None  # the route of the last combine (alive until its autograd setup has run)
 
     def __post_init__(self):
         if self.route not in ("direct", "two-hop"):

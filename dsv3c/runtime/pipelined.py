@@ -1,54 +1,61 @@
 """Pipelined training steps on torch.distributed, checked against the single-process model.
 
-`run_pipelined(cfg, kind, pp, micro_batches, ...)` starts `ranks` processes (torch.multiprocessing.spawn,
-gloo on CPU, a free localhost port), or runs as one of them under torchrun (`worker_main`, env://, NCCL on
-GPUs). Every rank builds the same float32 model from the same seed and the same batch, keeps its pipeline
-stages (dsv3c.runtime.stages) and executes its action list, one training step (forward, loss, backward; no
-optimizer step). The action lists are plain data, `list[list[str]]` per pipeline rank in
-torch.distributed.pipelining's notation, from `dsv3c.schedules.build`.
+`run_many([make_spec(cfg, kind, pp, micro_batches, ranks, ep, ...)])` forks `ranks` gloo CPU processes (a
+free localhost port) and runs every spec in them; `_worker` is the same rank under torchrun (env://, NCCL
+with cuda:LOCAL_RANK when CUDA is present; `dsv3c.runtime.launch`). Every rank builds the same float32 model
+from the same seed and the same batch, keeps its pipeline stages (dsv3c.runtime.stages) and executes its
+action list, one training step (forward, loss, backward; no optimizer step). The action lists are plain
+data, `list[list[str]]` per pipeline rank in torch.distributed.pipelining's notation, from
+`dsv3c.schedules.build`.
+
+Ranks and groups are the parallel plan's mesh (`dsv3c.runtime.layout`): pipeline stage p is the dp
+consecutive ranks p·dp .. p·dp+dp−1, replica d the d-th of them, a pipeline the ranks {p·dp + d}; the EP
+groups are ep consecutive ranks of a stage (ep divides dp), edp the same EP rank in the stage's other EP
+groups; GPUs per node (the EP route) and the layers per stage (`ranges`, the plan's cut) come from the plan.
 
 Execution:
-  * 1f1b, zb1p, dualpipev: torch.distributed.pipelining's own runtime. Each stage is a `PipelineStage`;
-    `_PipelineScheduleRuntime._prepare_schedule_with_comms` takes the compute-only lists (F, B, I, W,
-    OVERLAP_F_B), infers the stage→rank map, and inserts SEND/RECV (torch's `_add_send_recv`) and
-    REDUCE_GRAD; `step` runs them. Loss: `lm_loss` per micro-batch, scale_grads=True (mean). Each stage gets
-    its input/output shapes statically (meta tensors), so the runtime skips its dynamic metadata inference
-    (a forward and backward of every stage on uninitialised buffers, EP all-to-alls included).
-  * dualpipe (bidirectional): torch's runtime cannot express it: its stage graph is one chain 0→1→…→N−1
-    (stage k sends to k+1, stage 0 is the only first and N−1 the only last stage), while DualPipe has two
-    chains over the same ranks, 0→…→pp−1 and pp→…→2pp−1, with stage pp+s a second copy of stage s's
-    layers. `BidirectionalExecutor` runs it: `lower_bidirectional` inserts SEND_F/RECV_F/SEND_B/RECV_B by
-    the same dataflow simulation as torch's `_add_send_recv` (each send's matching receive goes into the
-    peer's list at the same simulated moment, so per rank pair the receives are posted in the senders'
-    order: deadlock-free and tag-free, valid for gloo and NCCL alike); then each rank walks its list with
-    torch.distributed isend/irecv, computing F with autograd, B as a full backward, I and W with torch's own
-    split (`stage_backward_input` / `stage_backward_weight`), OVERLAP_F_B as its two sub-actions in turn
-    (as torch's runtime does: no real overlap on one CPU stream). Gradients are divided by the micro-batch
-    count at the end.
+  * 1f1b, zb1p: torch.distributed.pipelining's own runtime. Each stage is a `PipelineStage`;
+    `_PipelineScheduleRuntime._prepare_schedule_with_comms` takes the compute-only lists (F, B, I, W),
+    infers the stage→rank map, and inserts SEND/RECV (torch's `_add_send_recv`) and REDUCE_GRAD; `step` runs
+    them. Loss: `lm_loss` per micro-batch, scale_grads=True (mean). Each stage gets its input/output shapes
+    statically (meta tensors), so the runtime skips its dynamic metadata inference (a forward and backward
+    of every stage on uninitialised buffers, EP all-to-alls included).
+  * dualpipev, dualpipe: the `ChainExecutor`, because torch's runtime runs an OVERLAP_F_B pair as its two
+    sub-actions in turn and cannot express DualPipe's two chains (0→…→pp−1 and pp→…→2pp−1, stage pp+s a
+    second copy of stage s's layers). `lower_p2p` inserts SEND_F/RECV_F/SEND_B/RECV_B over the schedule's
+    chains by the same dataflow simulation as torch's `_add_send_recv` (each send's matching receive goes
+    into the peer's list at the same simulated moment, so per rank pair the receives are posted in the
+    senders' order: deadlock-free and tag-free, valid for gloo and NCCL alike; DualPipeV's bend hands over
+    on the rank); each rank walks its list with isend/irecv, F with autograd, B as a full backward, I and W
+    with torch's own split (`stage_backward_input` / `stage_backward_weight`). Gradients are divided by the
+    micro-batch count at the end.
+
+Overlapped F&B, as DeepSeek-V3 describes it (a forward chunk's dispatch/combine hidden behind another
+micro-batch's backward and the reverse): with EP, a step with OVERLAP_F_B pairs runs twice in the same
+processes, the pairs' sub-actions one after the other ("sequential") and then at once ("overlapped"): the
+forward chunk in a thread of its own, the backward chunk in the main thread, each exchanging over its own
+copy of the EP groups (the forward and backward lanes: every EP rank of a stage runs the same list, so each
+lane's collectives meet in the same order). Every exchange is issued as an asynchronous collective and
+waited for by its thread only, so while one chunk's exchange is in flight the other chunk computes. The two
+orders compute the same thing (asserted to 1e-6 loss / 1e-12 gradient cos-diff; bitwise equal in practice):
+only independent work is reordered. A `Tracer` records per rank the compute span of every sub-action, every
+EP exchange and every pipeline receive wait; the result reports the EP communication in flight while no
+thread computes (`dsv3c.runtime.trace.exposed`) for both orders, and `trace` writes both as one
+Chrome/Perfetto file. `link_delay` makes every EP exchange take at least that long (a slower link).
 
 Gradients: each rank sums, by model parameter name, the gradients of its stage copies (the tied embedding of
 the first and last stage, DualPipe's two copies of each stage); rank 0 gathers them (gather_object) and
-sums across ranks. With ranks = pp × dp, dp > 1 replicates the pipeline: replica d runs micro-batches
-d·M..(d+1)·M−1, gradients are averaged over the dp group (all_reduce), and the reference runs all dp·M
-micro-batches.
-
-Ranks follow the parallel plan's rank map: pipeline stage p is the dp consecutive global ranks p·dp ..
-p·dp+dp−1, replica d is the d-th of them, and a pipeline is the ranks {p·dp + d}.
-
-Expert parallelism (ep = dp > 1): the dp replicas of a pipeline stage (its consecutive ranks) form that
-stage's EP group (its own process group, created on every rank in the same order); replica d is EP rank d.
-Every MoE layer of a stage (decoder layers and the MTP block) holds only its EP rank's routed experts
-(contiguous: experts d·E/ep … (d+1)·E/ep − 1; stages.EPExperts) and runs dsv3.ep_dispatch → ep_experts →
-ep_combine: real all_to_all_single over the EP group, forward and (hand-written) backward, with the
-EPContext active over the whole step. The replicas run identical action lists, so every EP collective of a
-stage is met by its peers at the same point of their lists, whatever the kind (no deadlock with the pipeline
-P2P). Gradients: dense parameters are averaged over the dp group as above; an expert's gradient on its
-owner already sums every replica's tokens routed to it (each replica's mean over its M micro-batches), so it
-is divided by dp, not all-reduced, and rank 0 assembles each expert tensor from its owners' slices.
+sums across ranks. dp > 1 replicates the pipeline: replica d runs micro-batches d·M..(d+1)·M−1, dense
+gradients are averaged over the dp group (all_reduce), and the reference runs all dp·M micro-batches.
+Expert parallelism: every MoE layer of a stage (decoder layers and the MTP block) holds its EP rank's slots
+of the plan's placement (redundant replicas included; stages.EPExperts) and runs dsv3.ep_dispatch →
+ep_experts → ep_combine over the EP group. A slot's gradient sums the EP group's tokens routed to it (each
+replica's mean over its M micro-batches): it is summed over edp, divided by dp, and rank 0 adds the slots of
+an expert into its gradient.
 
 The check (rank 0): `reference_loss_and_grads` on the whole model; loss relative error and, per parameter,
 cos-diff = 1 − 2Σxy / Σ(x² + y²) and ‖x − y‖ / ‖y‖, computed in float64. Passes when
-loss_rel_err ≤ LOSS_TOL and every cos-diff ≤ COS_TOL.
+loss_rel_err ≤ LOSS_TOL and every cos-diff ≤ COS_TOL, in every order run, and the orders agree.
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ import socket
 import tempfile
 import threading
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from functools import partial
 
 import torch

@@ -95,7 +95,7 @@ class EPExperts(nn.Module):
         )
         self.remote_routes += int(counts[2].sum() - counts[2][self.ep_rank])
         y = ops.ep_experts(recv_x, recv_tok, recv_slot, self.gate_proj, self.up_proj, self.down_proj, False, self.ep)
-        return ops.ep_combine(y, weights, counts, order, self.ep, gpn, x.dtype)
+        return ops.ep_combine(y, weights, counts, order, self.ep, gpn, x.dtype, 1.0, 1.0)
 
 
 def ep_partition(module: nn.Module, cfg, ep: int, ep_rank: int, placement=None, gpus_per_node: int = 8,
