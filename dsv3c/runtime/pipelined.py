@@ -75,8 +75,10 @@ import torch
 import torch.distributed as dist
 
 from dsv3c.ops.ep_context import active
+from dsv3c.placement import PlacementError, make_mesh
 from dsv3c.runtime.stages import (
     MTP_LAMBDA, EPExperts, StageModule, build_model, lm_loss, make_batch, reference_loss_and_grads, split_layers,
+    unit_name,
 )  # fmt: skip
 
 KINDS = ("1f1b", "zb1p", "dualpipev", "dualpipe")
@@ -438,7 +440,6 @@ def _worker(rank: int, world: int, specs: list[dict], init_method: str | None, o
 
 
 def _step(rank, world, spec, device):
-    from dsv3c.placement import make_mesh
     from dsv3c.runtime.layout import Groups
     from dsv3c.runtime.trace import Tracer, exposed
     from model_def import ModelConfig
@@ -520,8 +521,7 @@ def _slots_held(mods) -> dict:
     for mod in mods.values():
         for name, x in mod.named_modules():
             if isinstance(x, EPExperts):
-                unit = mod.global_name(name).split(".mlp")[0].replace(".block", "")
-                out[unit] = x.slot_experts
+                out[unit_name(mod.global_name(name))] = x.slot_experts
     return out
 
 
@@ -616,6 +616,12 @@ def make_spec(
                                f"experts + {slots - cfg.n_routed_experts} redundant)")  # fmt: skip
     if seq < 3:
         raise PipelineArgError(f"seq must be >= 3 for the MTP loss, got {seq}")
+    gpus_per_node = gpus_per_node or min(ranks, 8)
+    try:  # the mesh the ranks will build: whole nodes, EP groups inside a node or of whole nodes
+        make_mesh(ranks, gpus_per_node, pp=pp, ep=ep, experts=cfg.n_routed_experts or None,
+                  redundant=slots - cfg.n_routed_experts if cfg.n_routed_experts else 0)  # fmt: skip
+    except PlacementError as e:
+        raise PipelineArgError(str(e).splitlines()[0]) from None
     if overlap is None:
         overlap = (False, True) if kind in CHAIN_KINDS and ep > 1 else (False,)
     raw = {k: v for k, v in asdict(cfg).items() if k not in ("name", "extra")}
@@ -623,7 +629,7 @@ def make_spec(
             "micro_batches": micro_batches, "mb_size": mb_size, "seq": seq, "seed": seed, "mtp_lambda": mtp_lambda,
             "ranges": ranges, "actions": actions or schedule_actions(kind, pp, micro_batches),
             "placement": None if placement is None else [list(map(int, row)) for row in placement],
-            "gpus_per_node": gpus_per_node or min(ranks, 8), "overlap": list(overlap), "link_delay": link_delay,
+            "gpus_per_node": gpus_per_node, "overlap": list(overlap), "link_delay": link_delay,
             "trace": None if trace is None else str(trace)}  # fmt: skip
 
 

@@ -111,7 +111,7 @@ def ep_partition(module: nn.Module, cfg, ep: int, ep_rank: int, placement=None, 
     for name, moe in list(module.named_modules()):
         if not isinstance(moe, MoE) or isinstance(moe.experts, EPExperts):
             continue
-        unit = _unit_name(global_name(name))
+        unit = unit_name(global_name(name))
         row = rows[unit]
         index = cfg.num_hidden_layers + int(unit.split(".")[1]) if unit.startswith("mtp.") else int(unit.split(".")[1])
         moe.experts = part = EPExperts(moe.experts, ep, ep_rank, index, None if placement is None else placement[row],
@@ -121,7 +121,7 @@ def ep_partition(module: nn.Module, cfg, ep: int, ep_rank: int, placement=None, 
     return shards
 
 
-def _unit_name(module_name: str) -> str:
+def unit_name(module_name: str) -> str:
     """'layers.3.mlp' → 'layers.3', 'mtp.0.block.mlp' → 'mtp.0' (the plan's unit of a MoE module)."""
     parts = module_name.split(".")
     return ".".join(parts[:2])
