@@ -12,6 +12,7 @@ import passes
 import targets
 from dsv3c import __version__
 from dsv3c import outdir, validate
+from dsv3c.outdir import OutputError  # dsv3c.driver.OutputError: the name callers know
 from dsv3c.frontend.exporter import capture, check_shapes
 from dsv3c.cost.constants import Constants
 from dsv3c.cost.facts import analyse
@@ -26,10 +27,6 @@ from dsv3c.report import build_plan, write_report
 from dsv3c.runtime.artifact import PROGRAM_DIR, save_program
 from model_def import DeepseekV3, ModelConfig
 from model_def.counts import parameter_counts
-
-
-class OutputError(ValueError):
-    """The output directory cannot be written."""
 
 
 class OptionError(ValueError):
@@ -48,11 +45,6 @@ def default_mode(target: targets.Target) -> str:
     return "train" if target.gpus >= 256 else "prefill"
 
 
-def missing_parents(out: Path) -> list[Path]:
-    """The ancestors of out that do not exist yet, innermost first."""
-    return [p for p in out.absolute().parents if not p.exists()]
-
-
 def prepare_output(out: Path) -> Path:
     """A fresh staging directory beside out (checked writable now, before any work)."""
     try:
@@ -68,23 +60,13 @@ def prepare_output(out: Path) -> Path:
         raise OutputError(f"cannot write output directory {out}: {e.strerror or e}") from None
 
 
-def publish(staging: Path, out: Path) -> None:
-    """Move the finished staging directory to out atomically, replacing an older out."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def compile_facts(cfg, tgt, mode: str, shapes: dict, figures: dict, options: dict):
     """The block facts the compile is priced on: the figures' capture when the shapes are the reference ones."""
     if shapes == REFERENCE_SHAPES[mode]:
         return figures["facts"][mode]
     facts, _ = analyse(lift_positions(cfg, shapes), mode, shapes, tgt, passes.REGISTRY, options)
     return facts
+
 
 
 def compile_model(
@@ -116,14 +98,17 @@ def compile_model(
     tgt = targets.get_target(target)
     mode = mode or default_mode(tgt)
     shapes = dict(DEFAULT_SHAPES.get(mode, DEFAULT_SHAPES["train"]))
-    shapes.update({k: v for k, v in dict(batch=batch, seq=seq, kv_len=kv_len).items() if v is not None})
+    given = {k: v for k, v in dict(batch=batch, seq=seq, kv_len=kv_len).items() if v is not None}
+    shapes.update(given)
+    shape_notes = validate.fit_default_shapes(cfg, mode, shapes, given)
     items = passes.parse_pipeline(pipeline) if pipeline is not None else [(n, {}) for n in passes.default_pipeline()]
     if dump_mlir is not None and not 0 <= dump_mlir < cfg.num_hidden_layers:
         raise OptionError(f"--dump-mlir layer {dump_mlir} is out of range 0..{cfg.num_hidden_layers - 1}")
     check_shapes(cfg, mode, **shapes)  # reject impossible shapes before anything is written
-    out = Path(out or f"build/{tgt.name}-{mode}")
+    out = Path(out if out is not None else f"build/{tgt.name}-{mode}")
     validate.check_compile(cfg, tgt, mode, shapes, [n for n, _ in items], kv_len, out, dump_dir)
     cost_options = cost_options or {}
+    validate.check_work(cfg, tgt, mode, parallel, micro_batches, cost_options.get("global_batch"))
     sets = dict(cost_options.get("sets") or {})
     if (inference or {}).get("mtp_acceptance") is not None:
         sets["mtp_acceptance"] = inference["mtp_acceptance"]
@@ -146,9 +131,11 @@ def compile_model(
     except (ParallelError, UnitError) as e:
         raise OptionError(str(e)) from None
     stages["parallel_plan"] = time.perf_counter() - t0
-    created = missing_parents(out)
-    staging = prepare_output(out)
+    created = outdir.missing_dirs(out) + (outdir.missing_dirs(dump_dir) if dump_dir else [])
+    staging = None
     try:
+        with outdir.signals_deferred():  # a signal here would leave a staging directory nobody removes
+            staging = prepare_output(out)
         t0 = time.perf_counter()
         model = DeepseekV3(cfg, device="meta", dtype=torch.bfloat16)
         program = capture(cfg, mode, model=model, **shapes)
@@ -160,9 +147,15 @@ def compile_model(
             settings = {"mode": mode, "target": tgt.name, **{k: v for k, v in shapes.items() if v}}
             dumper.write_pipeline(passes.format_pipeline(items), settings)
         t1 = time.perf_counter()
-        records = run_pipeline(ir_plan, items, passes.REGISTRY, passes.CAPTURED_OPS, dumper, printing, progress, repro)
+        try:
+            records = run_pipeline(ir_plan, items, passes.REGISTRY, passes.CAPTURED_OPS, dumper, printing, progress, repro)
+        finally:
+            if dumper:
+                outdir.mark(dumper.dir, dumper.written)  # the manifest: what a later run may replace
         stages["passes"] = time.perf_counter() - t1
         plan = build_plan(__version__, parameter_counts(model), figures, ir_plan, records)
+        if shape_notes:
+            plan["shapes_notes"] = shape_notes
         plan["parallel"] = planned.plan.to_dict()
         plan["experts"] = planned.plan.experts_dict()
         if mode == "train":
@@ -174,13 +167,14 @@ def compile_model(
         if ir_plan.analyses.call_specs is not None:
             plan["program"] = save_program(ir_plan.program, ir_plan.analyses.call_specs, staging / PROGRAM_DIR)
         write_report(plan, staging)
-        outdir.mark(staging)
-        publish(staging, out)
+        with outdir.signals_deferred():
+            outdir.mark(staging)
+            outdir.publish(staging, out)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        for parent in created:  # directories this compile made for its output, innermost first
-            if parent.is_dir() and not any(parent.iterdir()):
-                parent.rmdir()
+        with outdir.signals_deferred():
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            outdir.remove_unused(sorted(created, key=lambda p: -len(p.parts)))  # what this compile made, if unused
         raise
     plan["_stages"] = stages  # run-dependent timings for callers (bench/compile.py); not written to disk
     return plan

@@ -2,13 +2,14 @@
 
 Spec forms accepted by `get_target`:
 - a named target: h800x8 (one node), h800x32 (the prefill unit), h800x320 (the decode unit),
-  h800x2048 (the training cluster);
-- the general form `<gpu>x<N>` with gpu in h800/h100/h200: N a positive multiple of 8 gives N/8
+  h800x2048 (the training cluster), h20x16 (two H20 nodes: 1.5 TB of HBM, an inference box for the 671B and 1T
+  models in FP8);
+- the general form `<gpu>x<N>` with gpu in h800/h100/h200/h20: N a positive multiple of 8 gives N/8
   full nodes of 8 GPUs; 1 <= N < 8 gives one partial node of N GPUs (gpus_per_node = planes = N);
 - a path to a TOML file describing a user's cluster:
 
       name = "my-cluster"        # required
-      gpu = "h800"               # required: h800, h100 or h200
+      gpu = "h800"               # required: h800, h100, h200 or h20
       gpus = 64                  # required
       gpus_per_node = 8          # default 8
       planes = 8                 # default min(8, gpus_per_node); NIC of local index i on plane i % planes
@@ -25,7 +26,6 @@ import dataclasses
 import math
 import os
 import re
-import tomllib
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -33,7 +33,7 @@ from .errors import TargetError
 from .gpus import GPUS, GPUSpec, gpu_spec
 from .topology import Topology, build_topology, fat_tree_shape
 
-NAMED_TARGETS = ("h800x8", "h800x32", "h800x320", "h800x2048")
+NAMED_TARGETS = ("h800x8", "h20x16", "h800x32", "h800x320", "h800x2048")
 DESCRIBE_HEADERS = ("name", "gpu", "gpus", "nodes", "NVLink GB/s", "IB GB/s per GPU", "arch")
 
 
@@ -71,6 +71,9 @@ class Target:
             val = getattr(self, key)
             if not _is_int(val) or val < 1:
                 raise TargetError(f"target {self.name}: {key} must be a positive integer, got {val!r}")
+        if self.switch_radix < 2:
+            raise TargetError(f"target {self.name}: switch_radix must be at least 2 (a fat-tree switch has ports up "
+                              f"and down), got {self.switch_radix}")
         if self.gpus % self.gpus_per_node:
             raise TargetError(f"target {self.name}: {self.gpus} GPUs is not divisible by "
                               f"gpus_per_node {self.gpus_per_node}")
@@ -180,18 +183,10 @@ def _overridden(where: str, spec: GPUSpec, overrides: dict) -> GPUSpec:
 
 def load_target_file(path: str | os.PathLike) -> Target:
     """The target described by a TOML file (see the module docstring for the keys)."""
+    from dsv3c.inputs import MAX_TARGET_BYTES, load_toml
+
     where = f"target file {os.fspath(path)}"
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise TargetError(f"{where} not found") from None
-    except OSError as e:
-        raise TargetError(f"cannot read {where}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise TargetError(f"malformed {where}: not UTF-8 text (byte {e.start})") from None
-    except (tomllib.TOMLDecodeError, RecursionError) as e:
-        raise TargetError(f"malformed {where}: {e}") from None
+    data = load_toml(path, "target file", MAX_TARGET_BYTES, TargetError)
     for key in data:
         if key not in _TOML_KEYS:
             raise TargetError(f"{where}: unknown key {key!r} (known: {', '.join(_TOML_KEYS)})")

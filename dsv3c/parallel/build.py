@@ -13,6 +13,7 @@ GPUs a token's routes reach) and load imbalance feed the cost model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -21,9 +22,11 @@ from dsv3c.cost.facts import BlockFacts
 from dsv3c.cost.train import Candidate, Evaluation, LayoutError, TrainPricer
 from dsv3c.eplb import PlacementError, inverse_tables, load_expert_load, load_stats, rebalance_experts
 from dsv3c.parallel.plan import InferenceUnit, ParallelPlan, unit_names
-from dsv3c.placement import ExpertPlacement, default_mesh, make_mesh, parse_parallel
+from dsv3c.placement import (ExpertPlacement, default_mesh, expected_fanout, keeps_node_limit, make_mesh,
+                             parse_parallel)
 from dsv3c.schedules import KINDS, ScheduleError, validate
 
+SEARCH_KEEP = 8  # the search ranks at least this many fitting layouts exactly (plan.json layouts.best)
 DEFAULT_GLOBAL_BATCH = 15360  # DeepSeek-V3's final batch (sequences of 4096 tokens)
 SCHEDULE_PREFERENCE = {"dualpipe": 0, "dualpipev": 1, "zb1p": 2, "1f1b": 3}  # given degrees: DeepSeek's first
 
@@ -70,11 +73,17 @@ def fanout(cfg, placement: ExpertPlacement | None) -> tuple[float, float]:
     """(E[distinct nodes], E[distinct GPUs]) a token's routed experts reach under the placement (its first layer)."""
     if placement is None or placement.num_gpus <= 1:
         return 1.0, 1.0
-    from passes.expert_partition import expected_targets  # TODO(merge): the one fan-out function of dsv3c.placement
+    return expected_fanout(placement, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok)
 
-    return expected_targets(placement.phy2log[0], placement.log2phy[0], cfg.n_routed_experts, cfg.n_group,
-                            cfg.topk_group, cfg.num_experts_per_tok, placement.slots_per_gpu,
-                            placement.gpus_per_node)
+
+def check_node_limit(cfg, placement: ExpertPlacement | None, mode: str) -> None:
+    """Two-hop dispatch (train, prefill) needs the node limit of the config's groups: ParallelError if a token of
+    the placement can reach more than topk_group nodes (decode's direct dispatch has no such limit)."""
+    if placement is None or mode == "decode" or keeps_node_limit(placement, cfg.n_group, cfg.topk_group):
+        return
+    raise ParallelError(f"EP {placement.num_gpus} over {placement.num_nodes} nodes lets a token reach more than "
+                        f"topk_group={cfg.topk_group} nodes (its groups span nodes); choose an EP degree that maps "
+                        "expert groups to nodes")
 
 
 def imbalance(placement: ExpertPlacement | None, load, c: Constants) -> float:
@@ -108,6 +117,13 @@ def plan_parallel(cfg, target, mode: str, request: str | None, *, facts: BlockFa
 # ---- training ---------------------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=256)
+def _keeps_node_limit(experts: int, n_group: int, topk_group: int, ep: int, gpus_per_node: int) -> bool:
+    """Whether EP over ep ranks (the contiguous placement) keeps the config's node limit."""
+    placement = ExpertPlacement.contiguous(1, experts, ep, min(ep, gpus_per_node))
+    return keeps_node_limit(placement, n_group, topk_group)
+
+
 def candidates(cfg, target, global_batch: int, given: dict, kind: str | None, micro_batches: int | None):
     """Every legal training layout of the target, restricted to the requested degrees, schedule and micro-batches."""
     gpus, gpn = target.gpus, target.gpus_per_node
@@ -127,6 +143,8 @@ def candidates(cfg, target, global_batch: int, given: dict, kind: str | None, mi
             except PlacementError:
                 continue
             if ep > 1 and not experts:
+                continue
+            if ep > 1 and not _keeps_node_limit(cfg.n_routed_experts, cfg.n_group, cfg.topk_group, ep, gpn):
                 continue
             for k in ([kind] if kind else KINDS):
                 stages = 2 * pp if k == "dualpipev" else pp
@@ -177,6 +195,7 @@ def _train(cfg, target, request, given, facts, c, load, kind, micro_batches, glo
                                 f"e.g. {example})")
         chosen, chosen_by = pricer.evaluate(search["fitting"][0].cand, timeline=True), "auto"
     cand = chosen.cand
+    check_node_limit(cfg, placement_of(cand.ep), "train")
     mesh = make_mesh(target.gpus, target.gpus_per_node, pp=cand.pp, ep=cand.ep, dp=cand.dp,
                      experts=cfg.n_routed_experts or None, redundant=redundant, mode="train")
     names = stage_names(cfg, chosen.cut)
@@ -185,27 +204,38 @@ def _train(cfg, target, request, given, facts, c, load, kind, micro_batches, glo
     return Planned(plan, chosen, search, pricer)
 
 
-def search_layouts(pricer: TrainPricer, cands: list[Candidate]) -> dict:
-    """{"fitting": [Evaluation, fastest first], "rejected": [(candidate, reason)]}."""
-    fitting, rejected = [], []
+def search_layouts(pricer: TrainPricer, cands: list[Candidate], keep: int = SEARCH_KEEP) -> dict:
+    """{"fitting": [Evaluation, fastest first], "rejected": [(candidate, reason)], "pruned": [candidate]}.
+
+    Candidates are evaluated in the order of a lower bound of their step (`TrainPricer.step_lower_bound`);
+    once `keep` fitting layouts are faster than the next candidate's bound, the rest cannot enter the best
+    `keep` and are pruned without building their schedules.
+    """
+    fitting, rejected, pruned = [], [], []
     cap = pricer.target.gpu.hbm_bytes
+    bounds = []
     for cand in cands:
         try:
-            bound = pricer.memory_lower_bound(cand)
-            if bound > cap:
-                rejected.append((cand, f"needs at least {bound / 1e9:.1f} GB of {cap / 1e9:.1f}"))
+            memory = pricer.memory_lower_bound(cand)
+            if memory > cap:
+                rejected.append((cand, f"needs at least {memory / 1e9:.1f} GB of {cap / 1e9:.1f}"))
                 continue
-            ev = pricer.evaluate(cand)
+            bounds.append((pricer.step_lower_bound(cand), cand))
         except LayoutError as e:
             rejected.append((cand, str(e)))
-            continue
+    bounds.sort(key=lambda bc: bc[0])
+    for i, (bound, cand) in enumerate(bounds):
+        if len(fitting) >= keep and bound > sorted(ev.step_seconds for ev in fitting)[keep - 1]:
+            pruned = [c for _, c in bounds[i:]]
+            break
+        ev = pricer.evaluate(cand)
         if not ev.fits:
             worst = max(ev.memory["ranks"], key=lambda r: r["total"])
             rejected.append((cand, f"needs {worst['total'] / 1e9:.1f} GB of {cap / 1e9:.1f}"))
             continue
         fitting.append(ev)
     fitting.sort(key=lambda ev: (ev.step_seconds, ev.memory["peak_total"]))
-    return {"fitting": fitting, "rejected": rejected}
+    return {"fitting": fitting, "rejected": rejected, "pruned": pruned}
 
 
 def stage_names(cfg, cut) -> tuple:
@@ -232,6 +262,7 @@ def _inference(cfg, target, mode, request, given, c, load) -> Planned:
     slots = (experts or 0) + mesh.redundant
     unit = InferenceUnit(slots // mesh.ep, int(c["inference_micro_batches"]))
     placement = place_experts(cfg, mesh.ep, mesh.gpus_per_node, slots, load) if experts else None
+    check_node_limit(cfg, placement, mode)
     plan = ParallelPlan(mode, mesh, request, "given" if given else "default", placement=placement,
                         moe_layers=tuple(moe_layer_names(cfg)), load=load, imbalance=imbalance(placement, load, c),
                         unit=unit)
