@@ -148,16 +148,16 @@ def four_ranks(tmp_path_factory):
     placement = place_experts(tiny, 2, 4, tiny.n_routed_experts + 2, load).phy2log
     trace = tmp_path_factory.mktemp("trace") / "overlap.trace.json"
     specs = [make_spec(tiny, "1f1b", 2, 2, ranks=4, ep=2, placement=placement),
-             make_spec(OVERLAP_CFG, "dualpipev", 2, 8, ranks=4, ep=2, link_delay=LINK_DELAY, trace=trace)]
-    r = pipelined.run_many(specs)
-    return r[0], r[1], placement, trace
+             make_spec(OVERLAP_CFG, "dualpipev", 2, 8, ranks=4, ep=2, link_delay=LINK_DELAY, trace=trace),
+             make_spec(OVERLAP_CFG, "dualpipe", 2, 4, ranks=4, ep=2)]
+    return (*pipelined.run_many(specs), placement, trace)
 
 
 def test_pipeline_with_expert_parallelism_matches_single_process(four_ranks):
     """ranks 4, pp 2, ep 2: every MoE layer (decoder and MTP) holds its EP rank's slots of a placement with redundant
     experts and exchanges tokens with all_to_all over the stage's EP group. Loss and every gradient (experts summed
     over their slots and owners, dense ones averaged over dp) match the reference."""
-    r, _, placement, _ = four_ranks
+    r, _, _, placement, _ = four_ranks
     assert (r["pp"], r["dp"], r["ep"], r["ranks"]) == (2, 2, 2, 4)
     assert r["losses_seen"] == 4 and not r["grads_missing"]
     assert r["ep_partitioned_params"] == 3 * 3  # layers 1, 2 and the MTP block: gate/up/down each
@@ -174,10 +174,12 @@ def test_pipeline_with_expert_parallelism_matches_single_process(four_ranks):
 def test_overlapped_dualpipe_equals_sequential_and_hides_communication(four_ranks):
     """DualPipeV's OVERLAP_F_B pairs run with the forward chunk in a thread of its own while the backward chunk runs:
     the same step as running them one after the other (and as one process), with less exposed EP communication."""
-    _, r, _, trace = four_ranks
+    _, r, bidirectional, _, trace = four_ranks
+    for one in (r, bidirectional):  # DualPipeV, and DualPipe's two chains
+        o = one["overlap"]
+        assert one["ok"] and o["orders_agree"] and o["overlapped"]["ok"], one
+        assert o["loss_rel_err_between_orders"] <= 1e-6 and o["grad_max_cos_diff_between_orders"] <= 1e-12
     o = r["overlap"]
-    assert r["ok"] and o["overlapped"]["ok"], r
-    assert o["loss_rel_err_between_orders"] <= 1e-6 and o["grad_max_cos_diff_between_orders"] <= 1e-12
     assert o["overlapped"]["loss_rel_err"] <= LOSS_TOL and o["overlapped"]["grad_max_cos_diff"] <= COS_TOL
     # the sequential order exposes every delayed exchange; the overlapped one hides a good part of them
     assert o["exposed_ep_comm_seconds"][0] >= 0.9 * o["ep_comm_seconds"][0]
