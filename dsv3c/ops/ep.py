@@ -149,9 +149,9 @@ def _plan_hop(ctx: EPContext, hop: str, rows: int, route_row: Tensor, route_peer
     pos = hit.long().cumsum(0) - 1  # pos[r, p]: the place of row r in the block sent to peer p
     rt_idx = torch.argsort(route_peer, stable=True)
     rt_send = torch.bincount(route_peer, minlength=peers)
-    counts = ctx.all_to_all(torch.stack([hit.sum(0), rt_send], 1), [1] * peers, [1] * peers, hop, "dispatch counts")
+    counts = ctx.all_to_all(torch.stack([hit.sum(0), rt_send], 1), [1] * peers, [1] * peers, hop, "route counts")
     meta = torch.cat([pos[route_row, route_peer][:, None], extra], 1)[rt_idx]
-    meta = ctx.all_to_all(meta, rt_send.tolist(), counts[:, 1].tolist(), hop, "dispatch metadata")
+    meta = ctx.all_to_all(meta, rt_send.tolist(), counts[:, 1].tolist(), hop, "route metadata")
     offset = torch.cumsum(counts[:, 0], 0) - counts[:, 0]
     block = torch.repeat_interleave(torch.arange(peers, device=dev), counts[:, 1])
     h = Hop(hop, rows, pairs[:, 1], hit.sum(0).tolist(), counts[:, 0].tolist(), rt_idx, rt_send.tolist(),
@@ -233,10 +233,11 @@ def ep_dispatch(
     if ctx.observe:
         _observe(ctx, layer, ids, dst, logcnt.numel())
     route = plan_route(ctx, dst.reshape(-1), slot.reshape(-1), t)
-    if quant:
+    if quant:  # one row of bytes per token: its E4M3 codes, then its float32 1x128 scales
         codes, scales = fp8.act_quant(x)
-        codes = route.broadcast(ctx, codes.view(torch.uint8), "dispatch")
-        xr = fp8.act_dequant(codes.view(fp8.FP8), route.broadcast(ctx, scales, "dispatch scales")).to(x.dtype)
+        rows = route.broadcast(ctx, torch.cat([codes.view(torch.uint8), scales.view(torch.uint8)], 1), "dispatch")
+        d = x.shape[1]
+        xr = fp8.act_dequant(rows[:, :d].view(fp8.FP8), rows[:, d:].contiguous().view(torch.float32)).to(x.dtype)
     else:
         xr = route.broadcast(ctx, x, "dispatch")
     if ctx.observe:
