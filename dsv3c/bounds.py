@@ -23,6 +23,7 @@ MAX_PLACEMENT_WORK = 1 << 28  # layers x (experts + redundant)^2: about 3 s of E
 MAX_RUN_RANKS = 16  # gloo processes `dsv3c run` forks, each holding the whole model
 MAX_RUN_MICRO_BATCHES = 1024  # micro-batches of a real pipelined step in `dsv3c run --pp`
 MAX_RUN_TOKENS = 4096  # greedy steps of `dsv3c run --tokens` (each reruns the model on the whole prefix)
+MAX_LINK_DELAY_MS = 1000.0  # `dsv3c run --link-delay-ms`: a second per EP exchange keeps a tiny step under hours
 MAX_DURATION = 1e9  # a `dsv3c schedule` duration or hop time: sums over every action stay finite
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range, non-negative half
 MAX_DIGITS = 30  # a typed integer beyond 10**30 exceeds every bound here by far; int() of 5000 digits is refused

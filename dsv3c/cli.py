@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of all subcommands."""
     parser = _Parser(prog="dsv3c", description="Compile DeepSeek-V3-class MoE models for H800 clusters.")
     from dsv3c import __version__
-    from dsv3c.bounds import MAX_DURATION, MAX_SEED
+    from dsv3c.bounds import MAX_DURATION, MAX_LINK_DELAY_MS, MAX_SEED
 
     parser.add_argument("--version", action="version", version=f"dsv3c {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -119,7 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--train", action="store_true", help="with --ranks: loss and gradients too (implied by --pp)")
     r.add_argument("--json", action="store_true", help="with --ranks/--pp: print one JSON object")
     r.add_argument("--tokens", type=_positive, help="with --mode decode: greedy generation with and without MTP "
-                   "speculative decoding (prints tokens_equal, acceptance, steps)")
+                   "speculative decoding (prints tokens_equal, acceptance, steps); with --ranks/--ep or a decode "
+                   "--plan under expert parallelism")
+    r.add_argument("--fp8", action="store_true", help="with --ranks/--ep (no --plan): the compile's default passes, "
+                   "FP8 (dispatch in E4M3 with 1x128 scales, grouped FP8 expert GEMMs, BF16 combine)")
+    r.add_argument("--trace", metavar="FILE", help="with --ranks/--plan: write the runtime trace (Chrome/Perfetto JSON)")
+    r.add_argument("--link-delay-ms", type=_number(0.0, MAX_LINK_DELAY_MS), default=0.0, metavar="MS",
+                   help="with --ranks/--plan: every EP exchange completes no earlier than MS after it is issued (a "
+                   "slower link, to measure how much of it overlap hides)")
     r.add_argument("--expert-load-out", metavar="FILE", help="with --ep: write the observed expert load JSON")
 
     s = sub.add_parser("schedule", help="a pipeline schedule per rank with its simulated bubble and step")
@@ -268,26 +275,24 @@ RUN_MAX_PARAMS = 2_000_000_000  # run holds real weights on one device
 def cmd_run(args, argv) -> int:
     """dsv3c run: exit 0 when the lowered graph's logits are within the FP8 tolerance (dsv3c.runtime.executor), else 1."""
     if args.tokens is not None and args.pp:
-        raise UsageError("--tokens generates tokens in one process: --pp does not apply")
+        raise UsageError("--tokens generates tokens: --pp (a pipelined training step) does not apply")
     if args.expert_load_out and (args.pp or (args.ranks is None and args.ep is None and not args.plan)):
         raise UsageError("--expert-load-out writes what an expert-parallel run observes: it needs --ranks, --ep or "
                          "--plan, without --pp")
     if args.micro_batches is not None and not args.pp:
         raise UsageError("--micro-batches applies to a pipelined training step: it needs --pp")
-    if args.plan or args.pp:
+    if args.plan or args.pp or args.ranks is not None or args.ep is not None:
         return _run_parallel(args)
     if args.tokens is not None:
         return _run_speculative(args)
-    if args.train and args.ranks is None and args.ep is None:
+    if args.fp8 or args.trace or args.link_delay_ms:
+        raise UsageError("--fp8, --trace and --link-delay-ms apply to runs on ranks (--ranks/--ep/--pp/--plan)")
+    if args.train:
         raise UsageError("--train needs --ranks/--ep (expert-parallel) or --pp (pipelined)")
-    import os
-
     import torch
 
     if not torch.cuda.is_available():  # kernels run on Triton's CPU interpreter, which must be chosen first
-        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            raise UsageError("no GPU and triton was imported before TRITON_INTERPRET=1 could be set")
-        os.environ["TRITON_INTERPRET"] = "1"
+        _interpret_triton()
     from dsv3c.runtime.executor import run_model
     from model_def import DeepseekV3
     from model_def.counts import parameter_counts
@@ -296,8 +301,6 @@ def cmd_run(args, argv) -> int:
     from dsv3c.runtime.executor import DEFAULT_SHAPES
 
     cfg = _load_config(args)
-    if args.ranks is not None or args.ep is not None:
-        return _run_parallel(args)
     validate.check_mode_options(args.mode, args.kv_len, "run")
     shapes = {**DEFAULT_SHAPES[args.mode], **{k: v for k, v in dict(batch=args.batch, seq=args.seq,
                                                                         kv_len=args.kv_len).items() if v is not None}}
@@ -333,66 +336,113 @@ def cmd_schedule(args, argv) -> int:
 def _run_parallel(args) -> int:
     """dsv3c run --plan FILE, or --ranks/--ep/--pp (a plan is made first): the plan's layout on gloo processes against
     the single-process model; exit 0 within tolerance, else 1."""
+    import os
+
+    if "triton" not in sys.modules and not _cuda():  # a plan's lowered kernels run on Triton's interpreter
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import passes
     from dsv3c.parallel import ParallelError
     from dsv3c.runtime.ep_run import EPRunError
-    from dsv3c.runtime.launch import RunPlanError, load_plan, plan_run, run_plan
+    from dsv3c.runtime.launch import DEFAULT_PASSES, RunPlanError, load_plan, plan_run, run_plan
     from dsv3c.runtime.pipelined import PipelineArgError
+    from dsv3c.runtime.speculative import SpecError
     from model_def import DeepseekV3
     from model_def.counts import parameter_counts
 
     from dsv3c import outdir, validate
 
-    if args.expert_load_out:
-        outdir.check_output_file(args.expert_load_out, "--expert-load-out")
+    for flag, path in (("--expert-load-out", args.expert_load_out), ("--trace", args.trace)):
+        if path:
+            outdir.check_output_file(path, flag)
     try:
         if args.plan:
-            if args.ranks or args.ep or args.pp or args.micro_batches or args.schedule != "1f1b":
-                raise UsageError("--plan takes the ranks, degrees, schedule and micro-batches from the plan")
-            cfg, mode, plan = load_plan(args.plan)
+            if args.ranks or args.ep or args.pp or args.micro_batches or args.schedule != "1f1b" or args.fp8:
+                raise UsageError("--plan takes the ranks, degrees, schedule, micro-batches and precision from the plan")
+            cfg, mode, plan, names = load_plan(args.plan)
         else:
-            if args.mode != "prefill" or args.kv_len or args.checkpoint:
-                raise UsageError("--ranks/--ep/--pp run a prefill (or training) step on random weights: --mode "
-                                 "decode, --kv-len and --checkpoint do not apply")
+            if args.kv_len or args.checkpoint:
+                raise UsageError("--ranks/--ep/--pp run on random weights: --kv-len and --checkpoint do not apply")
             cfg = _load_config(args)
             pp = args.pp or 1
             ranks = args.ranks or (args.ep or 1) * pp
             ep = args.ep if args.ep is not None else (ranks // pp if not args.pp else 1)
-            mode = "train" if args.train or args.pp else "prefill"
-            validate.check_run_sizes(ranks, micro_batches=args.micro_batches or 2 * pp)
+            mode = "decode" if args.mode == "decode" else ("train" if args.train or args.pp else "prefill")
+            if mode == "decode" and (args.tokens is None or args.train):
+                raise UsageError("--mode decode on ranks runs MTP speculative decoding: give --tokens N (no --train)")
+            if args.tokens is not None and mode != "decode":
+                raise UsageError("--tokens generates tokens: it needs --mode decode")
+            validate.check_run_sizes(ranks, micro_batches=args.micro_batches or 2 * pp, tokens=args.tokens)
             if ranks % pp:
                 raise UsageError(f"--pp {pp} does not divide --ranks {ranks}")
+            names = passes.default_pipeline() if args.fp8 else list(DEFAULT_PASSES)
         if parameter_counts(DeepseekV3(cfg, device="meta"))["total"] > RUN_MAX_PARAMS:
             raise UsageError(f"model {cfg.name} is too large to run on CPU processes")
-        if not args.plan:
-            validate.check_run_shapes(cfg, "prefill", {"batch": args.batch or 1, "seq": args.seq or 8, "kv_len": 0},
-                                      ranks)
+        if not args.plan:  # decode: a rank that has its tokens keeps stepping, up to 2 positions a step
+            seq = (args.seq or 8) + (2 * args.tokens + 2 if args.tokens else 0)
+            validate.check_run_shapes(cfg, "prefill", {"batch": args.batch or 1, "seq": seq, "kv_len": 0}, ranks)
             plan = plan_run(cfg, ranks, mode, pp, ep, args.schedule if args.pp else None, args.micro_batches,
                             args.seq or 8)
-        validate.check_run_sizes(plan.mesh.gpus, micro_batches=plan.micro_batches or 1)
+        validate.check_run_sizes(plan.mesh.gpus, micro_batches=plan.micro_batches or 1, tokens=args.tokens)
         batch = args.batch or 1
         if plan.mesh.pp > 1 and args.batch:  # a pipelined step's sequences per replica: micro-batches x their size
             if args.batch % plan.micro_batches:
                 raise UsageError(f"--batch {args.batch} is not a multiple of the {plan.micro_batches} micro-batches")
             batch = args.batch // plan.micro_batches
-        result = run_plan(cfg, plan, train=mode == "train" or args.train, seed=args.seed, batch=batch,
-                          seq=args.seq or 8)
-    except (EPRunError, PipelineArgError, RunPlanError, ParallelError) as e:
+        if "fp8_quant" in names and not _cuda():  # lowered kernels run on Triton's interpreter, chosen first
+            _interpret_triton()
+        result = run_plan(cfg, plan, mode, names, train=mode == "train" or args.train, seed=args.seed, batch=batch,
+                          seq=args.seq or 8, link_delay=args.link_delay_ms / 1000, trace=args.trace, tokens=args.tokens)
+    except (EPRunError, PipelineArgError, RunPlanError, ParallelError, SpecError) as e:
         raise UsageError(str(e).splitlines()[0]) from None
     if "expert_load" in result and args.expert_load_out:
         Path(args.expert_load_out).write_text(json.dumps({"layers": result["expert_load"]}) + "\n")
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "expert_load"}))
-    elif "schedule" in result:
-        print(f"{result['schedule']} pp={result['pp']} ep={result['ep']} ranks={result['ranks']} micro-batches="
-              f"{result['micro_batches']} ({result['executor']}): loss {result['loss']:.6f} (reference "
-              f"{result['reference_loss']:.6f}), loss rel err {result['loss_rel_err']:.2e} (tol {result['loss_tol']:g}), "
-              f"grad max cos-diff {result['grad_max_cos_diff']:.2e} (tol {result['cos_tol']:g}), grad max rel err "
-              f"{result['grad_max_rel_err']:.2e}: {'OK' if result['ok'] else 'MISMATCH'}")  # fmt: skip
     else:
-        keys = ["logits_max_rel_err", "loss_rel_err", "grad_max_cos_diff", "max_nodes_per_token"]
-        print(f"ranks {result['ranks']} ep {result['ep']}: " + ", ".join(f"{k} {result[k]:.3g}" for k in keys if k in result)
-              + (" ok" if result["ok"] else " OUT OF TOLERANCE"))  # fmt: skip
+        print(run_summary(result))
     return 0 if result["ok"] else 1
+
+
+def run_summary(result: dict) -> str:
+    """The one-line (two with overlap) human summary of a run on ranks."""
+    verdict = "OK" if result["ok"] else "OUT OF TOLERANCE"
+    if "schedule" in result:
+        line = (f"{result['schedule']} pp={result['pp']} ep={result['ep']} ranks={result['ranks']} micro-batches="
+                f"{result['micro_batches']} ({result['executor']}): loss {result['loss']:.6f} (reference "
+                f"{result['reference_loss']:.6f}), loss rel err {result['loss_rel_err']:.2e} (tol {result['loss_tol']:g}), "
+                f"grad max cos-diff {result['grad_max_cos_diff']:.2e} (tol {result['cos_tol']:g}), grad max rel err "
+                f"{result['grad_max_rel_err']:.2e}: {verdict}")  # fmt: skip
+        o = result.get("overlap")
+        if o:
+            ratio = "n/a" if o["exposed_ratio"] is None else f"{o['exposed_ratio']:.2f}"
+            line += (f"\noverlapped F&B: orders agree {o['orders_agree']} (loss rel {o['loss_rel_err_between_orders']:.1e}, "
+                     f"grad cos-diff {o['grad_max_cos_diff_between_orders']:.1e}); exposed EP communication "
+                     f"{o['exposed_ep_comm_seconds'][0]:.3f}s sequential, {o['exposed_ep_comm_seconds'][1]:.3f}s "
+                     f"overlapped (ratio {ratio}, link delay {o['link_delay_seconds'] * 1000:g} ms)")  # fmt: skip
+        return line
+    if "acceptance" in result:
+        return (f"ranks {result['ranks']} ep {result['ep']}: tokens_equal {result['tokens_equal']}, acceptance "
+                f"{result['acceptance']}, steps per rank {result['steps_per_rank']} (plain {result['steps_plain']}), "
+                f"steps with unequal lengths across ranks {result['steps_with_unequal_lengths']}: {verdict}")  # fmt: skip
+    keys = ["logits_max_rel_err", "top1_agreement", "loss_rel_err", "grad_max_cos_diff", "max_nodes_per_token"]
+    return (f"ranks {result['ranks']} ep {result['ep']} {result['precision']} ({result['reference']}, route "
+            f"{result['route']}): " + ", ".join(f"{k} {result[k]:.3g}" for k in keys if k in result)
+            + f": {verdict}")  # fmt: skip
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _interpret_triton() -> None:
+    """Choose Triton's CPU interpreter (before triton is imported)."""
+    import os
+
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UsageError("no GPU and triton was imported before TRITON_INTERPRET=1 could be set")
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def _run_speculative(args) -> int:
@@ -401,9 +451,8 @@ def _run_speculative(args) -> int:
 
     if args.mode != "decode":
         raise UsageError("--tokens generates tokens: it needs --mode decode")
-    if args.ranks is not None or args.ep is not None or args.checkpoint or args.kv_len:
-        raise UsageError("--tokens runs in one process on random weights from a --seq prompt: --ranks/--ep/--checkpoint/"
-                         "--kv-len do not apply")
+    if args.checkpoint or args.kv_len:
+        raise UsageError("--tokens runs on random weights from a --seq prompt: --checkpoint/--kv-len do not apply")
     from dsv3c import validate
 
     validate.check_run_sizes(1, tokens=args.tokens)

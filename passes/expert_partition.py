@@ -4,7 +4,7 @@ Every `moe_experts` / `moe_experts_fp8_train` / `moe_experts_fp8` node becomes
 
     ep_dispatch(x, ids, phy2log, log2phy, logcnt, ...)   tokens to the ranks holding their experts
     ep_experts(recv_x, recv_tok, recv_slot, w_gate_local [S, F, D], ...)   (ep_experts_fp8 for E4M3 weights)
-    ep_combine(y, weights, counts, route_order, ...)     outputs home, Σ_j g·y in float32
+    ep_combine(y, weights, counts, route_order, ...)     outputs home, Σ_j g·y (float32 sums, per GPU and node)
 
 The program stays ONE rank-parametric SPMD graph: the local expert weights are new placeholders of
 shape [S, ...] (S = slots per rank) holding rank 0's binding; the runtime binds rank r's slots
@@ -132,7 +132,7 @@ def _rewrite(program: Program, node: fx.Node, index: int, key: str, tables, ep: 
             fp8_gemms = kind == "moe_experts_fp8_train"
             y = program.call(dsv3.ep_experts.default, (recv_x, recv_tok, recv_slot, *local, fp8_gemms, ep), like=node)
         out = program.call(
-            dsv3.ep_combine.default, (y, weights, counts, order, ep, gpn, node.meta["val"].dtype), like=node
+            dsv3.ep_combine.default, (y, weights, counts, order, ep, gpn, node.meta["val"].dtype, *estimates), like=node
         )  # fmt: skip
     node.replace_all_uses_with(out)
     program.graph.erase_node(node)

@@ -19,9 +19,11 @@ from dsv3c.parallel.plan import expert_parallel
 from dsv3c.ops import ep as ep_ops
 from dsv3c.ops import ref
 from dsv3c.passmgr.verify import verify
-from dsv3c.runtime.ep_run import run_ep
+from dsv3c.runtime.ep_run import make_job, run_ep
+from dsv3c.runtime.launch import plan_run
 from model_def import DeepseekV3, ModelConfig
 from passes.expert_partition import PartitionError
+from tests.test_pipelined import assert_layout_matches
 
 TINY = ModelConfig.preset("tiny")
 # two MoE layers (one main, the MTP block's), one dense: keeps capture and the gloo runs short
@@ -58,18 +60,58 @@ def ep_layers(draw):
     return experts, ep, tables_from(phy2log, experts), ids, gen
 
 
-@given(ep_layers(), st.integers(8, 24), st.integers(4, 12))
+def route_for(ep: int, gpn_draw: int):
+    """(gpus per node, route): nodes of a drawn size dividing ep; two-hop when the group spans nodes."""
+    gpn = [d for d in (1, 2, 4, 8) if ep % d == 0][gpn_draw % len([d for d in (1, 2, 4, 8) if ep % d == 0])]
+    return gpn, "two-hop" if ep > gpn else "direct"
+
+
+@given(ep_layers(), st.integers(8, 24), st.integers(4, 12), st.integers(0, 3))
 @settings(max_examples=15)
-def test_simulated_ranks_equal_unpartitioned_experts(layer, d, f):
+def test_simulated_ranks_equal_unpartitioned_experts(layer, d, f, gpn_draw):
+    """The EP ops on all ranks (threads exchanging in process), direct or two-hop, with redundant slots, equal the
+    unpartitioned experts on every rank's tokens."""
     experts, ep, tables, ids, gen = layer
+    gpn, route = route_for(ep, gpn_draw)
     xs = [torch.randn(i.shape[0], d, generator=gen) for i in ids]
     ws = [torch.rand(i.shape, generator=gen) for i in ids]
     weights = [torch.randn(experts, f, d, generator=gen), torch.randn(experts, f, d, generator=gen),
                torch.randn(experts, d, f, generator=gen)]  # fmt: skip
-    got = ep_ops.simulate_ep(xs, ids, ws, tables, weights)
+    got = ep_ops.simulate_ep(xs, ids, ws, tables, weights, gpus_per_node=gpn, route=route)
     for r in range(ep):
         want = ref.moe_experts(xs[r], ids[r], ws[r], *weights)
         assert (got[r] - want).abs().max() <= REL * want.abs().max().clamp_min(1.0)
+
+
+@given(ep_layers(), st.integers(0, 3))
+@settings(max_examples=8)
+def test_simulated_ranks_backward_equals_unpartitioned_experts(layer, gpn_draw):
+    """Dispatch's and combine's backward (the reverse exchanges and reductions) give the gradients of the tokens, the
+    routing weights and the experts that the unpartitioned experts give."""
+    experts, ep, (phy2log, log2phy, logcnt), ids, gen = layer
+    gpn, route = route_for(ep, gpn_draw)
+    d, f, per = 16, 8, phy2log.numel() // ep
+    xs = [torch.randn(i.shape[0], d, generator=gen, requires_grad=True) for i in ids]
+    ws = [torch.rand(i.shape, generator=gen, requires_grad=True) for i in ids]
+    weights = [torch.randn(experts, f, d, generator=gen, requires_grad=True) for _ in range(2)]
+    weights.append(torch.randn(experts, d, f, generator=gen, requires_grad=True))
+    probe = [torch.randn(x.shape, generator=gen) for x in xs]
+    ops = torch.ops.dsv3
+
+    def rank_fn(r):
+        recv_x, tok, slot, counts, order, _ = ops.ep_dispatch(xs[r], ids[r], phy2log, log2phy, logcnt, ep, 0, False,
+                                                              gpn, 1.0, 1.0)  # fmt: skip
+        y = ops.ep_experts(recv_x, tok, slot, *[w[phy2log[r * per : (r + 1) * per]] for w in weights], False, ep)
+        (ops.ep_combine(y, ws[r], counts, order, ep, gpn, xs[r].dtype, 1.0, 1.0) * probe[r]).sum().backward()
+
+    ep_ops.run_ranks(rank_fn, ep, gpn, route)
+    leaves = xs + ws + weights
+    got = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    sum((ref.moe_experts(xs[r], ids[r], ws[r], *weights) * probe[r]).sum() for r in range(ep)).backward()
+    for g, t in zip(got, leaves):
+        assert (g - t.grad).abs().max() <= 1e-4 * t.grad.abs().max().clamp_min(1.0)
 
 
 def test_fp8_dispatch_is_lossless_for_the_fp8_gemm():
@@ -158,24 +200,47 @@ def test_dispatch_counts_ib_only_when_ep_spans_nodes(ep, gpn, quant):
     assert (c["nvlink_bytes"] > 0) == (ep > 1 and gpn > 1)
     y = torch.empty(ep * 64 * 8, 256, dtype=torch.bfloat16, device="meta")
     w = torch.empty(64, 8, device="meta")
-    cc = ep_ops.cost_ep_combine([y, w, None, None, ep, gpn, torch.bfloat16], torch.empty(64, 256, device="meta"))
+    cc = ep_ops.cost_ep_combine([y, w, None, None, ep, gpn, torch.bfloat16, exp_nodes, exp_gpus],
+                                torch.empty(64, 256, device="meta"))
     assert (cc["ib_bytes"] > 0) == spans
     if spans and quant:  # FP8 + scales per (token, node) against BF16 per route
         assert c["ib_bytes"] < cc["ib_bytes"]
 
 
 
-@pytest.mark.parametrize("ranks,train", [(2, False), (2, True), (4, False), (4, True)])
-def test_gloo_ranks_match_eager(ranks, train):
-    r = run_ep(SMALL, ranks, ranks, train=train, seq=8)
+def ep_plan(name: str):
+    """(plan, train) of a gloo run: "direct" route; "two-hop", two nodes of two GPUs with redundant slots; "edp",
+    EP 2 inside four data-parallel ranks (two copies of each slot)."""
+    if name == "direct":
+        return plan_run(SMALL, 2, "prefill", 1, 2), False
+    if name == "edp":
+        return plan_run(SMALL, 4, "train", 1, 2), True
+    e = SMALL.n_routed_experts
+    order = torch.randperm(e + 4, generator=torch.Generator().manual_seed(3))
+    tables = tuple(torch.stack([t, t]) for t in tables_from(torch.cat([torch.arange(e), torch.tensor([1, 5, 1, 9])])[order], e))
+    return expert_parallel(SMALL, "train", 4, 2, tables), True  # both MoE layers (main, MTP) placed alike
+
+
+@pytest.mark.parametrize("name", ["direct", "two-hop", "edp"])
+def test_gloo_ranks_match_eager(name):
+    plan, train = ep_plan(name)
+    r = run_ep(make_job(SMALL, plan, ["expert_partition"], train=train, seq=8))
     assert r["ok"], r
     assert r["logits_max_rel_err"] <= 1e-5
     if train:
-        assert r["loss_rel_err"] <= 1e-5 and r["grad_max_cos_diff"] <= 1e-10
-    # EP rank r on "node" r // 2: EP 4 spans two nodes, and no token goes to more than topk_group of them
-    assert r["max_nodes_per_token"] <= (SMALL.topk_group if ranks > 2 else 1)
+        assert r["loss_rel_err"] <= 1e-5 and r["grad_max_cos_diff"] <= 1e-10 and not r["grads_missing"]
+    assert r["route"] == ("two-hop" if name == "two-hop" else "direct")
+    if name == "two-hop":  # tokens cross "IB" once per other node, then NVLink; no token reaches more than topk_group nodes
+        assert r["sent_rows"]["rail"] > 0 and r["sent_rows"]["node"] > 0 and r["sent_rows"]["ep"] == 0
+        assert r["max_nodes_per_token"] <= SMALL.topk_group
+    else:
+        assert r["sent_rows"]["ep"] > 0 and r["max_nodes_per_token"] == 1
+    # receive buffers hold what arrived, fewer rows than the padded static shape (ep x T per dispatch)
+    assert 0 < r["received_tokens"] < r["token_capacity"]
+    ranks = plan.mesh.gpus
     main, mtp = (sum(row) for row in r["expert_load"])  # training MTP predicts from the first S-1 positions
     assert (main, mtp) == (ranks * 8 * SMALL.num_experts_per_tok, ranks * (7 if train else 8) * SMALL.num_experts_per_tok)
+    assert_layout_matches(SMALL, plan, r["layout"])
 
 
 def test_cli_usage_errors(capsys):
@@ -183,8 +248,13 @@ def test_cli_usage_errors(capsys):
     assert cli.main(["run", "--ranks", "0"]) == 2
     assert cli.main(["run", "--ranks", "2", "--ep", "2", "--plan", "x.json"]) == 2  # --plan brings its own degrees
     assert cli.main(["run", "--model", "deepseek-v3", "--ranks", "2"]) == 2
+    assert cli.main(["run", "--ranks", "2", "--link-delay-ms", "-1"]) == 2
+    assert cli.main(["run", "--fp8"]) == 2  # --fp8, --trace, --link-delay-ms: runs on ranks only
+    assert cli.main(["run", "--trace", "t.json"]) == 2
+    assert cli.main(["run", "--ranks", "2", "--tokens", "4"]) == 2  # tokens need --mode decode
+    assert cli.main(["run", "--ranks", "2", "--mode", "decode"]) == 2  # decode on ranks needs --tokens
     err = capsys.readouterr().err
-    assert err.count("dsv3c: error:") == 4
+    assert err.count("dsv3c: error:") == 9 and len(err.strip().splitlines()) == 9
 
 
 def test_cli_json_and_expert_load(tmp_path, capsys):

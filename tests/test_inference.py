@@ -1,6 +1,7 @@
 """Inference plans: deployment units (--parallel honoured), KV capacity, prefill/decode figures, MTP speculation."""
 
 import dataclasses
+import json
 
 import pytest
 
@@ -63,6 +64,31 @@ def test_acceptance_one_when_mtp_copies_the_next_prediction():
     r = run_speculative(TINY, 7, seed=3, prompt_len=4, copy_head=True)
     assert r["tokens_equal"] and r["acceptance"] == 1.0
     assert r["steps_speculative"] == 3 and r["steps_plain"] == 6  # 2 tokens per verified step
+
+
+def test_speculation_under_expert_parallelism_is_lossless():
+    """4 ranks, EP 4 (the planner's decode layout for h800x4): every rank decodes its own prompt with the routed
+    experts spread over the group. The MTP drafts agree with the main model on some tokens only (copy_head with the
+    routed experts kept), so the ranks accept different numbers of tokens and their MoE layers exchange different
+    token counts; every rank's tokens equal greedy decoding of the whole model in one process."""
+    from dsv3c.runtime.launch import plan_run
+    from dsv3c.runtime.speculative import run_speculative_ep
+
+    plan = plan_run(TINY, 4, "decode", 1, 4)
+    assert (plan.mesh.ep, plan.mesh.tp, plan.mesh.dp) == (4, 1, 4)
+    r = run_speculative_ep(TINY, plan, 12, seed=0, prompt_len=4, copy_head=True, keep_routed=True)
+    assert r["ok"] and r["tokens_equal"] and r["plain_ep_tokens_equal"] and r["route"] == "direct"
+    assert 0 < r["acceptance"] < 1 and len(set(r["acceptance_per_rank"])) > 1
+    assert r["steps_with_unequal_lengths"] > 0  # ranks kept 1 and 2 positions in the same step
+    assert min(r["steps_per_rank"]) < r["steps_plain"]  # accepted drafts saved main-model steps
+
+
+def test_cli_speculation_on_ranks(capsys):
+    from dsv3c.cli import main
+
+    assert main(["run", "--mode", "decode", "--tokens", "6", "--ranks", "2", "--ep", "2", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["tokens_equal"] and r["ranks"] == 2 and r["ep"] == 2 and r["steps_plain"] == 5
 
 
 # ---- units ---------------------------------------------------------------------------------------------------------

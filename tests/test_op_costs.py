@@ -167,9 +167,11 @@ def case(name: str, draw):
         y = meta(ep * t * k, d, dtype=draw(st.sampled_from([F32, BF16])))
         out = meta(t, d, dtype=dt)
         row = d * y.element_size()
-        ib, nv = two_hop(t, row, ep, gpn, float(k), float(k))  # every route's row goes home
+        # a row per (token, GPU) and per (token, node): the expert GPUs and the forwarders sum a token's routes
+        ib, nv = two_hop(t, row, ep, gpn, exp_nodes, exp_gpus)
         counts, order = meta(4, ep, dtype=I64), meta(t * k, dtype=I64)
-        return ((y, g, counts, order, ep, gpn, dt), out, Cost(2 * t * k * d, 2 * 2 * t * k * d, nb(out) + t * k * row, ib, nv))
+        return ((y, g, counts, order, ep, gpn, dt, exp_nodes, exp_gpus), out,
+                Cost(2 * t * k * d, 2 * 2 * t * k * d, nb(out) + int(t * exp_gpus * row), ib, nv))
     raise KeyError(name)
 
 

@@ -12,8 +12,16 @@ kept, with the embeddings of the tokens that really follow them, so its own cach
 the main model's; its last logits give the next draft. Greedy verification makes the output identical to
 plain greedy decoding (lossless); `acceptance` = drafts accepted / drafts verified.
 
-Limitation: single process; the expert-partitioned gloo runner (`ep_run`) runs captured fixed-shape
-programs, while speculative decoding changes the token count per step (2 verified, 1 or 2 kept).
+Under expert parallelism (`run_speculative_ep`, the plan's mesh.gpus forked gloo processes): every rank
+decodes its own prompt (data-parallel attention, as DeepSeek's decode units do) with the model's routed
+experts partitioned over the plan's EP group (`dsv3c.runtime.stages.ep_partition`: the rank's slots of the
+placement, dispatch and combine over the EP group, direct route as decode's low-latency kernels). The
+ranks accept different numbers of tokens: after a step one rank's MTP module drafts from 2 kept positions,
+another's from 1, so the MoE layers exchange different token counts per rank (the EP ops size their
+receive buffers from the exchanged counts). A rank that has its tokens keeps stepping (its extra tokens
+are dropped) until every rank of its EP group has, since each step's exchanges need the whole group.
+Each rank checks its speculative tokens and its plain greedy tokens under EP against plain greedy
+decoding of the whole single-process model on its prompt.
 """
 
 from __future__ import annotations
@@ -61,7 +69,7 @@ def generate_plain(model: DeepseekV3, prompt: torch.Tensor, n: int) -> tuple[lis
     tokens = [int(logits[0, -1].argmax())]
     steps = 0
     while len(tokens) < n:
-        logits, entries = _main(model, torch.tensor([[tokens[-1]]]), past)
+        logits, entries = _main(model, torch.tensor([[tokens[-1]]], device=prompt.device), past)
         past = _cat(past, entries)
         tokens.append(int(logits[0, -1].argmax()))
         steps += 1
@@ -76,8 +84,9 @@ def _draft(model, h, next_ids, start: int, mtp_past):
 
 
 @torch.no_grad()
-def generate_speculative(model: DeepseekV3, prompt: torch.Tensor, n: int) -> dict:
-    """n greedy tokens with MTP drafts verified by the main model: tokens, steps, drafts and acceptances."""
+def generate_speculative(model: DeepseekV3, prompt: torch.Tensor, n: int, more=None) -> dict:
+    """n greedy tokens with MTP drafts verified by the main model: tokens, steps, drafts and acceptances, and
+    the positions kept per step. more(done) says whether to run another step (default: until n tokens)."""
     if not model.mtp:
         raise SpecError(f"model {model.cfg.name} has no MTP module (num_nextn_predict_layers 0)")
     tap = _NormTap(model)
@@ -85,13 +94,16 @@ def generate_speculative(model: DeepseekV3, prompt: torch.Tensor, n: int) -> dic
         logits, entries = _main(model, prompt, None)
         past = _cat(None, entries)
         tokens = [int(logits[0, -1].argmax())]
-        nxt = torch.cat([prompt[:, 1:], torch.tensor([[tokens[0]]])], 1)
+        dev = prompt.device
+        nxt = torch.cat([prompt[:, 1:], torch.tensor([[tokens[0]]], device=dev)], 1)
         draft, m_entries = _draft(model, tap.h, nxt, 0, None)
         mtp_past = [m_entries]
         steps = drafted = accepted = 0
-        while len(tokens) < n:
+        kept, needed = [], None
+        more = more or (lambda done: not done)
+        while more(len(tokens) >= n):
             pos = past[0][0].shape[1]  # the position of tokens[-1]
-            logits, entries = _main(model, torch.tensor([[tokens[-1], draft]]), past)
+            logits, entries = _main(model, torch.tensor([[tokens[-1], draft]], device=dev), past)
             steps += 1
             drafted += 1
             choice = int(logits[0, 0].argmax())
@@ -100,20 +112,24 @@ def generate_speculative(model: DeepseekV3, prompt: torch.Tensor, n: int) -> dic
                 after = int(logits[0, 1].argmax())
                 tokens += [draft, after]
                 past = _cat(past, entries)
-                h, nxt = tap.h, torch.tensor([[draft, after]])
+                h, nxt = tap.h, torch.tensor([[draft, after]], device=dev)
             else:
                 tokens.append(choice)
                 past = _cat(past, entries, keep=1)  # roll back the rejected draft's entry
-                h, nxt = tap.h[:, :1], torch.tensor([[choice]])
+                h, nxt = tap.h[:, :1], torch.tensor([[choice]], device=dev)
+            kept.append(nxt.shape[1])
+            if needed is None and len(tokens) >= n:
+                needed = steps
             draft, m_entries = _draft(model, h, nxt, pos, mtp_past[0])
             mtp_past = _cat(mtp_past, [m_entries])
             assert mtp_past[0][0].shape[1] == past[0][0].shape[1], "MTP and main caches out of step"
     finally:
         tap.close()
-    return {"tokens": tokens[:n], "steps": steps, "drafted": drafted, "accepted": accepted}
+    return {"tokens": tokens[:n], "steps": steps if needed is None else needed, "drafted": drafted,
+            "accepted": accepted, "kept": kept}
 
 
-def copy_head_mtp(model: DeepseekV3) -> DeepseekV3:
+def copy_head_mtp(model: DeepseekV3, keep_routed: bool = False) -> DeepseekV3:
     """Make the model a bigram model whose MTP module predicts exactly its next prediction (acceptance 1).
 
     Zeroing every block's o_proj and FFN down-projections makes each block the identity, so the main
@@ -121,6 +137,11 @@ def copy_head_mtp(model: DeepseekV3) -> DeepseekV3:
     half (identity) and the MTP block is the identity too, so the MTP module's draft after (h_t, t+1) is
     argmax head(norm(norm(emb(t+1)))) = f(t+1): the main model's own next prediction (RMSNorm with unit
     weights is idempotent up to eps).
+
+    keep_routed leaves the routed experts' down-projections as they are: every block then adds its routed
+    experts' output of its own token, the main model's f(t) and the MTP module's draft see different expert
+    sums, and they agree only where those do not change the argmax (acceptance between 0 and 1, token by
+    token), while the expert-parallel exchanges carry real values.
     """
     with torch.no_grad():
         blocks = list(model.layers) + [m.block for m in model.mtp]
@@ -128,7 +149,8 @@ def copy_head_mtp(model: DeepseekV3) -> DeepseekV3:
             b.self_attn.o_proj.weight.zero_()
             mlp = b.mlp
             if hasattr(mlp, "experts"):
-                mlp.experts.down_proj.zero_()
+                if not keep_routed:
+                    mlp.experts.down_proj.zero_()
                 if hasattr(mlp, "shared_experts"):
                     mlp.shared_experts.down_proj.weight.zero_()
             else:
@@ -174,3 +196,130 @@ def _run(cfg, tokens, seed, prompt_len, copy_head) -> dict:
         "steps_plain": steps_plain, "steps_speculative": spec["steps"],
         "tokens_plain": plain, "tokens_speculative": spec["tokens"],
     }
+
+
+def _model(cfg, seed: int, copy_head: bool, keep_routed: bool = False) -> DeepseekV3:
+    """The seeded float32 model in eval mode (every rank builds the same)."""
+    torch.manual_seed(seed)
+    model = DeepseekV3(cfg)
+    model.reset_parameters(std=0.05, seed=seed)
+    model.eval()
+    if copy_head:
+        copy_head_mtp(model, keep_routed)
+    return model
+
+
+def check_ep(cfg, plan, tokens: int, prompt_len: int) -> None:
+    """SpecError unless speculative decoding of tokens after prompt_len can run under the plan."""
+    if not model_has_mtp(cfg):
+        raise SpecError(f"model {cfg.name} has no MTP module (num_nextn_predict_layers 0)")
+    if tokens < 1 or prompt_len < 1:
+        raise SpecError("--tokens and the prompt length must be positive")
+    if prompt_len + 2 * tokens + 2 > cfg.max_position_embeddings:  # a rank that is done keeps stepping
+        raise SpecError(f"prompt {prompt_len} + 2 x {tokens} tokens exceed max_position_embeddings "
+                        f"{cfg.max_position_embeddings}")  # fmt: skip
+    if plan.mesh.pp != 1 or plan.mesh.tp != 1:
+        raise SpecError(f"speculative decoding runs on pp 1, tp 1 layouts, not pp {plan.mesh.pp} tp {plan.mesh.tp}")
+
+
+def run_speculative_ep(cfg, plan, tokens: int, seed: int = 0, prompt_len: int = 8, copy_head: bool = False,
+                       keep_routed: bool = False) -> dict:  # fmt: skip
+    """Speculative decoding under the plan's expert parallelism on mesh.gpus forked gloo processes (module
+    docstring); rank 0's JSON result."""
+    import json
+    import os
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from dsv3c.runtime.ep_run import _free_port
+
+    check_ep(cfg, plan, tokens, prompt_len)
+    job = {"cfg": cfg, "plan": plan, "tokens": tokens, "seed": seed, "prompt_len": prompt_len, "copy_head": copy_head,
+           "keep_routed": keep_routed}  # fmt: skip
+    world = plan.mesh.gpus
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        init = f"tcp://127.0.0.1:{_free_port()}"
+        mp.start_processes(_ep_rank, args=(world, job, init, out), nprocs=world, start_method="fork", join=True)
+        with open(out) as f:
+            return json.load(f)
+
+
+def model_has_mtp(cfg) -> bool:
+    """Whether the model has an MTP module to draft with."""
+    return cfg.num_nextn_predict_layers > 0
+
+
+def _ep_rank(rank: int, world: int, job: dict, init: str | None, out_path: str | None) -> dict | None:
+    """One rank of run_speculative_ep (init None: under torchrun, env://, with the backend job['backend'])."""
+    import torch.distributed as dist
+
+    from dsv3c.runtime.layout import backend_device
+
+    torch.set_num_threads(1)
+    backend, device = backend_device(job.get("backend"), init)
+    kw = {"init_method": init, "rank": rank, "world_size": world} if init else {}
+    dist.init_process_group(backend, **kw)
+    try:
+        return _decode_rank(rank, world, job, out_path, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def _decode_rank(rank, world, job, out_path, device):
+    import json
+
+    import torch.distributed as dist
+
+    from dsv3c.ops.ep_context import active
+    from dsv3c.runtime.layout import Groups
+    from dsv3c.runtime.stages import ep_partition
+
+    cfg, plan, n = job["cfg"], job["plan"], job["tokens"]
+    mesh = plan.mesh
+    groups = Groups(mesh, rank, "decode")
+    me = mesh.rank(rank)
+    model = _model(cfg, job["seed"], job["copy_head"], job["keep_routed"])
+    gen = torch.Generator().manual_seed(job["seed"] + 1)
+    prompt = torch.randint(0, cfg.vocab_size, (world, job["prompt_len"]), generator=gen)[me["dp"]][None].to(device)
+    model.to(device)
+    greedy, _ = generate_plain(model, prompt, n)  # the whole model in this process: the reference
+    placement = None if plan.placement is None else plan.placement.phy2log
+    ep_partition(model, cfg, mesh.ep, me["ep"], placement, mesh.ep_gpus_per_node)
+    model.to(device)
+    ctx = groups.ep_context()
+
+    def more(done: bool) -> bool:
+        """Another step while any rank of the EP group needs tokens."""
+        flag = torch.tensor([0 if done else 1], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctx.group)
+        return bool(flag.item())
+
+    with active(ctx):
+        plain, _ = generate_plain(model, prompt, n)
+        spec = generate_speculative(model, prompt, n, more)
+    mine = {"rank": rank, "tokens_equal": spec["tokens"] == greedy, "plain_ep_equal": plain == greedy,
+            "drafted": spec["drafted"], "accepted": spec["accepted"], "steps": spec["steps"], "kept": spec["kept"],
+            "tokens": spec["tokens"]}  # fmt: skip
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    if rank != 0:
+        return None
+    kept = [g["kept"] for g in gathered]
+    steps = min(len(k) for k in kept)
+    drafted, accepted = sum(g["drafted"] for g in gathered), sum(g["accepted"] for g in gathered)
+    result = {"model": cfg.name, "ranks": world, "ep": mesh.ep, "route": groups.route, "seed": job["seed"],
+              "prompt_len": job["prompt_len"], "tokens": n, "copy_head": job["copy_head"],
+              "tokens_equal": all(g["tokens_equal"] for g in gathered),
+              "plain_ep_tokens_equal": all(g["plain_ep_equal"] for g in gathered),
+              "acceptance": accepted / drafted if drafted else None, "drafted": drafted, "accepted": accepted,
+              "acceptance_per_rank": [g["accepted"] / g["drafted"] if g["drafted"] else None for g in gathered],
+              "steps_per_rank": [g["steps"] for g in gathered], "steps_plain": n - 1,
+              "steps_with_unequal_lengths": sum(len({k[i] for k in kept}) > 1 for i in range(steps)),
+              "tokens_per_rank": [g["tokens"] for g in gathered]}  # fmt: skip
+    result["ok"] = result["tokens_equal"] and result["plain_ep_tokens_equal"]
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(result, f)
+    return result

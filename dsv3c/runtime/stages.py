@@ -60,39 +60,71 @@ def split_layers(num_layers: int, num_stages: int, ranges=None) -> list[tuple[in
 
 
 class EPExperts(nn.Module):
-    """A MoE layer's routed experts partitioned over an EP group: this EP rank holds the contiguous experts
-    ep_rank·E/ep … (ep_rank+1)·E/ep − 1 and runs dsv3.ep_dispatch → ep_experts → ep_combine, which exchange
-    tokens with all_to_all_single over the process group of the active EPContext (dsv3c.runtime.ep_context;
-    the caller keeps it active over the forward AND the backward, whose exchanges mirror the forward's).
-    forward(x [T, D], ids [T, k], weights [T, k]) -> [T, D], as model_def's Experts."""
+    """A MoE layer's routed experts partitioned over an EP group by a placement: this EP rank holds the slots
+    ep_rank·S … ep_rank·S + S − 1 of phy2log [P] (S = P / ep; a redundant expert's replicas are separate slots)
+    and runs dsv3.ep_dispatch → ep_experts → ep_combine, which exchange tokens over the process groups of the
+    active EPContext (dsv3c.ops.ep_context; the caller keeps one active over the forward AND the backward, whose
+    exchanges mirror the forward's). forward(x [T, D], ids [T, k], weights [T, k]) -> [T, D], as model_def's
+    Experts. `slot_experts` lists the logical expert of each local slot."""
 
-    def __init__(self, experts: nn.Module, ep: int, ep_rank: int, layer: int):
+    def __init__(self, experts: nn.Module, ep: int, ep_rank: int, layer: int, phy2log=None, gpus_per_node: int = 8):
         super().__init__()
+        from dsv3c.eplb import inverse_tables
+
         e = experts.gate_proj.shape[0]
-        if e % ep:
-            raise ValueError(f"{e} routed experts cannot be split over ep={ep}")
-        per = e // ep
-        self.ep, self.ep_rank, self.layer, self.num_experts, self.first_expert = ep, ep_rank, layer, e, ep_rank * per
+        phy2log = torch.arange(e) if phy2log is None else torch.as_tensor(phy2log, dtype=torch.int64)
+        if phy2log.numel() % ep:
+            raise ValueError(f"{phy2log.numel()} expert slots cannot be split over ep={ep}")
+        per = phy2log.numel() // ep
+        self.ep, self.ep_rank, self.layer, self.num_experts, self.gpus_per_node = ep, ep_rank, layer, e, gpus_per_node
+        self.slot_experts = phy2log[ep_rank * per : (ep_rank + 1) * per].tolist()
         self.remote_routes = 0  # (token, expert) routes this rank sent to another EP rank (forward calls)
-        sl = slice(self.first_expert, self.first_expert + per)
         for w in ("gate_proj", "up_proj", "down_proj"):
-            setattr(self, w, nn.Parameter(getattr(experts, w).detach()[sl].clone()))
-        # the identity placement (one slot per logical expert, slots GPU-major): rank r holds slots r·S … r·S+S−1
-        self.register_buffer("phy2log", torch.arange(e), persistent=False)
-        self.register_buffer("log2phy", torch.arange(e)[:, None], persistent=False)
-        self.register_buffer("logcnt", torch.ones(e, dtype=torch.int64), persistent=False)
+            setattr(self, w, nn.Parameter(getattr(experts, w).detach()[self.slot_experts].clone()))
+        log2phy, logcnt = inverse_tables(phy2log[None], e)
+        self.register_buffer("phy2log", phy2log, persistent=False)
+        self.register_buffer("log2phy", log2phy[0], persistent=False)
+        self.register_buffer("logcnt", logcnt[0], persistent=False)
 
     def forward(self, x, ids, weights):
         import dsv3c.ops.ep  # noqa: F401  (registers torch.ops.dsv3.ep_*)
 
-        ops = torch.ops.dsv3
+        ops, gpn = torch.ops.dsv3, self.gpus_per_node
         recv_x, recv_tok, recv_slot, counts, order, _ = ops.ep_dispatch(
-            x, ids, self.phy2log, self.log2phy, self.logcnt, self.ep, self.layer, False, 8, 1.0, 1.0
+            x, ids, self.phy2log, self.log2phy, self.logcnt, self.ep, self.layer, False, gpn, 1.0, 1.0
         )
-        if counts.device.type != "meta":  # (not during the pipeline runtime's shape inference)
-            self.remote_routes += int(counts[2].sum() - counts[2][self.ep_rank])
+        self.remote_routes += int(counts[2].sum() - counts[2][self.ep_rank])
         y = ops.ep_experts(recv_x, recv_tok, recv_slot, self.gate_proj, self.up_proj, self.down_proj, False, self.ep)
-        return ops.ep_combine(y, weights, counts, order, self.ep, 8, x.dtype)
+        return ops.ep_combine(y, weights, counts, order, self.ep, gpn, x.dtype, 1.0, 1.0)
+
+
+def ep_partition(module: nn.Module, cfg, ep: int, ep_rank: int, placement=None, gpus_per_node: int = 8,
+                 global_name=lambda name: name) -> dict:
+    """Replace the routed experts of every MoE layer under module (decoder layers `layers.N`, MTP blocks
+    `mtp.K.block`; global_name maps a module's name to the model's) by this EP rank's EPExperts; placement:
+    phy2log [MoE layers, P] in dsv3c.parallel.moe_layer_names order (None: contiguous). Returns {parameter
+    name: the logical expert of each slot} of the partitioned parameters."""
+    from dsv3c.parallel import moe_layer_names
+
+    rows = {name: i for i, name in enumerate(moe_layer_names(cfg))}
+    shards = {}
+    for name, moe in list(module.named_modules()):
+        if not isinstance(moe, MoE) or isinstance(moe.experts, EPExperts):
+            continue
+        unit = unit_name(global_name(name))
+        row = rows[unit]
+        index = cfg.num_hidden_layers + int(unit.split(".")[1]) if unit.startswith("mtp.") else int(unit.split(".")[1])
+        moe.experts = part = EPExperts(moe.experts, ep, ep_rank, index, None if placement is None else placement[row],
+                                       gpus_per_node)  # fmt: skip
+        for w in ("gate_proj", "up_proj", "down_proj"):
+            shards[f"{name}.experts.{w}"] = part.slot_experts
+    return shards
+
+
+def unit_name(module_name: str) -> str:
+    """'layers.3.mlp' → 'layers.3', 'mtp.0.block.mlp' → 'mtp.0' (the plan's unit of a MoE module)."""
+    parts = module_name.split(".")
+    return ".".join(parts[:2])
 
 
 class StageModule(nn.Module):
@@ -100,14 +132,16 @@ class StageModule(nn.Module):
     MTP and a tied embedding copy when last.
 
     With ep > 1 every MoE layer of the stage (decoder layers and the MTP block) keeps only EP rank ep_rank's
-    routed experts (EPExperts); `ep_shards` maps those parameters' local names to (first expert, experts).
+    expert slots of the placement (EPExperts); `ep_shards` maps those parameters' local names to the logical
+    expert of each slot.
 
     forward(x, input_ids=None): x is the token ids on the first stage, else the hidden state [B, S, D];
     input_ids (the micro-batch's tokens) is needed by the last stage for the MTP embedding. Returns the
     hidden state, or on the last stage (logits,) or (logits, mtp_logits).
     """
 
-    def __init__(self, model: DeepseekV3, start: int, end: int, first: bool, last: bool, ep: int = 1, ep_rank: int = 0):
+    def __init__(self, model: DeepseekV3, start: int, end: int, first: bool, last: bool, ep: int = 1, ep_rank: int = 0,
+                 placement=None, gpus_per_node: int = 8):
         super().__init__()
         self.start, self.end, self.first, self.last = start, end, first, last
         self.hidden_size = model.cfg.hidden_size
@@ -119,16 +153,9 @@ class StageModule(nn.Module):
             self.norm = copy.deepcopy(model.norm)
             self.lm_head = copy.deepcopy(model.lm_head)
             self.mtp = copy.deepcopy(model.mtp)
-        self.ep_shards = {}  # local parameter name -> (first expert held, experts in the model) when ep > 1
-        if ep > 1:  # every MoE layer of the stage (the decoder layers' and the MTP block's)
-            n_layers = model.cfg.num_hidden_layers
-            moes = [(f"layers.{i}.mlp", start + i, layer.mlp) for i, layer in enumerate(self.layers)]
-            moes += [(f"mtp.{j}.block.mlp", n_layers + j, m.block.mlp) for j, m in enumerate(getattr(self, "mtp", []))]
-            for prefix, index, moe in moes:
-                if isinstance(moe, MoE):
-                    moe.experts = part = EPExperts(moe.experts, ep, ep_rank, index)
-                    for w in ("gate_proj", "up_proj", "down_proj"):
-                        self.ep_shards[f"{prefix}.experts.{w}"] = (part.first_expert, part.num_experts)
+        # with ep > 1: local parameter name -> the logical expert of each slot it holds (EPExperts)
+        self.ep_shards = ep_partition(self, model.cfg, ep, ep_rank, placement, gpus_per_node,
+                                      self.global_name) if ep > 1 else {}
 
     def global_name(self, local: str) -> str:
         """The model's name of this stage's parameter `local` (layer indices shifted by start)."""
