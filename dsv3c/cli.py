@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="capture, transform and lower the model for a target")
     c.add_argument("--target", required=True, help="h800x2048, <gpu>x<N>, or a target .toml file")
     src = c.add_mutually_exclusive_group()
-    src.add_argument("--model", default="deepseek-v3", help="built-in preset: deepseek-v3 (default) or tiny")
+    src.add_argument("--model", default="deepseek-v3", help="built-in preset: deepseek-v3 (default), kimi-k2, "
+                     "moonlight, tiny, tiny-kimi-k2 or tiny-moonlight")
     src.add_argument("--config", help="an HF-format config.json instead of a preset")
     c.add_argument("--mode", choices=["train", "prefill", "decode"], help="default: train on >=256 GPUs, else prefill")
     c.add_argument("--batch", type=_positive)
@@ -389,10 +390,11 @@ def _user_errors() -> tuple:
     from passes import PassSpecError
     from model_def import ConfigError
     from model_def.checkpoint import CheckpointError
+    from passes.expert_partition import PartitionError
     from targets import TargetError
 
     return (UsageError, ConfigError, TargetError, CaptureError, CheckpointError, OutputError, OptionError, PassSpecError,
-            DumpError, ScheduleError, PlacementError, ConstantError, ParallelError)
+            DumpError, ScheduleError, PlacementError, ConstantError, ParallelError, PartitionError)
 
 
 def main(argv=None) -> int:
@@ -410,7 +412,8 @@ def main(argv=None) -> int:
     except Exception as e:
         from dsv3c.passmgr.pipeline import PipelineError
 
-        if isinstance(e, _user_errors()):
+        # a pass that refuses the input (e.g. an EP layout breaking the config's node limit) is bad input too
+        if isinstance(e, _user_errors()) or (isinstance(e, PipelineError) and isinstance(e.__cause__, _user_errors())):
             print(f"dsv3c: error: {str(e).splitlines()[0]}", file=sys.stderr)
             return EXIT_USAGE
         from dsv3c.schema import PlanError

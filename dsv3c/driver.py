@@ -44,6 +44,18 @@ DEFAULT_SHAPES = {
 }
 
 
+def default_shapes(cfg, mode: str, **given) -> dict:
+    """The mode's shapes: the given ones, else the defaults with the context cut to the model's positions."""
+    shapes = dict(DEFAULT_SHAPES.get(mode, DEFAULT_SHAPES["train"]))
+    shapes.update({k: v for k, v in given.items() if v is not None})
+    limit = cfg.max_position_embeddings  # e.g. the tiny presets' 4096: decode then caches 4095 tokens
+    if given.get("seq") is None:
+        shapes["seq"] = min(shapes["seq"], limit)
+    if given.get("kv_len") is None:
+        shapes["kv_len"] = max(0, min(shapes["kv_len"], limit - shapes["seq"]))
+    return shapes
+
+
 def default_mode(target: targets.Target) -> str:
     """Training layout for clusters of 256 GPUs or more, else prefill."""
     return "train" if target.gpus >= 256 else "prefill"
@@ -122,8 +134,7 @@ def compile_model(
     """
     tgt = targets.get_target(target)
     mode = mode or default_mode(tgt)
-    shapes = dict(DEFAULT_SHAPES.get(mode, DEFAULT_SHAPES["train"]))
-    shapes.update({k: v for k, v in dict(batch=batch, seq=seq, kv_len=kv_len).items() if v is not None})
+    shapes = default_shapes(cfg, mode, batch=batch, seq=seq, kv_len=kv_len)
     items = passes.parse_pipeline(pipeline) if pipeline is not None else [(n, {}) for n in passes.default_pipeline()]
     if dump_mlir is not None and not 0 <= dump_mlir < cfg.num_hidden_layers:
         raise OptionError(f"--dump-mlir layer {dump_mlir} is out of range 0..{cfg.num_hidden_layers - 1}")

@@ -13,8 +13,10 @@ TP4+SP x DP8 with EP32 on 32 GPUs; decode TP4+SP x DP80 with EP320 on 320 GPUs.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +25,8 @@ from dsv3c.eplb import PlacementError, inverse_tables, positive_int, contiguous_
 
 __all__ = [
     "PlacementError", "ExpertPlacement", "NodeBound", "ParallelMesh", "contiguous_placement", "max_nodes_per_token_bound",
-    "check_node_limit", "nodes_reached", "make_mesh", "parse_parallel", "default_mesh",
+    "check_node_limit", "node_limited", "keeps_node_limit", "expected_fanout", "nodes_reached", "make_mesh",
+    "parse_parallel", "default_mesh",
 ]
 
 
@@ -217,6 +220,52 @@ def max_nodes_per_token_bound(placement: ExpertPlacement, n_group: int, topk_gro
         per_layer.append(best)
         worst.append(arg)
     return NodeBound(per_layer, worst, exact)
+
+
+def node_limited(n_group: int, topk_group: int) -> bool:
+    """Whether routing limits a token's groups (n_group > 1, keeping topk_group < n_group), hence its nodes."""
+    return n_group > 1 and topk_group < n_group
+
+
+def keeps_node_limit(placement: ExpertPlacement, n_group: int, topk_group: int) -> bool:
+    """Whether no token of any layer can reach more than topk_group nodes (true without node-limited routing)."""
+    if not node_limited(n_group, topk_group) or placement.num_nodes <= topk_group:
+        return True
+    return max_nodes_per_token_bound(placement, n_group, topk_group).max <= topk_group
+
+
+def expected_fanout(placement: ExpertPlacement, n_group: int, topk_group: int, top_k: int, layer: int = 0,
+                    max_choices: int = 2000) -> tuple[float, float]:
+    """(E[distinct nodes], E[distinct GPUs]) that one token's top_k experts reach in `layer` of the placement.
+
+    Model (uniform routing): with node-limited routing the token's topk_group groups are a uniform choice of
+    the n_group (all choices when at most max_choices, else max_choices drawn with a fixed seed); without it
+    its candidates are all experts. Its top_k experts are a uniform choice of the m candidates, each served
+    by its first replica. A place (node or GPU) holding a of the m candidates is hit with probability
+    1 - C(m - a, k) / C(m, k) (hypergeometric); the expectation sums that over places and averages the choices.
+    """
+    positive_int("top_k", top_k)
+    experts = placement.experts
+    gpu = placement.gpu_of_slot(placement.log2phy[layer, :, 0])
+    places = (placement.node_of_gpu(gpu).tolist(), gpu.tolist())
+    if node_limited(n_group, topk_group):
+        size = experts // n_group
+        if math.comb(n_group, topk_group) <= max_choices:
+            choices = list(itertools.combinations(range(n_group), topk_group))
+        else:
+            rng = random.Random(0)
+            choices = [rng.sample(range(n_group), topk_group) for _ in range(max_choices)]
+        candidates = [[e for g in groups for e in range(g * size, (g + 1) * size)] for groups in choices]
+    else:
+        candidates = [range(experts)]
+    totals = [0.0, 0.0]
+    for members in candidates:
+        m = len(members)
+        k = min(top_k, m)
+        for i, place in enumerate(places):
+            held = collections.Counter(place[e] for e in members)
+            totals[i] += sum(1 - math.comb(m - a, k) / math.comb(m, k) for a in held.values())
+    return totals[0] / len(candidates), totals[1] / len(candidates)
 
 
 def check_node_limit(placement: ExpertPlacement, n_group: int, topk_group: int, limit: int,

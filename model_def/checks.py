@@ -10,8 +10,8 @@ _COUNTS = ("num_hidden_layers", "num_attention_heads", "n_routed_experts", "n_sh
 _DIMS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "q_lora_rank", "kv_lora_rank",
          "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 _ROPE_NUMBERS = {"factor": (False, False), "original_max_position_embeddings": (False, False),
-                 "beta_fast": (True, False), "beta_slow": (True, False), "mscale": (True, True),
-                 "mscale_all_dim": (True, True)}  # key -> (optional, nullable)
+                 "beta_fast": (True, True), "beta_slow": (True, True), "mscale": (True, True),
+                 "mscale_all_dim": (True, True), "attention_factor": (True, True)}  # key -> (optional, nullable)
 SUPPORTED_BLOCK = [128, 128]
 
 
@@ -71,8 +71,8 @@ def check_rope_numbers(rs: dict) -> None:
             continue
         if not is_number(value) or value <= 0:
             _error(f"rope_scaling.{key} must be a positive finite number, got {value!r}")
-    if rs.get("beta_fast", 32) <= rs.get("beta_slow", 1):
-        _error(f"rope_scaling.beta_fast must exceed beta_slow, got {rs.get('beta_fast', 32)} <= {rs.get('beta_slow', 1)}")
+    if not isinstance(rs.get("truncate", True), bool):
+        _error(f"rope_scaling.truncate must be true or false, got {rs['truncate']!r}")
     if rs["factor"] < 1:
         _error(f"rope_scaling.factor must be at least 1, got {rs['factor']}")
 

@@ -11,7 +11,8 @@ class ConfigError(ValueError):
     """A config that cannot describe a model; the message names the field."""
 
 
-_YARN_DEFAULTS = {"beta_fast": 32, "beta_slow": 1, "mscale": None, "mscale_all_dim": None}
+_YARN_DEFAULTS = {"beta_fast": 32, "beta_slow": 1, "mscale": None, "mscale_all_dim": None, "attention_factor": None,
+                  "truncate": True}
 
 
 @dataclass
@@ -60,9 +61,9 @@ class ModelConfig:
     def yarn(self) -> dict | None:
         """The YaRN parameters with defaults filled in, or None when RoPE is not scaled."""
         rs = self.rope_scaling
-        if not rs or rs.get("type", rs.get("rope_type")) != "yarn":
+        if not rs or _rope_kind(rs) != "yarn":
             return None
-        return {**_YARN_DEFAULTS, **rs}
+        return {**_YARN_DEFAULTS, **{k: v for k, v in rs.items() if v is not None}}  # null: the default, as in HF
 
     @property
     def softmax_scale(self) -> float:
@@ -82,7 +83,7 @@ class ModelConfig:
 
     @classmethod
     def preset(cls, name: str) -> "ModelConfig":
-        """A built-in config: 'deepseek-v3' (the 671B model as shipped) or 'tiny' (for tests)."""
+        """A built-in config by name (see PRESETS): the published models and their tiny look-alikes for tests."""
         if name not in PRESETS:
             raise ConfigError(f"unknown model preset '{name}' (known: {', '.join(sorted(PRESETS))})")
         return cls.from_dict(PRESETS[name], name=name)
@@ -118,7 +119,9 @@ class ModelConfig:
             if "rope_theta" in rp:
                 raw.setdefault("rope_theta", rp.pop("rope_theta"))
             kind = rp.pop("rope_type", rp.pop("type", "default"))
-            raw["rope_scaling"] = {"type": kind, **rp} if kind != "default" else None
+            raw["rope_scaling"] = {"type": kind, **rp}
+        if isinstance(raw.get("rope_scaling"), dict) and _rope_kind(raw["rope_scaling"]) == "default":
+            raw["rope_scaling"] = None  # transformers' "default" rope type: no scaling
         if "num_nextn_predict_layers" not in raw and "num_mtp_layers" in raw:
             raw["num_nextn_predict_layers"] = raw["num_mtp_layers"]
         known = {f.name for f in fields(cls)} - {"name", "extra"}
@@ -159,6 +162,7 @@ class ModelConfig:
             raise ConfigError(f"topk_method must be 'noaux_tc', got '{self.topk_method}'")
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act must be 'silu', got '{self.hidden_act}'")
+        self._validate_unsupported()
         if self.n_routed_experts:
             self._validate_routing()
         if self.num_nextn_predict_layers > 1:
@@ -188,14 +192,23 @@ class ModelConfig:
                 f"groups ({self.topk_group * per_group})"
             )
 
+    def _validate_unsupported(self) -> None:
+        """Refuse the options transformers accepts for this architecture that dsv3c's model does not implement."""
+        if self.tie_word_embeddings:
+            raise ConfigError("tie_word_embeddings true is not supported: dsv3c compiles a separate output head")
+        if self.extra.get("attention_bias"):
+            raise ConfigError("attention_bias true is not supported: dsv3c's MLA projections have no bias")
+        if self.extra.get("rope_interleave", True) is not True:
+            raise ConfigError("rope_interleave false is not supported: dsv3c rotates interleaved pairs (2i, 2i+1)")
+
     def _validate_rope_scaling(self) -> None:
         """Check the rope_scaling dict describes YaRN with sane numbers."""
         rs = self.rope_scaling
         if not isinstance(rs, dict):
             raise ConfigError("rope_scaling must be an object or null")
-        kind = rs.get("type", rs.get("rope_type"))
+        kind = _rope_kind(rs)
         if kind != "yarn":
-            raise ConfigError(f"rope_scaling.type must be 'yarn', got '{kind}'")
+            raise ConfigError(f"rope_scaling type '{kind}' is not supported: dsv3c implements YaRN and unscaled RoPE")
         for key in ("factor", "original_max_position_embeddings"):
             if not isinstance(rs.get(key), (int, float)) or isinstance(rs.get(key), bool) or rs[key] <= 0:
                 raise ConfigError(f"rope_scaling.{key} must be a positive number")
@@ -217,6 +230,11 @@ _FLOATS = {"routed_scaling_factor", "rope_theta", "rms_norm_eps"}
 _BOOLS = {"norm_topk_prob", "tie_word_embeddings"}
 _STRS = {"scoring_func", "topk_method", "hidden_act"}
 _DICTS = {"rope_scaling", "quantization_config"}
+
+
+def _rope_kind(rs: dict):
+    """The rope type a rope_scaling dict names ('type' in hub configs, 'rope_type' in transformers 5)."""
+    return rs.get("type", rs.get("rope_type"))
 
 
 def _check_type(name: str, value):
@@ -272,4 +290,43 @@ TINY = {
                      "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
 }  # fmt: skip
 
-PRESETS = {"deepseek-v3": DEEPSEEK_V3, "tiny": TINY}
+# moonshotai/Kimi-K2-Instruct's config.json (Kimi-K2-Base has the same shapes): DeepSeek-V3's layout with 384
+# experts in one group (no node limit), 64 heads, a 163,840-token vocabulary, YaRN with beta_fast = beta_slow,
+# one dense layer and no MTP module. tests/data/kimi_k2_instruct.config.json is the published file.
+KIMI_K2 = {
+    **DEEPSEEK_V3,
+    "model_type": "kimi_k2", "vocab_size": 163840, "num_attention_heads": 64, "num_key_value_heads": 64,
+    "n_routed_experts": 384, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.827,
+    "first_k_dense_replace": 1, "num_nextn_predict_layers": 0, "max_position_embeddings": 131072,
+    "rope_theta": 50000.0,
+    "rope_scaling": {"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, "beta_fast": 1.0,
+                     "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+}  # fmt: skip
+
+# moonshotai/Moonlight-16B-A3B-Instruct's config.json (the base Moonlight-16B-A3B has the same architecture): no
+# q-LoRA, 64 experts in one group, 2 shared, top-6, no rope scaling, no MTP module, BF16 weights.
+# tests/data/moonlight_16b_a3b_instruct.config.json is the published file.
+MOONLIGHT = {
+    **{k: v for k, v in DEEPSEEK_V3.items() if k not in ("rope_scaling", "quantization_config")},
+    "vocab_size": 163840, "hidden_size": 2048, "intermediate_size": 11264, "moe_intermediate_size": 1408,
+    "num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16, "q_lora_rank": None,
+    "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6, "n_group": 1, "topk_group": 1,
+    "routed_scaling_factor": 2.446, "first_k_dense_replace": 1, "num_nextn_predict_layers": 0,
+    "max_position_embeddings": 8192, "rope_theta": 50000.0, "rms_norm_eps": 1e-5,
+}  # fmt: skip
+
+# tiny look-alikes of the two, for tests: the same departures from V3 at TINY's sizes
+TINY_KIMI_K2 = {
+    **TINY,
+    "model_type": "kimi_k2", "vocab_size": 320, "n_routed_experts": 24, "n_group": 1, "topk_group": 1,
+    "routed_scaling_factor": 2.827, "num_nextn_predict_layers": 0, "rope_theta": 50000.0,
+    "rope_scaling": {**KIMI_K2["rope_scaling"], "original_max_position_embeddings": 256},
+}  # fmt: skip
+TINY_MOONLIGHT = {
+    **{k: v for k, v in TINY.items() if k not in ("rope_scaling", "quantization_config")},
+    "q_lora_rank": None, "n_shared_experts": 2, "num_experts_per_tok": 6, "n_group": 1, "topk_group": 1,
+    "routed_scaling_factor": 2.446, "num_nextn_predict_layers": 0, "rope_theta": 50000.0, "rms_norm_eps": 1e-5,
+}  # fmt: skip
+
+PRESETS = {"deepseek-v3": DEEPSEEK_V3, "kimi-k2": KIMI_K2, "moonlight": MOONLIGHT, "tiny": TINY,
+           "tiny-kimi-k2": TINY_KIMI_K2, "tiny-moonlight": TINY_MOONLIGHT}

@@ -37,9 +37,12 @@ def yarn_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     def correction_dim(beta):  # the dim whose wavelength fits beta times in the original context
         return d * math.log(orig / (beta * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(correction_dim(y["beta_fast"])), 0)
-    high = min(math.ceil(correction_dim(y["beta_slow"])), d - 1)
-    ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    low, high = correction_dim(y["beta_fast"]), correction_dim(y["beta_slow"])
+    if y["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    # transformers' ramp: an empty range (beta_fast == beta_slow, as in Kimi-K2) widens to 0.001
+    ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / ((high - low) or 1e-3)).clamp(0, 1)
     inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)  # interpolate low frequencies only
 
     def mscale(m):
@@ -47,6 +50,8 @@ def yarn_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
     # cos/sin amplitude as transformers computes it (1.0 for V3, whose mscale == mscale_all_dim)
     amplitude = mscale(y["mscale"]) / mscale(y["mscale_all_dim"]) if y["mscale"] and y["mscale_all_dim"] else mscale(1)
+    if y["attention_factor"] is not None:
+        amplitude = y["attention_factor"]
     return inv_freq.float(), amplitude
 
 

@@ -16,18 +16,17 @@ and the placement (per MoE layer in graph order, MTP last: phy2log [L, P], log2p
 [L, E] as `dsv3c.eplb.rebalance_experts` returns them; none: contiguous, no replicas). EP rank r sits
 on node r // gpus_per_node.
 
-Node-limited routing, proven from the placement: a token picks `topk_group` groups, so the nodes it
-can reach are the union of its groups' node sets (an expert's node set = the nodes of all its
-replicas). The pass takes the maximum of that union over all choices of topk_group groups (at most
-the nodes of the group); when EP spans more than one node it must be <= topk_group, else
-PartitionError. The expected distinct nodes / GPUs per token feed the dispatch cost (see
-`expected_targets`).
+Node-limited routing, proven from the placement where the config has it (n_group > 1 groups of which a
+token keeps topk_group < n_group): the nodes a token can reach are the union of its groups' node sets
+(an expert's node set = the nodes of all its replicas). The pass takes the maximum of that union over
+all choices of topk_group groups; when EP spans more than one node it must be <= topk_group, else
+PartitionError (train and prefill). Without groups (n_group 1, as in Kimi-K2 and Moonlight) there is no
+limit to prove: the stats record `node_limited` false. Either way the expected distinct nodes / GPUs a
+token's top-k reach under the placement (`dsv3c.placement.expected_fanout`) feed the dispatch cost.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 import operator
 
 import torch
@@ -35,7 +34,7 @@ from torch import fx
 
 import dsv3c.ops  # noqa: F401  (registers torch.ops.dsv3)
 from dsv3c.eplb import contiguous_phy2log, inverse_tables
-from dsv3c.placement import ExpertPlacement, max_nodes_per_token_bound
+from dsv3c.placement import ExpertPlacement, expected_fanout, max_nodes_per_token_bound, node_limited
 from dsv3c.ir import Plan, Program, layer_of
 from passes.registry import register
 
@@ -77,42 +76,13 @@ def check_tables(phy2log, log2phy, logcnt, experts: int, ep: int) -> int:
     return slots // ep
 
 
-def max_nodes_per_token(phy2log, experts: int, n_group: int, topk_group: int, per_rank: int, gpus_per_node: int) -> int:
-    """The most nodes one token can reach: max over topk_group-sets of groups of their replicas' nodes' union."""
-    ranks = phy2log.numel() // per_rank
-    gpn = min(gpus_per_node, ranks)
-    if ranks % gpn:
-        raise PartitionError(f"EP {ranks} is not whole nodes of {gpus_per_node} GPUs")
-    tables = (phy2log[None], *inverse_tables(phy2log[None], experts))
-    return max_nodes_per_token_bound(ExpertPlacement(ranks, gpn, *tables), n_group, topk_group).max
-
-
-def expected_targets(phy2log, log2phy, experts: int, n_group: int, topk_group: int, top_k: int, per_rank: int,
-                     gpus_per_node: int) -> tuple[float, float]:  # fmt: skip
-    """(E[distinct nodes], E[distinct GPUs]) per token under uniform node-limited routing.
-
-    Model: the token's topk_group groups are a uniform choice among the n_group; its top_k experts are
-    a uniform choice among the m = topk_group·E/n_group experts of those groups; each expert counts at
-    its first replica. A place (node or GPU) holding a of those m experts is hit with probability
-    1 − C(m − a, k) / C(m, k) (hypergeometric); the expectation sums these over places and averages
-    over the group choices (enumerated; sampled evenly when there are more than 2000).
-    """
-    size = experts // n_group
-    first = log2phy[:, 0].tolist()
-    gpu_of = [first[e] // per_rank for e in range(experts)]
-    combos = list(itertools.combinations(range(n_group), topk_group))
-    if len(combos) > 2000:
-        combos = combos[:: len(combos) // 2000]
-    totals = [0.0, 0.0]
-    for combo in combos:
-        members = [e for g in combo for e in range(g * size, (g + 1) * size)]
-        m, k = len(members), min(top_k, len(members))
-        for i, place in enumerate((lambda e: gpu_of[e] // gpus_per_node, lambda e: gpu_of[e])):
-            counts: dict = {}
-            for e in members:
-                counts[place(e)] = counts.get(place(e), 0) + 1
-            totals[i] += sum(1 - math.comb(m - a, k) / math.comb(m, k) for a in counts.values())
-    return totals[0] / len(combos), totals[1] / len(combos)
+def layer_placement(tables, ep: int, gpus_per_node: int) -> ExpertPlacement:
+    """One MoE layer's (phy2log, log2phy, logcnt) as an ExpertPlacement over ep ranks in nodes of gpus_per_node."""
+    gpn = min(gpus_per_node, ep)
+    if ep % gpn:
+        raise PartitionError(f"EP {ep} is not whole nodes of {gpus_per_node} GPUs")
+    phy2log, log2phy, logcnt = tables
+    return ExpertPlacement(ep, gpn, phy2log[None], log2phy[None], logcnt.reshape(1, -1))
 
 
 def _gate_args(program: Program, node: fx.Node) -> tuple[int, int, int]:
@@ -174,9 +144,12 @@ def _rewrite(program: Program, node: fx.Node, index: int, key: str, tables, ep: 
     return binding, d
 
 
+_INDEX, _ESTIMATES = 6, 9  # ep_dispatch's argument positions of the layer index and the expected fan-out
+
+
 def _instance(program: Program, inst, dispatch: fx.Node, binding: dict, index: int, tables, estimates) -> dict:
-    """Attach one more MoE layer computed by the block of `dispatch` to its instance: its index, fan-out and tables;
-    returns what the runtime binds for it."""
+    """Attach one more MoE layer computed by the block of `dispatch` to its instance (its index, fan-out and
+    placement tables); returns what the runtime binds for it."""
     blocks = program.blocks
     args = list(dispatch.args)
     args[_INDEX], args[_ESTIMATES:] = index, list(estimates)
@@ -187,19 +160,18 @@ def _instance(program: Program, inst, dispatch: fx.Node, binding: dict, index: i
             "bindings": {blocks.rename(inst, loc): blocks.rename(inst, src) for loc, src in binding["bindings"].items()}}
 
 
-_INDEX, _ESTIMATES = 6, 9  # ep_dispatch's argument positions of the layer index and the expected fan-out
-
-
 def _layer_facts(memo: dict, tables, experts: int, ep: int, gpn: int, gate: tuple) -> tuple:
-    """(slots per rank, GPUs' experts, max nodes per token, expected fan-out) of a layer's tables, once per distinct tables."""
+    """(slots per rank, experts per GPU, max nodes per token, expected fan-out) of one layer's tables, computed
+    once per distinct tables (the layers of a contiguous placement share theirs)."""
     key = (*(t.numpy().tobytes() for t in tables), experts, ep, gpn, gate)
     if key not in memo:
         n_group, topk_group, top_k = gate
         per_rank = check_tables(*tables, experts, ep)
-        bound = max_nodes_per_token(tables[0], experts, n_group, topk_group, per_rank, gpn)
-        estimates = expected_targets(tables[0], tables[1], experts, n_group, topk_group, top_k, per_rank, gpn)
+        place = layer_placement(tables, ep, gpn)
+        bound = max_nodes_per_token_bound(place, n_group, topk_group).max
+        estimates = expected_fanout(place, n_group, topk_group, top_k)
         per_gpu = [len(set(tables[0][r * per_rank : (r + 1) * per_rank].tolist())) for r in range(ep)]
-        memo[key] = per_rank, per_gpu, bound, estimates
+        memo[key] = per_rank, max(per_gpu), bound, estimates
     return memo[key]
 
 
@@ -223,29 +195,30 @@ def expert_partition(plan: Plan, opts: dict):
     for node in targets:
         key = layer_of(node) or f"moe{index}"
         experts = node.args[3].meta["val"].shape[0]
-        gate = _gate_args(program, node)
+        n_group, topk_group, top_k = gate = _gate_args(program, node)
+        limited = node_limited(n_group, topk_group)
         dispatch = binding = None
-        for inst in (program.blocks.of(key) if program.blocks is not None else []) or [None]:
+        for inst in (program.blocks.of(key) if program.blocks is not None else []) or [None]:  # each layer it computes
             unit = key if inst is None else inst.unit
             tables = layer_tables(placement, index, unit, experts)
             per_rank, per_gpu, bound, estimates = _layer_facts(memo, tables, experts, ep, gpn, gate)
             bound = min(spans, bound)
             # decode's low-latency dispatch sends each token straight to its experts' GPUs over IB (no NVLink
             # forwarding), so the node limit, which bounds the IB hops of two-hop dispatch, binds train and prefill
-            if spans > 1 and bound > gate[1] and program.mode != "decode":
+            if limited and spans > 1 and bound > topk_group and program.mode != "decode":
                 raise PartitionError(
                     f"{unit}: with EP {ep} over {spans} nodes of {gpn} GPUs a token can reach {bound} nodes, "
-                    f"more than topk_group={gate[1]}; map expert groups to nodes"
+                    f"more than topk_group={topk_group}; map expert groups to nodes"
                 )  # fmt: skip
-            if dispatch is None:  # the block itself (its first instance)
+            if dispatch is None:  # the node's own layer (a block's first instance) is rewritten in the graph
                 binding, dispatch = _rewrite(program, node, index, key, tables, ep, gpn, estimates)
                 layers[unit] = dict(binding)
             else:
                 layers[unit] = _instance(program, inst, dispatch, binding, index, tables, estimates)
             layers[unit]["experts"] = experts
-            per_layer.append({"layer": unit, "slots_per_gpu": per_rank, "experts_per_gpu": max(per_gpu),
-                              "redundant_experts": tables[0].numel() - experts, "max_nodes_per_token": bound,
-                              "expected_nodes_per_token": round(estimates[0], 4),
+            per_layer.append({"layer": unit, "slots_per_gpu": per_rank, "experts_per_gpu": per_gpu,
+                              "redundant_experts": tables[0].numel() - experts, "node_limited": limited,
+                              "max_nodes_per_token": bound, "expected_nodes_per_token": round(estimates[0], 4),
                               "expected_gpus_per_token": round(estimates[1], 4)})  # fmt: skip
             index += 1
     program.drop_unused_weights()
@@ -261,5 +234,8 @@ def expert_partition(plan: Plan, opts: dict):
         "experts_per_gpu": max((p["experts_per_gpu"] for p in per_layer), default=0),
         "redundant_experts": sum(p["redundant_experts"] for p in per_layer),
         "max_nodes_per_token": max((p["max_nodes_per_token"] for p in per_layer), default=0),
+        "node_limited": any(p["node_limited"] for p in per_layer),
+        "expected_nodes_per_token": max((p["expected_nodes_per_token"] for p in per_layer), default=0),
+        "expected_gpus_per_token": max((p["expected_gpus_per_token"] for p in per_layer), default=0),
         "layers": per_layer,
     }

@@ -5,11 +5,15 @@ Units: bytes, bytes/s, FLOP/s (dense, no sparsity). Bandwidth conventions:
 - `nvlink_bandwidth` is NVIDIA's quoted per-GPU NVLink figure (aggregate of both directions:
   400 GB/s on H800, 900 GB/s on H100/H200); it labels the NVLink edges of the topology.
 - `nvlink_achieved` is the throughput one GPU sustains in one direction in practice (DeepEP measures
-  about 160 GB/s on H800); the cost model uses it. For H100/H200 it is an estimate at the same 80 %
+  about 160 GB/s on H800); the cost model uses it. For H100/H200/H20 it is an estimate at the same 80 %
   of the one-direction nominal (450 GB/s) as H800's 160 of 200.
 - `pcie_bandwidth` is PCIe Gen5 x16, one direction, GPU to NIC.
 - `hbm_bytes` is the memory the driver reports (nvidia-smi: 81559 MiB for the 80 GB parts,
-  143771 MiB for H200's 141 GB).
+  143771 MiB for H200's 141 GB, 97871 MiB for H20's 96 GB).
+
+H20 (Hopper, sm_90a; NVIDIA H20 Tensor Core GPU datasheet): 96 GB HBM3 at 4.0 TB/s, 148 TFLOPS dense BF16,
+296 TFLOPS dense FP8, NVLink 900 GB/s, PCIe Gen5 (128 GB/s both directions). The datasheet gives no SM
+count; 78 SMs is what the device reports (CUDA deviceQuery / Geekbench 6 listings of the H20).
 """
 
 from __future__ import annotations
@@ -60,11 +64,13 @@ GPUS: dict[str, GPUSpec] = {
                     nvlink_bandwidth=900e9, nvlink_achieved=360e9, **_HOPPER),
     "h200": GPUSpec(name="h200", hbm_bytes=143771 * MiB, hbm_bandwidth=4.8e12,
                     nvlink_bandwidth=900e9, nvlink_achieved=360e9, **_HOPPER),
+    "h20": GPUSpec(name="h20", arch="sm_90a", sms=78, hbm_bytes=97871 * MiB, hbm_bandwidth=4.0e12,
+                   bf16_flops=148e12, fp8_flops=296e12, nvlink_bandwidth=900e9, nvlink_achieved=360e9),
 }
 
 
 def gpu_spec(name: str | GPUSpec) -> GPUSpec:
-    """The GPUSpec for a GPU name ("h800", "h100", "h200"; case-insensitive), or the spec itself."""
+    """The GPUSpec for a GPU name ("h800", "h100", "h200", "h20"; case-insensitive), or the spec itself."""
     if isinstance(name, GPUSpec):
         return name
     key = str(name).strip().lower()

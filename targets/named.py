@@ -2,13 +2,14 @@
 
 Spec forms accepted by `get_target`:
 - a named target: h800x8 (one node), h800x32 (the prefill unit), h800x320 (the decode unit),
-  h800x2048 (the training cluster);
-- the general form `<gpu>x<N>` with gpu in h800/h100/h200: N a positive multiple of 8 gives N/8
+  h800x2048 (the training cluster), h20x16 (two H20 nodes: 1.5 TB of HBM, an inference box for the 671B and 1T
+  models in FP8);
+- the general form `<gpu>x<N>` with gpu in h800/h100/h200/h20: N a positive multiple of 8 gives N/8
   full nodes of 8 GPUs; 1 <= N < 8 gives one partial node of N GPUs (gpus_per_node = planes = N);
 - a path to a TOML file describing a user's cluster:
 
       name = "my-cluster"        # required
-      gpu = "h800"               # required: h800, h100 or h200
+      gpu = "h800"               # required: h800, h100, h200 or h20
       gpus = 64                  # required
       gpus_per_node = 8          # default 8
       planes = 8                 # default min(8, gpus_per_node); NIC of local index i on plane i % planes
@@ -33,7 +34,7 @@ from .errors import TargetError
 from .gpus import GPUS, GPUSpec, gpu_spec
 from .topology import Topology, build_topology, fat_tree_shape
 
-NAMED_TARGETS = ("h800x8", "h800x32", "h800x320", "h800x2048")
+NAMED_TARGETS = ("h800x8", "h20x16", "h800x32", "h800x320", "h800x2048")
 DESCRIBE_HEADERS = ("name", "gpu", "gpus", "nodes", "NVLink GB/s", "IB GB/s per GPU", "arch")
 
 

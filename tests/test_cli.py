@@ -79,6 +79,11 @@ ERRORS = {  # id: (arguments, input files {name: text}, a phrase the message mus
                               {"bad.json": '{"vocab_size": 256,\n'}, "bad.json"),
     "experts_not_divisible_by_groups": (["compile", "--target", "h800x8", "--config", "div.json", "--out", "out"],
                                         {"div.json": json.dumps(_DIVISIBLE)}, "n_group"),
+    # nodes of 2 GPUs: each of tiny's 4 expert groups spans 2 nodes, so a token's 2 groups can reach 4 nodes
+    "ep_breaks_node_limit": (["compile", "--target", "pairs.toml", "--model", "tiny", "--mode", "prefill", "--seq", "8",
+                              "--parallel", "ep=16", "--out", "out"],
+                             {"pairs.toml": 'name = "pairs"\ngpu = "h800"\ngpus = 16\ngpus_per_node = 2\n'},
+                             "topk_group=2 nodes"),
     "batch_zero": (["compile", "--target", "h800x8", "--model", "tiny", "--batch", "0", "--out", "out"], {}, "--batch"),
     "seq_not_int": (["compile", "--target", "h800x8", "--model", "tiny", "--seq", "abc", "--out", "out"], {}, "abc"),
     "mode_unknown": (["compile", "--target", "h800x8", "--model", "tiny", "--mode", "fly", "--out", "out"], {}, "fly"),
@@ -285,9 +290,9 @@ def test_targets_table(followups):
     out = followups["targets"].ok()
     rows = {line.split()[0]: line.split() for line in out.splitlines()[2:] if line.strip()}
     assert out.splitlines()[0].split()[0] == "name"
-    for name in ("h800x8", "h800x32", "h800x320", "h800x2048"):
+    for name in ("h800x8", "h20x16", "h800x32", "h800x320", "h800x2048"):
         assert name in rows
-    assert rows["h800x2048"][1:4] == ["h800", "2048", "256"]
+    assert rows["h800x2048"][1:4] == ["h800", "2048", "256"] and rows["h20x16"][1:4] == ["h20", "16", "2"]
 
 
 def test_passes_table(followups):

@@ -123,9 +123,11 @@ def test_pass_keeps_invariants_and_proves_the_node_limit(captured, ep, gpn, repl
         phy2log = torch.arange(e).repeat_interleave(2)
     tables = tables_from(phy2log, e)
     nodes = -(-ep // gpn)
-    from passes.expert_partition import max_nodes_per_token
+    from dsv3c.placement import max_nodes_per_token_bound
+    from passes.expert_partition import layer_placement
 
-    bound = min(nodes, max_nodes_per_token(tables[0], e, SMALL.n_group, SMALL.topk_group, tables[0].numel() // ep, gpn))
+    place = layer_placement(tables, ep, gpn)
+    bound = min(nodes, max_nodes_per_token_bound(place, SMALL.n_group, SMALL.topk_group).max)
     if nodes > 1 and bound > SMALL.topk_group:
         with pytest.raises(PartitionError, match="topk_group"):
             run_pass(before, ep=ep, gpus_per_node=gpn, placement=[tables, tables])

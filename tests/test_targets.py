@@ -26,6 +26,16 @@ def test_gpu_specs():
         gpu_spec("h900")
 
 
+def test_h20_datasheet_and_targets():
+    """H20 as NVIDIA's datasheet gives it; nvlink_achieved by the 80 %-of-one-direction rule; h20x16 is 2 nodes."""
+    h20 = gpu_spec("h20")
+    assert (h20.arch, h20.hbm_bandwidth, h20.bf16_flops, h20.fp8_flops) == ("sm_90a", 4.0e12, 148e12, 296e12)
+    assert 96e9 < h20.hbm_bytes < 110e9 and h20.nvlink_achieved == 0.8 * h20.nvlink_bandwidth / 2 == 360e9
+    t = get_target("h20x16")
+    assert (t.gpu.name, t.gpus, t.nodes) == ("h20", 16, 2) and "h20x16" in list_targets()
+    assert get_target("h20x64").nodes == 8
+
+
 @settings(deadline=None)
 @given(gpu_ids, gpu_ids)
 def test_bandwidth_symmetric_and_kind(a, b):

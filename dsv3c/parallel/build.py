@@ -13,6 +13,7 @@ GPUs a token's routes reach) and load imbalance feed the cost model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -21,7 +22,8 @@ from dsv3c.cost.facts import BlockFacts
 from dsv3c.cost.train import Candidate, Evaluation, LayoutError, TrainPricer
 from dsv3c.eplb import PlacementError, inverse_tables, load_expert_load, load_stats, rebalance_experts
 from dsv3c.parallel.plan import InferenceUnit, ParallelPlan, unit_names
-from dsv3c.placement import ExpertPlacement, default_mesh, make_mesh, parse_parallel
+from dsv3c.placement import (ExpertPlacement, default_mesh, expected_fanout, keeps_node_limit, make_mesh,
+                             parse_parallel)
 from dsv3c.schedules import KINDS, ScheduleError, validate
 
 DEFAULT_GLOBAL_BATCH = 15360  # DeepSeek-V3's final batch (sequences of 4096 tokens)
@@ -70,11 +72,17 @@ def fanout(cfg, placement: ExpertPlacement | None) -> tuple[float, float]:
     """(E[distinct nodes], E[distinct GPUs]) a token's routed experts reach under the placement (its first layer)."""
     if placement is None or placement.num_gpus <= 1:
         return 1.0, 1.0
-    from passes.expert_partition import expected_targets  # TODO(merge): the one fan-out function of dsv3c.placement
+    return expected_fanout(placement, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok)
 
-    return expected_targets(placement.phy2log[0], placement.log2phy[0], cfg.n_routed_experts, cfg.n_group,
-                            cfg.topk_group, cfg.num_experts_per_tok, placement.slots_per_gpu,
-                            placement.gpus_per_node)
+
+def check_node_limit(cfg, placement: ExpertPlacement | None, mode: str) -> None:
+    """Two-hop dispatch (train, prefill) needs the node limit of the config's groups: ParallelError if a token of
+    the placement can reach more than topk_group nodes (decode's direct dispatch has no such limit)."""
+    if placement is None or mode == "decode" or keeps_node_limit(placement, cfg.n_group, cfg.topk_group):
+        return
+    raise ParallelError(f"EP {placement.num_gpus} over {placement.num_nodes} nodes lets a token reach more than "
+                        f"topk_group={cfg.topk_group} nodes (its groups span nodes); choose an EP degree that maps "
+                        "expert groups to nodes")
 
 
 def imbalance(placement: ExpertPlacement | None, load, c: Constants) -> float:
@@ -108,6 +116,13 @@ def plan_parallel(cfg, target, mode: str, request: str | None, *, facts: BlockFa
 # ---- training ---------------------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=256)
+def _keeps_node_limit(experts: int, n_group: int, topk_group: int, ep: int, gpus_per_node: int) -> bool:
+    """Whether EP over ep ranks (the contiguous placement) keeps the config's node limit."""
+    placement = ExpertPlacement.contiguous(1, experts, ep, min(ep, gpus_per_node))
+    return keeps_node_limit(placement, n_group, topk_group)
+
+
 def candidates(cfg, target, global_batch: int, given: dict, kind: str | None, micro_batches: int | None):
     """Every legal training layout of the target, restricted to the requested degrees, schedule and micro-batches."""
     gpus, gpn = target.gpus, target.gpus_per_node
@@ -127,6 +142,8 @@ def candidates(cfg, target, global_batch: int, given: dict, kind: str | None, mi
             except PlacementError:
                 continue
             if ep > 1 and not experts:
+                continue
+            if ep > 1 and not _keeps_node_limit(cfg.n_routed_experts, cfg.n_group, cfg.topk_group, ep, gpn):
                 continue
             for k in ([kind] if kind else KINDS):
                 stages = 2 * pp if k == "dualpipev" else pp
@@ -177,6 +194,7 @@ def _train(cfg, target, request, given, facts, c, load, kind, micro_batches, glo
                                 f"e.g. {example})")
         chosen, chosen_by = pricer.evaluate(search["fitting"][0].cand, timeline=True), "auto"
     cand = chosen.cand
+    check_node_limit(cfg, placement_of(cand.ep), "train")
     mesh = make_mesh(target.gpus, target.gpus_per_node, pp=cand.pp, ep=cand.ep, dp=cand.dp,
                      experts=cfg.n_routed_experts or None, redundant=redundant, mode="train")
     names = stage_names(cfg, chosen.cut)
@@ -232,6 +250,7 @@ def _inference(cfg, target, mode, request, given, c, load) -> Planned:
     slots = (experts or 0) + mesh.redundant
     unit = InferenceUnit(slots // mesh.ep, int(c["inference_micro_batches"]))
     placement = place_experts(cfg, mesh.ep, mesh.gpus_per_node, slots, load) if experts else None
+    check_node_limit(cfg, placement, mode)
     plan = ParallelPlan(mode, mesh, request, "given" if given else "default", placement=placement,
                         moe_layers=tuple(moe_layer_names(cfg)), load=load, imbalance=imbalance(placement, load, c),
                         unit=unit)

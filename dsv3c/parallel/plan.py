@@ -117,9 +117,10 @@ def unit_names(cfg) -> list[str]:
 
 
 def single_gpu(cfg, mode: str) -> ParallelPlan:
-    """The layout of one GPU: no parallelism, every unit in one stage (a training step of one micro-batch)."""
-    mesh = make_mesh(1, 1, experts=cfg.n_routed_experts or None, mode=mode)
-    train = mode == "train"
+    """The layout of one GPU: no parallelism, every unit in one stage (a training step of one micro-batch); cfg may
+    be None for a graph that is not a model of the family."""
+    mesh = make_mesh(1, 1, experts=getattr(cfg, "n_routed_experts", None) or None, mode=mode)
+    train = mode == "train" and cfg is not None
     return ParallelPlan(mode, mesh, "single GPU", "default", "1f1b" if train else None, 1 if train else None,
                         (tuple(unit_names(cfg)),) if train else ())
 
