@@ -22,21 +22,40 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _positive(text: str) -> int:
-    """An argparse type: a positive integer."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
+def _integer(minimum: int | None = None, maximum: int | None = None):
+    """An argparse type: an integer in digits 0-9 within [minimum, maximum] (dsv3c.bounds.parse_int)."""
+    from dsv3c.bounds import BoundError, parse_int
+
+    def parse(text: str) -> int:
+        try:
+            return parse_int(text, "the value", minimum, maximum)
+        except BoundError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+def _number(minimum: float, maximum: float):
+    """An argparse type: a finite number within [minimum, maximum] (NaN, inf and out-of-range refused)."""
+    from dsv3c.bounds import BoundError, parse_float
+
+    def parse(text: str) -> float:
+        try:
+            return parse_float(text, "the value", minimum, maximum)
+        except BoundError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+_positive = _integer(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of all subcommands."""
     parser = _Parser(prog="dsv3c", description="Compile DeepSeek-V3-class MoE models for H800 clusters.")
     from dsv3c import __version__
+    from dsv3c.bounds import MAX_DURATION, MAX_SEED
 
     parser.add_argument("--version", action="version", version=f"dsv3c {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -51,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch", type=_positive)
     c.add_argument("--seq", type=_positive)
     c.add_argument("--kv-len", type=_positive)
-    c.add_argument("--mtp-acceptance", type=float, metavar="P",
+    c.add_argument("--mtp-acceptance", type=_number(0.0, 1.0), metavar="P",
                    help="decode: MTP draft acceptance for the speculative-decoding speed-up (default 0.85)")
     c.add_argument("--passes", help="comma-separated pass list (see `dsv3c passes`)")
     c.add_argument("--out", help="output directory (default build/<target>-<mode>)")
@@ -66,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="sets",
                    help="override a cost-model constant (repeatable), e.g. --set ib_GBps=40")
     c.add_argument("--dump-dir", help="write per-pass dumps here")
-    c.add_argument("--dump-mlir", type=int, metavar="LAYER", help="also dump this layer as MLIR after each pass")
+    c.add_argument("--dump-mlir", type=_integer(0), metavar="LAYER", help="also dump this layer as MLIR after each pass")
     c.add_argument("--print-after-all", action="store_true")
     c.add_argument("--print-after", action="append", default=[], metavar="PASS")
     c.add_argument("--print-after-change", action="store_true")
@@ -77,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="summarise a dump directory")
     i.add_argument("dir")
     i.add_argument("--diff", nargs=2, metavar=("A", "B"), help="diff two passes (names or numbers)")
-    i.add_argument("--layer", type=int, help="restrict the diff to one layer")
+    i.add_argument("--layer", type=_integer(), help="restrict the diff to one layer")
 
     r = sub.add_parser("run", help="run a small model's lowered graph (Triton kernels) and check it against eager")
     rsrc = r.add_mutually_exclusive_group()
@@ -87,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plan", help="a plan.json of `dsv3c compile`: run its layout (ranks, degrees, stages, schedule, "
                    "expert placement) on gloo processes against one process")
     r.add_argument("--mode", choices=["prefill", "decode"], default="prefill")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=_integer(0, MAX_SEED), default=0)
     r.add_argument("--batch", type=_positive)
     r.add_argument("--seq", type=_positive)
     r.add_argument("--kv-len", type=_positive)
@@ -108,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pp", type=_positive, required=True)
     s.add_argument("--micro-batches", type=_positive, required=True)
     s.add_argument("--durations", metavar="K=T,...", help="per-action durations (F, B, I, W, F&B; default F=1,B=2,I=1,W=1)")
-    s.add_argument("--comm", type=float, default=0.0, help="time per rank-to-rank hop (default 0)")
+    s.add_argument("--comm", type=_number(0.0, MAX_DURATION), default=0.0, help="time per rank-to-rank hop (default 0)")
     s.add_argument("--trace", help="write a Chrome/Perfetto trace here")
     s.add_argument("--svg", help="write an SVG picture here")
     s.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -248,6 +267,13 @@ RUN_MAX_PARAMS = 2_000_000_000  # run holds real weights on one device
 
 def cmd_run(args, argv) -> int:
     """dsv3c run: exit 0 when the lowered graph's logits are within the FP8 tolerance (dsv3c.runtime.executor), else 1."""
+    if args.tokens is not None and args.pp:
+        raise UsageError("--tokens generates tokens in one process: --pp does not apply")
+    if args.expert_load_out and (args.pp or (args.ranks is None and args.ep is None and not args.plan)):
+        raise UsageError("--expert-load-out writes what an expert-parallel run observes: it needs --ranks, --ep or "
+                         "--plan, without --pp")
+    if args.micro_batches is not None and not args.pp:
+        raise UsageError("--micro-batches applies to a pipelined training step: it needs --pp")
     if args.plan or args.pp:
         return _run_parallel(args)
     if args.tokens is not None:
@@ -290,10 +316,16 @@ def cmd_run(args, argv) -> int:
 
 def cmd_schedule(args, argv) -> int:
     """dsv3c schedule: build, check and simulate one pipeline schedule."""
-    from dsv3c.schedules import report
+    from dsv3c import bounds, outdir
+    from dsv3c.schedules import report, validate
 
-    summary = report.summarize(args.kind, args.pp, args.micro_batches, report.parse_durations(args.durations),
-                               args.comm, args.trace, args.svg)  # fmt: skip
+    validate(args.kind, args.pp, args.micro_batches)
+    bounds.check_schedule_size(args.kind, args.pp, args.micro_batches)
+    durations = report.parse_durations(args.durations)
+    for flag in ("--trace", "--svg"):
+        if getattr(args, flag[2:]) is not None:
+            outdir.check_output_file(getattr(args, flag[2:]), flag)
+    summary = report.summarize(args.kind, args.pp, args.micro_batches, durations, args.comm, args.trace, args.svg)
     print(report.format_json(summary) if args.json else report.format_table(summary), end="")
     return 0
 
@@ -308,26 +340,35 @@ def _run_parallel(args) -> int:
     from model_def import DeepseekV3
     from model_def.counts import parameter_counts
 
+    from dsv3c import outdir, validate
+
+    if args.expert_load_out:
+        outdir.check_output_file(args.expert_load_out, "--expert-load-out")
     try:
         if args.plan:
             if args.ranks or args.ep or args.pp or args.micro_batches or args.schedule != "1f1b":
                 raise UsageError("--plan takes the ranks, degrees, schedule and micro-batches from the plan")
             cfg, mode, plan = load_plan(args.plan)
         else:
+            if args.mode != "prefill" or args.kv_len or args.checkpoint:
+                raise UsageError("--ranks/--ep/--pp run a prefill (or training) step on random weights: --mode "
+                                 "decode, --kv-len and --checkpoint do not apply")
             cfg = _load_config(args)
             pp = args.pp or 1
             ranks = args.ranks or (args.ep or 1) * pp
             ep = args.ep if args.ep is not None else (ranks // pp if not args.pp else 1)
             mode = "train" if args.train or args.pp else "prefill"
-            if args.pp and (args.mode != "prefill" or args.kv_len or args.checkpoint):
-                raise UsageError("--pp runs a training step: --mode, --kv-len and --checkpoint do not apply")
+            validate.check_run_sizes(ranks, micro_batches=args.micro_batches or 2 * pp)
             if ranks % pp:
                 raise UsageError(f"--pp {pp} does not divide --ranks {ranks}")
         if parameter_counts(DeepseekV3(cfg, device="meta"))["total"] > RUN_MAX_PARAMS:
             raise UsageError(f"model {cfg.name} is too large to run on CPU processes")
         if not args.plan:
+            validate.check_run_shapes(cfg, "prefill", {"batch": args.batch or 1, "seq": args.seq or 8, "kv_len": 0},
+                                      ranks)
             plan = plan_run(cfg, ranks, mode, pp, ep, args.schedule if args.pp else None, args.micro_batches,
                             args.seq or 8)
+        validate.check_run_sizes(plan.mesh.gpus, micro_batches=plan.micro_batches or 1)
         batch = args.batch or 1
         if plan.mesh.pp > 1 and args.batch:  # a pipelined step's sequences per replica: micro-batches x their size
             if args.batch % plan.micro_batches:
@@ -360,10 +401,16 @@ def _run_speculative(args) -> int:
 
     if args.mode != "decode":
         raise UsageError("--tokens generates tokens: it needs --mode decode")
-    if args.ranks is not None or args.ep is not None or args.checkpoint:
-        raise UsageError("--tokens runs in one process on random weights: --ranks/--ep/--checkpoint do not apply yet")
+    if args.ranks is not None or args.ep is not None or args.checkpoint or args.kv_len:
+        raise UsageError("--tokens runs in one process on random weights from a --seq prompt: --ranks/--ep/--checkpoint/"
+                         "--kv-len do not apply")
+    from dsv3c import validate
+
+    validate.check_run_sizes(1, tokens=args.tokens)
+    cfg = _load_config(args)
+    validate.check_run_shapes(cfg, "prefill", {"batch": 1, "seq": (args.seq or 8) + args.tokens + 1, "kv_len": 0})
     try:
-        result = run_speculative(_load_config(args), args.tokens, seed=args.seed, prompt_len=args.seq or 8)
+        result = run_speculative(cfg, args.tokens, seed=args.seed, prompt_len=args.seq or 8)
     except SpecError as e:
         raise UsageError(str(e)) from None
     keys = ("tokens_equal", "acceptance", "steps_plain", "steps_speculative")
@@ -380,6 +427,7 @@ COMMANDS = {"compile": cmd_compile, "targets": cmd_targets, "passes": cmd_passes
 
 def _user_errors() -> tuple:
     """The exception types that mean bad input (one line, exit 2), not a bug."""
+    from dsv3c.bounds import BoundError
     from dsv3c.frontend.exporter import CaptureError
     from dsv3c.driver import OptionError, OutputError
     from dsv3c.passmgr.dumpview import DumpError
@@ -394,7 +442,7 @@ def _user_errors() -> tuple:
     from targets import TargetError
 
     return (UsageError, ConfigError, TargetError, CaptureError, CheckpointError, OutputError, OptionError, PassSpecError,
-            DumpError, ScheduleError, PlacementError, ConstantError, ParallelError, PartitionError)
+            DumpError, ScheduleError, PlacementError, ConstantError, ParallelError, PartitionError, BoundError)
 
 
 def main(argv=None) -> int:

@@ -13,6 +13,7 @@ import passes
 import targets
 from dsv3c import __version__
 from dsv3c import outdir, validate
+from dsv3c.outdir import OutputError  # dsv3c.driver.OutputError: the name callers know
 from dsv3c.frontend.exporter import capture, capture_blocks, check_shapes
 from dsv3c.cost.constants import Constants
 from dsv3c.cost.facts import analyse
@@ -29,10 +30,6 @@ from model_def import DeepseekV3, ModelConfig
 from model_def.counts import parameter_counts
 
 
-class OutputError(ValueError):
-    """The output directory cannot be written."""
-
-
 class OptionError(ValueError):
     """A compile option outside what the model allows."""
 
@@ -44,26 +41,9 @@ DEFAULT_SHAPES = {
 }
 
 
-def default_shapes(cfg, mode: str, **given) -> dict:
-    """The mode's shapes: the given ones, else the defaults with the context cut to the model's positions."""
-    shapes = dict(DEFAULT_SHAPES.get(mode, DEFAULT_SHAPES["train"]))
-    shapes.update({k: v for k, v in given.items() if v is not None})
-    limit = cfg.max_position_embeddings  # e.g. the tiny presets' 4096: decode then caches 4095 tokens
-    if given.get("seq") is None:
-        shapes["seq"] = min(shapes["seq"], limit)
-    if given.get("kv_len") is None:
-        shapes["kv_len"] = max(0, min(shapes["kv_len"], limit - shapes["seq"]))
-    return shapes
-
-
 def default_mode(target: targets.Target) -> str:
     """Training layout for clusters of 256 GPUs or more, else prefill."""
     return "train" if target.gpus >= 256 else "prefill"
-
-
-def missing_parents(out: Path) -> list[Path]:
-    """The ancestors of out that do not exist yet, innermost first."""
-    return [p for p in out.absolute().parents if not p.exists()]
 
 
 def prepare_output(out: Path) -> Path:
@@ -81,17 +61,6 @@ def prepare_output(out: Path) -> Path:
         raise OutputError(f"cannot write output directory {out}: {e.strerror or e}") from None
 
 
-def publish(staging: Path, out: Path) -> None:
-    """Move the finished staging directory to out atomically, replacing an older out."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def compile_facts(cfg, tgt, mode: str, shapes: dict, figures: dict, options: dict, program):
     """The block facts the compile is priced on: the figures' capture when the shapes are the reference ones, else
     those of (a copy of) the compile's program of blocks, or of their own capture."""
@@ -101,6 +70,7 @@ def compile_facts(cfg, tgt, mode: str, shapes: dict, figures: dict, options: dic
     own = copy.deepcopy(program) if program is not None and program.blocks is not None and lifted == cfg else None
     facts, _ = analyse(lifted, mode, shapes, tgt, passes.REGISTRY, options, own)
     return facts
+
 
 
 def compile_model(
@@ -134,14 +104,18 @@ def compile_model(
     """
     tgt = targets.get_target(target)
     mode = mode or default_mode(tgt)
-    shapes = default_shapes(cfg, mode, batch=batch, seq=seq, kv_len=kv_len)
+    shapes = dict(DEFAULT_SHAPES.get(mode, DEFAULT_SHAPES["train"]))
+    given = {k: v for k, v in dict(batch=batch, seq=seq, kv_len=kv_len).items() if v is not None}
+    shapes.update(given)
+    shape_notes = validate.fit_default_shapes(cfg, mode, shapes, given)
     items = passes.parse_pipeline(pipeline) if pipeline is not None else [(n, {}) for n in passes.default_pipeline()]
     if dump_mlir is not None and not 0 <= dump_mlir < cfg.num_hidden_layers:
         raise OptionError(f"--dump-mlir layer {dump_mlir} is out of range 0..{cfg.num_hidden_layers - 1}")
     check_shapes(cfg, mode, **shapes)  # reject impossible shapes before anything is written
-    out = Path(out or f"build/{tgt.name}-{mode}")
+    out = Path(out if out is not None else f"build/{tgt.name}-{mode}")
     validate.check_compile(cfg, tgt, mode, shapes, [n for n, _ in items], kv_len, out, dump_dir)
     cost_options = cost_options or {}
+    validate.check_work(cfg, tgt, mode, parallel, micro_batches, cost_options.get("global_batch"))
     sets = dict(cost_options.get("sets") or {})
     if (inference or {}).get("mtp_acceptance") is not None:
         sets["mtp_acceptance"] = inference["mtp_acceptance"]
@@ -168,9 +142,11 @@ def compile_model(
     except (ParallelError, UnitError) as e:
         raise OptionError(str(e)) from None
     stages["parallel_plan"] = time.perf_counter() - t0
-    created = missing_parents(out)
-    staging = prepare_output(out)
+    created = outdir.missing_dirs(out) + (outdir.missing_dirs(dump_dir) if dump_dir else [])
+    staging = None
     try:
+        with outdir.signals_deferred():  # a signal here would leave a staging directory nobody removes
+            staging = prepare_output(out)
         ir_plan = Plan(program, tgt, options={**opts, "out": str(staging)})
         ir_plan.analyses.parallel = planned.plan
         dumper = Dumper(outdir.prepare_dump_dir(dump_dir), dump_mlir) if dump_dir else None
@@ -178,9 +154,15 @@ def compile_model(
             settings = {"mode": mode, "target": tgt.name, **{k: v for k, v in shapes.items() if v}}
             dumper.write_pipeline(passes.format_pipeline(items), settings)
         t1 = time.perf_counter()
-        records = run_pipeline(ir_plan, items, passes.REGISTRY, passes.CAPTURED_OPS, dumper, printing, progress, repro)
+        try:
+            records = run_pipeline(ir_plan, items, passes.REGISTRY, passes.CAPTURED_OPS, dumper, printing, progress, repro)
+        finally:
+            if dumper:
+                outdir.mark(dumper.dir, dumper.written)  # the manifest: what a later run may replace
         stages["passes"] = time.perf_counter() - t1
         plan = build_plan(__version__, parameter_counts(model), figures, ir_plan, records)
+        if shape_notes:
+            plan["shapes_notes"] = shape_notes
         plan["parallel"] = planned.plan.to_dict()
         plan["experts"] = planned.plan.experts_dict()
         if mode == "train":
@@ -192,13 +174,14 @@ def compile_model(
         if ir_plan.analyses.call_specs is not None:
             plan["program"] = save_program(ir_plan.program, ir_plan.analyses.call_specs, staging / PROGRAM_DIR)
         write_report(plan, staging)
-        outdir.mark(staging)
-        publish(staging, out)
+        with outdir.signals_deferred():
+            outdir.mark(staging)
+            outdir.publish(staging, out)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        for parent in created:  # directories this compile made for its output, innermost first
-            if parent.is_dir() and not any(parent.iterdir()):
-                parent.rmdir()
+        with outdir.signals_deferred():
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            outdir.remove_unused(sorted(created, key=lambda p: -len(p.parts)))  # what this compile made, if unused
         raise
     plan["_stages"] = stages  # run-dependent timings for callers (bench/compile.py); not written to disk
     return plan

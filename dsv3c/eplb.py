@@ -51,6 +51,9 @@ def one_thread():
         torch.set_num_threads(before)
 
 
+MAX_LOAD = 1e15  # a token count per expert: sums over 4096 layers x experts stay far inside float64
+
+
 def positive_int(name: str, value) -> int:
     """value itself, after checking it is a positive int (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -256,20 +259,17 @@ def load_stats(weight, phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: in
 
 def load_expert_load(path, layers: int | None = None, experts: int | None = None) -> torch.Tensor:
     """The float64 [layers, experts] load of a JSON file `{"layers": [[count, ...], ...]}`, validated."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except OSError as exc:
-        raise PlacementError(f"cannot read expert load {path}: {exc.strerror or exc}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PlacementError(f"expert load {path} is not valid JSON: {exc}") from None
+    from dsv3c.inputs import MAX_EXPERT_LOAD_BYTES, load_json
+
+    raw = load_json(path, "expert load", MAX_EXPERT_LOAD_BYTES, PlacementError)
     rows = raw.get("layers") if isinstance(raw, dict) else None
     if not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows):
         raise PlacementError(f'expert load {path} must be {{"layers": [[count, ...], ...]}} with non-empty rows')
     for li, row in enumerate(rows):
         for v in row:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise PlacementError(f"expert load {path}: layer {li} has an invalid count {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= MAX_LOAD:
+                raise PlacementError(f"expert load {path}: layer {li} has an invalid count {v!r} (counts are numbers "
+                                     f"in 0..{MAX_LOAD:.0e})")
         if len(row) != len(rows[0]):
             raise PlacementError(f"expert load {path}: layer {li} has {len(row)} counts, layer 0 has {len(rows[0])}")
     if layers is not None and len(rows) != layers:

@@ -17,6 +17,7 @@ import collections
 import itertools
 import math
 import random
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -431,8 +432,8 @@ def parse_parallel(text: str) -> dict:
                 raise PlacementError(f"--parallel sp must be true/false/1/0, got {val!r}")
             out[key] = val.lower() in ("1", "true")
             continue
-        if not val.isdigit():
-            raise PlacementError(f"--parallel {key} must be a non-negative integer, got {val!r}")
+        if not re.fullmatch(r"[0-9]{1,9}", val):  # not str.isdigit: it takes '²', which int() refuses
+            raise PlacementError(f"--parallel {key} must be a non-negative integer (digits 0-9, at most 9), got {val!r}")
         out[key] = int(val)
         if out[key] < (0 if key == "redundant" else 1):
             raise PlacementError(f"--parallel {key} must be positive, got {val}")

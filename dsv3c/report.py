@@ -64,7 +64,8 @@ def report_text(plan: dict) -> str:
     m = plan["model"]
     p = m["params"]
     sections = [
-        ("Model", [["name", m["name"]], ["mode", plan["mode"]], ["shapes", json.dumps(plan["shapes"])]]),
+        ("Model", [["name", m["name"]], ["mode", plan["mode"]], ["shapes", json.dumps(plan["shapes"])]]
+         + [["shapes note", note] for note in plan.get("shapes_notes", [])]),
         ("Parameters", [[k, _n(p[k])] for k in ("total", "main", "mtp", "activated_per_token")]),
         ("Parameters by component", [[k, _n(v)] for k, v in p["by_component"].items()]),
         (

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from dsv3c.inputs import load_json, parse_json
 from dsv3c.ops import fp8 as fp8q
 
 INDEX = "model.safetensors.index.json"
@@ -31,6 +32,7 @@ _ITEMSIZE = {
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
 }  # fmt: skip  (safetensors dtype tag → bytes per element)
 _FLOAT_TAGS = {"F64", "F32", "F16", "BF16"}
+MAX_HEADER_BYTES = 100 * 10**6  # the safetensors format's own limit on a header; index files stay far below it
 
 
 class CheckpointError(ValueError):
@@ -117,15 +119,15 @@ def read_header(file: Path) -> dict[str, tuple[str, tuple]]:
         with open(file, "rb") as f:
             prefix = f.read(8)
             n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-            if n < 0 or n > size - 8:
+            if n < 0 or n > min(size - 8, MAX_HEADER_BYTES):
                 raise CheckpointError(f"{file}: truncated or not a safetensors file (bad header length)")
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{file}: cannot read ({e.strerror})") from None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{file}: corrupt safetensors header (not JSON)") from None
+        header = parse_json(raw.decode("utf-8"), f"corrupt safetensors header of {file}", CheckpointError)
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{file}: corrupt safetensors header (not UTF-8)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: corrupt safetensors header (not a JSON object)")
     data_bytes = size - 8 - n
@@ -181,9 +183,11 @@ def locate(path) -> dict[str, Path]:
 def _read_index(index: Path) -> dict[str, Path]:
     """{tensor name: shard file} from a sharded checkpoint's index, each shard checked against it."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = load_json(index, "checkpoint index", MAX_HEADER_BYTES, CheckpointError)["weight_map"]
         assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AssertionError):
+    except CheckpointError as e:
+        raise CheckpointError(f"{index}: corrupt index ({e})") from None
+    except (KeyError, TypeError, AssertionError):
         raise CheckpointError(f"{index}: corrupt index (needs a JSON object with a 'weight_map')") from None
     files = {}
     for name in sorted(set(weight_map.values())):

@@ -90,19 +90,10 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path) -> "ModelConfig":
-        """Read and validate an HF-format config.json."""
-        try:
-            with open(path, "rb") as f:
-                data = f.read(1 << 24)
-            raw = json.loads(data.decode("utf-8"))
-        except OSError as e:
-            raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start})") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config {path} is not valid JSON: {e.msg} at line {e.lineno}") from None
-        except (RecursionError, ValueError) as e:
-            raise ConfigError(f"config {path} is not valid JSON: {str(e).splitlines()[0][:120]}") from None
+        """Read and validate an HF-format config.json (a regular file, size- and depth-capped: dsv3c.inputs)."""
+        from dsv3c.inputs import MAX_CONFIG_BYTES, load_json
+
+        raw = load_json(path, "config", MAX_CONFIG_BYTES, ConfigError)
         if not isinstance(raw, dict):
             raise ConfigError(f"config {path} must hold a JSON object")
         return cls.from_dict(raw, name=str(raw.get("_name_or_path") or "custom"))
@@ -213,6 +204,8 @@ class ModelConfig:
             if not isinstance(rs.get(key), (int, float)) or isinstance(rs.get(key), bool) or rs[key] <= 0:
                 raise ConfigError(f"rope_scaling.{key} must be a positive number")
         checks.check_rope_numbers(rs)
+        if self.rope_theta <= 1:  # YaRN's correction range divides by log(rope_theta)
+            raise ConfigError(f"rope_theta must exceed 1 with YaRN rope_scaling, got {self.rope_theta}")
 
     def to_dict(self) -> dict:
         """The config as HF config.json fields (hub form), deterministic."""

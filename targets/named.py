@@ -26,7 +26,6 @@ import dataclasses
 import math
 import os
 import re
-import tomllib
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -72,6 +71,9 @@ class Target:
             val = getattr(self, key)
             if not _is_int(val) or val < 1:
                 raise TargetError(f"target {self.name}: {key} must be a positive integer, got {val!r}")
+        if self.switch_radix < 2:
+            raise TargetError(f"target {self.name}: switch_radix must be at least 2 (a fat-tree switch has ports up "
+                              f"and down), got {self.switch_radix}")
         if self.gpus % self.gpus_per_node:
             raise TargetError(f"target {self.name}: {self.gpus} GPUs is not divisible by "
                               f"gpus_per_node {self.gpus_per_node}")
@@ -181,18 +183,10 @@ def _overridden(where: str, spec: GPUSpec, overrides: dict) -> GPUSpec:
 
 def load_target_file(path: str | os.PathLike) -> Target:
     """The target described by a TOML file (see the module docstring for the keys)."""
+    from dsv3c.inputs import MAX_TARGET_BYTES, load_toml
+
     where = f"target file {os.fspath(path)}"
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise TargetError(f"{where} not found") from None
-    except OSError as e:
-        raise TargetError(f"cannot read {where}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise TargetError(f"malformed {where}: not UTF-8 text (byte {e.start})") from None
-    except (tomllib.TOMLDecodeError, RecursionError) as e:
-        raise TargetError(f"malformed {where}: {e}") from None
+    data = load_toml(path, "target file", MAX_TARGET_BYTES, TargetError)
     for key in data:
         if key not in _TOML_KEYS:
             raise TargetError(f"{where}: unknown key {key!r} (known: {', '.join(_TOML_KEYS)})")

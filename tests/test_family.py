@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import targets
+from dsv3c.parallel.plan import expert_parallel
 from dsv3c import cli
 from dsv3c.ir import Plan
 from dsv3c.placement import ExpertPlacement, expected_fanout
@@ -190,23 +191,26 @@ def test_expert_partition_without_groups_plans_the_fanout():
     cfg = ModelConfig.preset("tiny-kimi-k2")
     program = capture(cfg, "prefill", batch=1, seq=4)
     plan = Plan(program, targets.get_target("h800x16"))
-    stats = passes.REGISTRY["expert_partition"].fn(plan, {"ep": 8, "gpus_per_node": 4})
+    plan.analyses.parallel = expert_parallel(cfg, "prefill", 8, 4)
+    stats = passes.REGISTRY["expert_partition"].fn(plan, {})
     assert stats["node_limited"] is False and stats["max_nodes_per_token"] == 2
     want = expected_fanout(ExpertPlacement.contiguous(1, cfg.n_routed_experts, 8, 4), 1, 1, cfg.num_experts_per_tok)
     got = (stats["expected_nodes_per_token"], stats["expected_gpus_per_token"])
     assert got == (round(want[0], 4), round(want[1], 4))
-    grouped = Plan(capture(ModelConfig.preset("tiny"), "prefill", batch=1, seq=4), targets.get_target("h800x16"))
+    tiny = ModelConfig.preset("tiny")
+    grouped = Plan(capture(tiny, "prefill", batch=1, seq=4), targets.get_target("h800x16"))
+    grouped.analyses.parallel = expert_parallel(tiny, "prefill", 16, 2)
     with pytest.raises(PartitionError, match="topk_group=2"):  # 4 groups on 8 nodes of 2: a token reaches 4 nodes
-        passes.REGISTRY["expert_partition"].fn(grouped, {"ep": 16, "gpus_per_node": 2})
+        passes.REGISTRY["expert_partition"].fn(grouped, {})
 
 
 def test_training_search_keeps_the_node_limit():
     """On 1024 GPUs V3's candidate layouts stop at EP64 (its 8 groups on 8 nodes); Kimi-K2's (one group) go beyond."""
-    from dsv3c.cost.search import candidate_layouts
+    from dsv3c.parallel.build import candidates
 
     t = targets.get_target("h800x1024")
-    v3 = {lay.ep for lay in candidate_layouts(ModelConfig.preset("deepseek-v3"), t, 15360)}
-    kimi = {lay.ep for lay in candidate_layouts(ModelConfig.preset("kimi-k2"), t, 15360)}
+    v3 = {c.ep for c in candidates(ModelConfig.preset("deepseek-v3"), t, 15360, {}, None, None)}
+    kimi = {c.ep for c in candidates(ModelConfig.preset("kimi-k2"), t, 15360, {}, None, None)}
     assert max(v3) == 64 and 128 in kimi
 
 

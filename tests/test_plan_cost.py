@@ -43,6 +43,7 @@ def deepseek(figures):
 def test_constants_overrides_ranges_and_errors():
     c = Constants.for_target(H2048)
     assert c["comm_sms"] == 20
+    assert c["ib_GBps"] == 50 and c["nvlink_GBps"] == 160
     d = c.with_overrides({"grad_reduce_bytes": "2"})
     assert d["grad_reduce_bytes"] == 2 and d.entry("grad_reduce_bytes").source == "override" and c["grad_reduce_bytes"] == 4
     for bad in ({"nope": 1}, {"grad_reduce_bytes": "fast"}, {"mtp_acceptance": 2}, {"grad_reduce_bytes": -1},
@@ -142,10 +143,11 @@ def test_search_returns_only_fitting_layouts_sorted(figures):
 
 @pytest.mark.parametrize("mode", ["train", "prefill", "decode"])
 def test_set_reaches_every_mode(figures, mode):
-    """--set link constants change the figures of training, prefill and decode alike (the communication's; the
-    step where it is exposed)."""
+    """--set ib_GBps=25 changes the figures of training, prefill and decode alike (the communication's; the step
+    where it is exposed)."""
     c = Constants.for_target(H2048)
-    slow_link = c.with_overrides({name: c[name] / 2 for name in c.names() if "GBps" in name})
+    slow_link = c.with_overrides({"ib_GBps": "25"})
+    assert slow_link["ep_ll_dispatch_ib_GBps"] == pytest.approx(c["ep_ll_dispatch_ib_GBps"] / 2)
     if mode == "train":
         a, b = (plan_train(figures, "pp=16,ep=64", constants=k, kind="dualpipe").evaluation.step_seconds
                 for k in (c, slow_link))
@@ -159,3 +161,12 @@ def test_set_reaches_every_mode(figures, mode):
         assert figs[1][key] >= figs[0][key]
         a, b = (f["per_layer"]["moe"]["communication_side_seconds"] for f in figs)
     assert b > a
+
+
+def test_step_lower_bound_never_exceeds_the_step(figures):
+    """The search prunes by this bound: it must hold for every candidate it could prune."""
+    planned = plan_train(figures, "auto")
+    pricer = planned.pricer
+    for ev in planned.search["fitting"]:
+        assert pricer.step_lower_bound(ev.cand) <= ev.step_seconds * (1 + 1e-12), ev.cand.label()
+    assert len(planned.search["fitting"]) >= 8 and planned.search["pruned"]

@@ -147,10 +147,13 @@ def test_compile_marks_replaces_and_validates(capsys, tmp_path, monkeypatch):
     assert (tmp_path / "dumps" / MARKER).is_file()
     assert plan_problems(tmp_path / "out" / "plan.json") == []
     assert "TB/s" in (tmp_path / "out" / "report.txt").read_text()
-    (tmp_path / "dumps" / "stale.txt").write_text("old")
-    rc, err = _compile(capsys, tmp_path, monkeypatch, ["--dump-dir", "dumps"])  # ours: replaced
+    (tmp_path / "dumps" / "stale.txt").write_text("mine")  # a user's file inside dsv3c's dumps: never deleted
+    rc, err = _compile(capsys, tmp_path, monkeypatch, ["--dump-dir", "dumps"])
+    assert rc == 2 and "stale.txt" in err[0], err
+    assert (tmp_path / "dumps" / "stale.txt").read_text() == "mine"
+    (tmp_path / "dumps" / "stale.txt").unlink()
+    rc, err = _compile(capsys, tmp_path, monkeypatch, ["--dump-dir", "dumps"])  # only what dsv3c wrote: replaced
     assert rc == 0, err
-    assert not (tmp_path / "dumps" / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dumps", "out", "precious"]
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep\n"
 

@@ -19,8 +19,12 @@ from dataclasses import dataclass
 from dsv3c.cost import calibration
 
 
-H800_NIC = 50e9  # bytes/s: the 400 Gb/s CX7 NICs the link measurements were taken on
-H800_NVLINK = 160e9  # bytes/s: H800's achieved NVLink bandwidth in those measurements
+LINK_SCALES = {"ib_GBps": ("ib", "rdma"), "nvlink_GBps": ("nvlink",)}  # knob -> the link constants it scales
+
+
+def _base(name: str) -> float:
+    """The default of a link knob (what the measurements were taken at)."""
+    return PLANNER[name][0]
 
 
 class ConstantError(ValueError):
@@ -58,6 +62,12 @@ class Constant:
 
 # name: (value, unit, source, citation, low, high, faster)
 PLANNER: dict[str, tuple] = {
+    "ib_GBps": (50.0, "GB/s", "measured", "InfiniBand per GPU the link constants were measured at: one 400 Gb/s CX7 "
+                "NIC per H800 (DeepEP, NCCL); a target's NIC, or --set, scales every IB/RDMA link constant",
+                None, None, "high"),
+    "nvlink_GBps": (160.0, "GB/s", "measured", "achieved NVLink per H800 the link constants were measured at "
+                    "(DeepEP: ~153-158 GB/s); a target's nvlink_achieved, or --set, scales every NVLink constant",
+                    None, None, "high"),
     "comm_sms": (20, "SMs", "measured", "DeepSeek-V3 report 3.2.2: 20 of 132 SMs run dispatch/combine in training "
                  "and prefill (the target's comm_sms)", None, None, "low"),
     "grad_reduce_bytes": (4, "bytes/param", "assumed", "gradient reduce-scatter in FP32 (DeepSeek-V3 accumulates "
@@ -108,23 +118,31 @@ class Constants:
 
     @classmethod
     def for_target(cls, target) -> "Constants":
-        """Defaults with the target's own values: its comm SMs, and link bandwidths measured on H800 (400 Gb/s
-        NICs, ~160 GB/s NVLink) scaled to the target's NIC and achieved NVLink bandwidth."""
+        """Defaults with the target's own values: its comm SMs, its NIC (ib_GBps) and achieved NVLink (nvlink_GBps)
+        bandwidth, to which the link constants measured on H800 scale."""
         c = cls()
-        if not math.isclose(float(target.comm_sms), c["comm_sms"]):
-            c._c["comm_sms"] = dataclasses.replace(c._c["comm_sms"], value=float(target.comm_sms), source="target",
-                                                   note=f"from target {target.name}")
-        ratios = {"ib": target.nic_bandwidth / H800_NIC, "rdma": target.nic_bandwidth / H800_NIC,
-                  "nvlink": target.gpu.nvlink_achieved / H800_NVLINK}
-        for name, entry in list(c._c.items()):
-            link = next((k for k in ratios if f"_{k}_" in name), None)
-            if name.endswith("GBps") and link and not math.isclose(ratios[link], 1.0):
-                k = ratios[link]
-                c._c[name] = dataclasses.replace(
-                    entry, value=entry.value * k, low=None if entry.low is None else entry.low * k,
-                    high=None if entry.high is None else entry.high * k, source="target",
-                    note=f"{entry.note}; scaled x{k:.3g} to target {target.name}'s {link} bandwidth")
+        given = {"comm_sms": float(target.comm_sms), "ib_GBps": target.nic_bandwidth / 1e9,
+                 "nvlink_GBps": target.gpu.nvlink_achieved / 1e9}
+        for name, value in given.items():
+            if not math.isclose(value, c[name]):
+                c = c._set(name, value, "target", f"from target {target.name}")
         return c
+
+    def _set(self, name: str, value: float, source: str, note: str) -> "Constants":
+        """A copy with one constant set; ib_GBps and nvlink_GBps rescale the link constants measured on H800."""
+        out = dict(self._c)
+        old = out[name].value
+        out[name] = dataclasses.replace(out[name], value=value, source=source, note=note, low=None, high=None)
+        link = LINK_SCALES.get(name)
+        if link and old > 0 and not math.isclose(value, old):
+            k = value / old
+            for other, entry in self._c.items():
+                if other.endswith("GBps") and any(f"_{word}_" in other for word in link):
+                    out[other] = dataclasses.replace(
+                        entry, value=entry.value * k, low=None if entry.low is None else entry.low * k,
+                        high=None if entry.high is None else entry.high * k,
+                        note=f"{entry.note}; scaled x{value / _base(name):.3g} with {name}")
+        return Constants(out)
 
     def __getitem__(self, name: str) -> float:
         return self._c[name].value
@@ -162,8 +180,7 @@ class Constants:
                 raise ConstantError(f"cost constant '{name}' is a fraction and must be <= 1, got {raw!r}")
             if name in _INTEGERS and value != int(value):
                 raise ConstantError(f"cost constant '{name}' must be a whole number, got {raw!r}")
-            out[name] = dataclasses.replace(out[name], value=value, source="override", note="--set " + name,
-                                            low=None, high=None)
+            out = Constants(out)._set(name, value, "override", "--set " + name)._c
         return Constants(out)
 
     def at(self, which: str) -> "Constants":

@@ -100,10 +100,10 @@ def kv_capacity(plan, facts: BlockFacts, target, c, kv_per_token: int, context: 
 
 
 def _split(t: Time) -> dict:
-    """The step's parts for plan.json (compute, memory, overheads, exposed communication, latency)."""
+    """The step's parts for plan.json, as training's (an inference unit has no pipeline bubble and no optimizer)."""
     d = t.as_dict()
     return {"compute": d["compute"], "memory": d["memory"], "overhead": d["overhead"], "comm": d["comm"],
-            "latency": d["latency"]}
+            "latency": d["latency"], "bubble": 0.0, "optimizer": 0.0}
 
 
 def prefill(plan, cfg, facts: BlockFacts, target, c, fanout) -> dict:
@@ -137,7 +137,8 @@ def decode(plan, cfg, facts: BlockFacts, target, c, fanout, mtp: bool) -> dict:
         t = t + draft["time"]
     per_step = 1 + (c["mtp_acceptance"] if mtp else 0)
     batch = facts.shapes["batch"]
-    return {"batch_per_gpu": batch, "context": facts.shapes["kv_len"], "mtp": mtp, "tokens_per_sequence_per_step": per_step,
+    return {"batch_per_gpu": batch, "context": facts.shapes["kv_len"], "speculative": mtp,
+            "tokens_per_sequence_per_step": per_step,
             "step_seconds": t.total, "tpot_seconds": t.total / per_step,
             "tokens_per_gpu_per_second": batch * per_step / t.total, "split_seconds": _split(t),
             "per_layer": _per_layer(step), "communication_per_micro_batch": step["communication"]}

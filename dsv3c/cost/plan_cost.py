@@ -101,8 +101,9 @@ def train_keys(planned, constants, out: Path | None = None) -> dict:
         "cost": cost,
         "memory_per_gpu": ev.memory,
         "communication": _train_communication(ev),
-        "layouts": {"candidates": len(planned.search["fitting"]) + len(planned.search["rejected"]),
-                    "fitting": len(planned.search["fitting"]),
+        "layouts": {"candidates": sum(len(planned.search[k]) for k in ("fitting", "rejected", "pruned")),
+                    "fitting": len(planned.search["fitting"]), "rejected": len(planned.search["rejected"]),
+                    "pruned": len(planned.search["pruned"]),
                     "best": [_layout_row(e) for e in planned.search["fitting"][:8]]},
         "cost_constants": constants.to_dict(),
     }

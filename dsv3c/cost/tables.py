@@ -82,7 +82,9 @@ def train_tables(plan: dict) -> list[tuple]:
     lays = plan.get("layouts", {})
     rows = [[x["label"], f"{x['step_seconds']:.2f}", f"{100 * x['mfu']:.1f}", f"{x['gpu_hours_per_trillion_tokens']:,.0f}",
              f"{x['peak_gb']:.1f}"] for x in lays.get("best", [])]
-    sections.append((f"Best layouts ({lays.get('fitting', 0)} of {lays.get('candidates', 0)} candidates fit)", rows,
+    sections.append((f"Best layouts ({lays.get('candidates', 0)} candidates: {lays.get('rejected', 0)} do not fit, "
+                     f"{lays.get('pruned', 0)} cannot beat these by a lower bound of their step, "
+                     f"{lays.get('fitting', 0)} fit)", rows,
                      ["layout", "step s", "MFU %", "GPU-h/T tokens", "peak GB"]))
     return sections
 

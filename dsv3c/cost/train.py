@@ -432,6 +432,29 @@ class TrainPricer:
         static = 6 * (dense + expert) + 8 * (dense / (cand.dp * copies) + expert / (edp * copies))
         return static + self.c["workspace_GB"] * GB
 
+    def step_lower_bound(self, cand: Candidate) -> float:
+        """A lower bound of the candidate's step without its schedule: the busiest rank's compute alone (every stage
+        runs each of its micro-batches' F, B and W once; overlap never makes a pair shorter than its compute), plus
+        the DP collectives and the optimizer, which follow the pipeline."""
+        cut = self.stage_units(cand)
+        stages = self.stage_time(cand, cut)
+        per_mb = [(t.F + t.B).total for t in stages]
+        load = [0.0] * cand.pp
+        if cand.kind == "dualpipe":  # each direction runs half the micro-batches through model stage s
+            for s in range(cand.pp):
+                load[s] += per_mb[s] * cand.micro_batches / 2
+                load[cand.pp - 1 - s] += per_mb[s] * cand.micro_batches / 2
+        else:
+            for s, t in enumerate(per_mb):
+                load[min(s, cand.stages - 1 - s) if cand.kind == "dualpipev" else s] += t * cand.micro_batches
+        params = self.stage_params(cut, cand.ep)
+        owners = ([[s, cand.pp - 1 - s] for s in range(cand.pp)] if cand.kind == "dualpipe" else
+                  [[s, cand.stages - 1 - s] for s in range(cand.pp)] if cand.kind == "dualpipev" else
+                  [[s] for s in range(cand.pp)])
+        rank_params = [(sum(params[s][0] for s in h), sum(params[s][1] for s in h)) for h in owners]
+        dp = self.dp_collectives(cand, rank_params)["seconds"] * self.c["dp_exposed_fraction"]
+        return max(load) + dp + self.optimizer_seconds(cand, rank_params)
+
     # ---- one evaluation --------------------------------------------------------------------------------
     def evaluate(self, cand: Candidate, timeline: bool = False, cut=None) -> "Evaluation":
         """The candidate's stages (cut here, unless given), step (simulated), its parts, memory and communication."""

@@ -26,6 +26,7 @@ from dsv3c.placement import (ExpertPlacement, default_mesh, expected_fanout, kee
                              parse_parallel)
 from dsv3c.schedules import KINDS, ScheduleError, validate
 
+SEARCH_KEEP = 8  # the search ranks at least this many fitting layouts exactly (plan.json layouts.best)
 DEFAULT_GLOBAL_BATCH = 15360  # DeepSeek-V3's final batch (sequences of 4096 tokens)
 SCHEDULE_PREFERENCE = {"dualpipe": 0, "dualpipev": 1, "zb1p": 2, "1f1b": 3}  # given degrees: DeepSeek's first
 
@@ -203,27 +204,38 @@ def _train(cfg, target, request, given, facts, c, load, kind, micro_batches, glo
     return Planned(plan, chosen, search, pricer)
 
 
-def search_layouts(pricer: TrainPricer, cands: list[Candidate]) -> dict:
-    """{"fitting": [Evaluation, fastest first], "rejected": [(candidate, reason)]}."""
-    fitting, rejected = [], []
+def search_layouts(pricer: TrainPricer, cands: list[Candidate], keep: int = SEARCH_KEEP) -> dict:
+    """{"fitting": [Evaluation, fastest first], "rejected": [(candidate, reason)], "pruned": [candidate]}.
+
+    Candidates are evaluated in the order of a lower bound of their step (`TrainPricer.step_lower_bound`);
+    once `keep` fitting layouts are faster than the next candidate's bound, the rest cannot enter the best
+    `keep` and are pruned without building their schedules.
+    """
+    fitting, rejected, pruned = [], [], []
     cap = pricer.target.gpu.hbm_bytes
+    bounds = []
     for cand in cands:
         try:
-            bound = pricer.memory_lower_bound(cand)
-            if bound > cap:
-                rejected.append((cand, f"needs at least {bound / 1e9:.1f} GB of {cap / 1e9:.1f}"))
+            memory = pricer.memory_lower_bound(cand)
+            if memory > cap:
+                rejected.append((cand, f"needs at least {memory / 1e9:.1f} GB of {cap / 1e9:.1f}"))
                 continue
-            ev = pricer.evaluate(cand)
+            bounds.append((pricer.step_lower_bound(cand), cand))
         except LayoutError as e:
             rejected.append((cand, str(e)))
-            continue
+    bounds.sort(key=lambda bc: bc[0])
+    for i, (bound, cand) in enumerate(bounds):
+        if len(fitting) >= keep and bound > sorted(ev.step_seconds for ev in fitting)[keep - 1]:
+            pruned = [c for _, c in bounds[i:]]
+            break
+        ev = pricer.evaluate(cand)
         if not ev.fits:
             worst = max(ev.memory["ranks"], key=lambda r: r["total"])
             rejected.append((cand, f"needs {worst['total'] / 1e9:.1f} GB of {cap / 1e9:.1f}"))
             continue
         fitting.append(ev)
     fitting.sort(key=lambda ev: (ev.step_seconds, ev.memory["peak_total"]))
-    return {"fitting": fitting, "rejected": rejected}
+    return {"fitting": fitting, "rejected": rejected, "pruned": pruned}
 
 
 def stage_names(cfg, cut) -> tuple:

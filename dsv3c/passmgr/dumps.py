@@ -57,28 +57,34 @@ class Dumper:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.mlir_layer = mlir_layer
+        self.written: list[str] = []  # file names, for the directory's manifest (dsv3c.outdir)
+
+    def _write(self, name: str, text: str) -> Path:
+        """Write one dump file and remember its name."""
+        path = self.dir / name
+        path.write_text(text)
+        self.written.append(name)
+        return path
 
     def write_pipeline(self, pipeline: str, options: dict) -> None:
         """pipeline.txt: the pipeline string with pass options (replayable with --passes) and the run's settings."""
         lines = [pipeline] + [f"{k}={v}" for k, v in sorted(options.items())]
-        (self.dir / "pipeline.txt").write_text("\n".join(lines) + "\n")
+        self._write("pipeline.txt", "\n".join(lines) + "\n")
 
     def write_pass(self, index: int, name: str, program: Program, text: str, prev: str | None, record) -> None:
         """The dumps of one pass: graph text, stats, diff against the previous graph, MLIR of a layer."""
         stem = f"{index:02d}_{name}"
-        (self.dir / f"{stem}.graph.txt").write_text(text)
-        (self.dir / f"{stem}.stats.json").write_text(json.dumps(record.to_dict(), indent=1, sort_keys=True) + "\n")
-        (self.dir / f"{stem}.diff").write_text(unified_diff(prev or "", text, "before", stem))
+        self._write(f"{stem}.graph.txt", text)
+        self._write(f"{stem}.stats.json", json.dumps(record.to_dict(), indent=1, sort_keys=True) + "\n")
+        self._write(f"{stem}.diff", unified_diff(prev or "", text, "before", stem))
         if self.mlir_layer is not None:
             layer = f"layers.{self.mlir_layer}"
             block = next((i.block for i in program.blocks.instances if i.unit == layer), layer) if program.blocks else layer
-            (self.dir / f"{stem}.mlir").write_text(layer_mlir(program, block))
+            self._write(f"{stem}.mlir", layer_mlir(program, block))
 
     def write_failure(self, index: int, name: str, text: str, repro: str) -> Path:
         """The input graph of a failed pass and the command that reproduces the failure."""
-        path = self.dir / f"{index:02d}_{name}.FAILED.input.graph.txt"
-        path.write_text(f"# reproduce with: {repro}\n" + text)
-        return path
+        return self._write(f"{index:02d}_{name}.FAILED.input.graph.txt", f"# reproduce with: {repro}\n" + text)
 
 
 def extract_layer(program: Program, layer: str) -> tuple[fx.GraphModule, list[torch.Tensor]]:

@@ -4,12 +4,13 @@ Partial and corrupt dump directories are read as far as they go: unreadable `*.s
 reported (see `problems`), and a DumpError (exit 2) is raised only when nothing usable is left.
 """
 
-import json
+import os
 import re
 from pathlib import Path
 
 from tabulate import tabulate
 
+from dsv3c import inputs
 from dsv3c.passmgr.dumps import computed_by, layer_lines, unified_diff
 
 
@@ -22,12 +23,7 @@ _FIELDS = {"name": str, "seconds": (int, float), "nodes_before": int, "nodes_aft
 
 def _read_stats(path: Path) -> dict:
     """The stats of one pass dump, or a DumpError saying why the file cannot be used."""
-    try:
-        s = json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as e:
-        raise DumpError(f"{path.name}: cannot read ({e.strerror or e})") from None
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise DumpError(f"{path.name}: not valid JSON") from None
+    s = inputs.load_json(path, "pass stats", inputs.MAX_DUMP_BYTES, DumpError)
     if not isinstance(s, dict):
         raise DumpError(f"{path.name}: not a JSON object")
     for key, kind in _FIELDS.items():
@@ -73,10 +69,10 @@ def table(directory: Path) -> str:
     pipeline = directory / "pipeline.txt"
     head = ""
     try:
-        lines = pipeline.read_text(errors="replace").splitlines() if pipeline.is_file() else []
+        lines = inputs.read_text(pipeline, "pipeline", inputs.MAX_DUMP_BYTES, DumpError).splitlines()
         head = f"pipeline: {lines[0]}\n" if lines else ""
-    except OSError:
-        pass
+    except DumpError:
+        pass  # pipeline.txt is optional: the table stands without its header line
     return head + tabulate(rows, headers=["#", "pass", "seconds", "nodes before", "nodes after", "counters"])
 
 
@@ -91,12 +87,9 @@ def _stem(directory: Path, key: str) -> str:
 def _graph(directory: Path, stem: str) -> str:
     """The graph text after one pass; DumpError when it is missing or unreadable."""
     path = directory / f"{stem}.graph.txt"
-    try:
-        return path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise DumpError(f"{path} is missing: the dump of pass {stem} is incomplete") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DumpError(f"cannot read {path}: {getattr(e, 'strerror', None) or 'not UTF-8 text'}") from None
+    if not os.path.lexists(path):
+        raise DumpError(f"{path} is missing: the dump of pass {stem} is incomplete")
+    return inputs.read_text(path, "pass graph", inputs.MAX_DUMP_BYTES, DumpError)
 
 
 def layers_in(text: str) -> list[int]:

@@ -4,6 +4,7 @@ import json
 
 from tabulate import tabulate
 
+from dsv3c.bounds import MAX_DURATION
 from dsv3c.schedules.actions import ScheduleError
 from dsv3c.schedules.build import build
 from dsv3c.schedules.checks import check
@@ -26,8 +27,9 @@ def parse_durations(text: str | None) -> dict:
             number = float(value)
         except ValueError:
             number = -1.0
-        if not sep or key not in DURATION_KEYS or number < 0:
-            raise ScheduleError(f"--durations wants K=seconds pairs with K in F,B,I,W,F&B, got '{item.strip()}'")
+        if not sep or key not in DURATION_KEYS or not 0 <= number <= MAX_DURATION:  # NaN fails too
+            raise ScheduleError(f"--durations wants K=seconds pairs with K in F,B,I,W,F&B and seconds a finite "
+                                f"number in [0, {MAX_DURATION:g}], got '{item.strip()}'")
         given[key] = number
     full = complete_durations(given)
     if min(full.values()) < 0:
