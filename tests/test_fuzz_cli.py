@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dsv3c.cost.constants import DEFAULTS
+from dsv3c.cost.constants import Constants
 from model_def.config import TINY
 from tests.cli_harness import COUNTS, FOREIGN, FOREIGN_FILE, LINKS, check_fuzz, run_child, run_in_process
 
@@ -176,7 +176,7 @@ def _options(draw, argv: list, table: list) -> dict:
 PARALLEL = st.one_of(st.sampled_from(["auto", "pp=2", "ep=8", "redundant=8", "pp=²", "ep=٣", "sp=maybe", "pp=2,pp=2",
                                       "xx=1", ""]),
                      st.tuples(st.sampled_from(["pp", "ep", "dp", "tp", "redundant"]), size_text).map("=".join))  # fmt: skip
-SET = st.tuples(st.sampled_from(sorted(DEFAULTS) + ["nope", ""]), float_text).map("=".join)
+SET = st.tuples(st.sampled_from(sorted(Constants().names()) + ["nope", ""]), float_text).map("=".join)
 COMPILE_OPTIONS = [  # (flag, valid values, any values)
     ("--mode", st.sampled_from(["train", "prefill", "decode"]), st.sampled_from(["serve", "", "TRAIN"])),
     ("--batch", st.sampled_from(["1", "2"]), size_text),
@@ -188,7 +188,7 @@ COMPILE_OPTIONS = [  # (flag, valid values, any values)
     ("--parallel", st.sampled_from(["auto", "pp=2", "ep=8"]), PARALLEL),
     ("--expert-load", st.just("load.json"), st.sampled_from([FOREIGN, "link_file", "dangling", "missing.json"])),
     ("--schedule", st.sampled_from(["dualpipe", "1f1b", "zb1p"]), st.sampled_from(["banana", ""])),
-    ("--set", st.sampled_from(["ib_GBps=40", "gemm_efficiency=0.5"]), SET),
+    ("--set", st.sampled_from(["ib_GBps=40", "gemm_tensor_efficiency=0.5"]), SET),
     ("--out", st.sampled_from(["out", "new/deep/out", "dsv3c-dir"]), path_text),
     ("--dump-dir", st.just("dumps"), path_text),
     ("--dump-mlir", st.just("1"), size_text),
