@@ -10,86 +10,89 @@ the layout search uses this, the report's trace uses `simulate` itself.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
+from functools import lru_cache
 
 from dsv3c.schedules.actions import ScheduleError, layout_of, parse
 
-_COMPUTE = re.compile(r"(\d+)([FBIW])(\d+)$")  # a plain compute action (the common case, parsed without Op tuples)
-_EVENT = {"F": 0, "B": 1, "I": 1, "W": 2}  # what an op completes: its forward, its input gradient (G), its weights
-_HELD = {"F": 1, "B": -1, "I": -1, "W": 0}  # stage activations an op adds to those its rank holds
+_parse = lru_cache(maxsize=1 << 18)(parse)  # action strings repeat across schedules of one pp and m
+
+
+def peaks_of(actions) -> list[int]:
+    """Per rank, the most stage activations held at once (= dsv3c.schedules.checks.peak_activations)."""
+    delta = {"F": 1, "B": -1, "I": -1}
+    digits = str.maketrans("", "", "0123456789")
+    peaks = []
+    for prog in actions:
+        held = peak = 0
+        for a in prog:
+            ops = _parse(a) if a.startswith("(") else ((None, a.translate(digits)),)
+            for op in ops:
+                held += delta.get(op[1], 0)
+                if held > peak:
+                    peak = held
+        peaks.append(peak)
+    return peaks
 
 
 class CompiledSchedule:
-    """A schedule as (rank, duration key, dependencies) in ready order, plus its peak activations per rank.
-
-    Events (an op's forward, input gradient or weight gradient done for one micro-batch of one stage) are
-    numbered (stage·3 + kind)·M + micro-batch, so that finding the order is list indexing.
-    """
+    """A schedule as (rank, duration key, dependencies) in ready order, plus its peak activations per rank."""
 
     def __init__(self, actions):
         layout = layout_of(actions)
         owner = layout.stage_rank()
-        n = len(owner)
-        prev = [layout.prev_stage(s) for s in range(n)]
-        nxt = [layout.next_stage(s) for s in range(n)]
-        stride = max(layout.micro_batches, default=0) + 1
-        per_stage = 3 * stride
-        self.pair_parts = {}
-        progs = [[self._action(a, prev, nxt, owner, stride) for a in rank] for rank in actions]
-        where = [-1] * (n * per_stage)  # event -> index in order of the action that completes it
-        order, pos, waiting = [], [0] * len(progs), {}  # waiting: event -> ranks blocked on it
-        todo = list(range(len(progs)))
+        parsed = [[_parse(a) for a in rank] for rank in actions]
+        n_stages = len(owner)
+        prev = {st: layout.prev_stage(st) for st in range(n_stages)}
+        nxt_of = {st: layout.next_stage(st) for st in range(n_stages)}
+        self.ranks = len(actions)
+        where: dict[tuple[int, str, int], int] = {}  # (stage, F|G|W, mb) -> index in self.order
+        order, pos = [], [0] * len(actions)
+        total = sum(len(p) for p in parsed)
+
+        def dep_keys(op):
+            if op.kind == "F":
+                p = prev[op.stage]
+                return [] if p is None else [((p, "F", op.mb), owner[p] != owner[op.stage])]
+            if op.kind == "W":
+                return [((op.stage, "G", op.mb), False)]
+            out = [((op.stage, "F", op.mb), False)]
+            nxt = nxt_of[op.stage]
+            if nxt is not None:
+                out.append(((nxt, "G", op.mb), owner[nxt] != owner[op.stage]))
+            return out
+
+        deps_of = [[[d for op in ops for d in dep_keys(op)] for ops in prog] for prog in parsed]
+        waiting: dict = {}  # key -> ranks blocked on it
+        todo = list(range(len(parsed)))
         while todo:
             rank = todo.pop()
-            prog, i = progs[rank], pos[rank]
-            while i < len(prog):
-                key, deps, done, _ = prog[i]
-                blocked = next((e for e, _ in deps if where[e] < 0), None)
-                if blocked is not None:
-                    waiting.setdefault(blocked, []).append(rank)
+            prog, deps_r = parsed[rank], deps_of[rank]
+            while pos[rank] < len(prog):
+                deps = deps_r[pos[rank]]
+                missing = next((k for k, _ in deps if k not in where), None)
+                if missing is not None:
+                    waiting.setdefault(missing, []).append(rank)
                     break
+                ops = prog[pos[rank]]
                 idx = len(order)
-                order.append((rank, key, tuple((where[e], hop) for e, hop in deps)))
-                for e in done:
-                    where[e] = idx
-                    if e in waiting:
-                        todo.extend(waiting.pop(e))
-                i += 1
-            pos[rank] = i
-        if len(order) < sum(map(len, progs)):
+                key = ("P", ops[0].stage) if len(ops) == 2 else (ops[0].kind, ops[0].stage)
+                order.append((rank, key, tuple((where[k], hop) for k, hop in deps)))
+                for op in ops:
+                    k = (op.stage, "G" if op.kind in ("B", "I") else op.kind, op.mb)
+                    where[k] = idx
+                    todo.extend(waiting.pop(k, ()))
+                pos[rank] += 1
+        if len(order) < total:
             raise ScheduleError("the schedule cannot proceed (deadlock)")
-        self.ranks = len(progs)
         self.order = order
-        self.peaks = [_peak(prog) for prog in progs]
+        self.pair_parts = {}
+        for rank_ops in parsed:
+            for ops in rank_ops:
+                if len(ops) == 2:
+                    self.pair_parts[ops[0].stage] = (ops[0].kind, ops[1].kind, ops[1].stage)
+        self.peaks = peaks_of(actions)
         self.action_counts = Counter((rank, key) for rank, key, _ in order)  # (rank, duration key) -> actions
-
-    def _action(self, action: str, prev, nxt, owner, stride: int) -> tuple:
-        """(duration key, [(event waited for, crosses ranks)], [events completed], op kinds) of one action string."""
-        m = _COMPUTE.match(action)
-        ops = ((int(m[1]), m[2], int(m[3])),) if m else tuple((o.stage, o.kind, o.mb) for o in parse(action))
-        deps, done = [], []
-        for s, kind, mb in ops:
-            if kind not in _EVENT:
-                raise ScheduleError(f"not a compute action: '{action}'")
-            if kind == "F":
-                p = prev[s]
-                if p is not None:
-                    deps.append((3 * stride * p + mb, owner[p] != owner[s]))
-            elif kind == "W":
-                deps.append((3 * stride * s + stride + mb, False))
-            else:
-                deps.append((3 * stride * s + mb, False))
-                q = nxt[s]
-                if q is not None:
-                    deps.append((3 * stride * q + stride + mb, owner[q] != owner[s]))
-            done.append(3 * stride * s + _EVENT[kind] * stride + mb)
-        if len(ops) == 2:
-            self.pair_parts[ops[0][0]] = (ops[0][1], ops[1][1], ops[1][0])
-            key = ("P", ops[0][0])
-        else:
-            key = (ops[0][1], ops[0][0])
-        return key, deps, done, [kind for _, kind, _ in ops]
 
     def step(self, durations: dict, comm: float = 0.0) -> tuple[float, list[float]]:
         """(step time, busy time per rank) under per-stage durations {F, B, I, W, F&B: list by stage}."""
@@ -120,13 +123,3 @@ class CompiledSchedule:
             ends[i] = free[rank] = start + d
             busy[rank] += d
         return max(free), busy
-
-
-def _peak(prog) -> int:
-    """The most stage activations one rank's compiled actions hold at once (= schedules.checks.peak_activations)."""
-    held = peak = 0
-    for *_, kinds in prog:
-        for kind in kinds:
-            held += _HELD[kind]
-            peak = max(peak, held)
-    return peak
