@@ -8,7 +8,8 @@ An ATen GEMM that reads a weight computes a weight gradient as large as its forw
 Blocks: 'embed' (the nodes before the first layer), 'layers.N', 'mtp.K' and 'head' (the final norm and
 the output head). `facts` lists per block every distinct kernel call once with its count: what the
 pricing module (`dsv3c.cost.price`) times under a parallel plan; `params` the elements of the weights each block
-reads (routed experts apart).
+reads (routed experts apart). In a program of blocks every layer gets its own entries: its block's, its nodes
+costed with the arguments of its own where it has some (an MoE layer's fan-out).
 """
 
 from dsv3c.cost.nodes import hardware_flops, model_flops, node_cost

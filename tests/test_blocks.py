@@ -189,3 +189,26 @@ def test_a_pass_that_breaks_an_instance_is_reported(model):
     registry = {**passes.REGISTRY, "_stale": passes.Pass("_stale", stale, "leaves stale instance arguments")}
     with pytest.raises(PipelineError, match="broke an IR invariant"):
         run_pipeline(Plan(program, TARGET), ["_stale"], registry, passes.CAPTURED_OPS)
+
+
+def test_an_argument_that_differs_per_layer_is_lowered_per_layer():
+    """A kernel attribute one layer sets its own way (an RMSNorm epsilon here) gets that layer its own kernel
+    specialisation, and the lowered program still computes what it computed before lowering."""
+    from tests.test_lowering import SHAPES as LOWERING_SHAPES, assert_close, transformed
+
+    program, legal = transformed("prefill", LOWERING_SHAPES["prefill"], capture=capture_blocks)
+    inst = program.blocks.of("layers.1")[1]  # tiny's layer 2
+    norm = next(n for n in program.graph.nodes if n.target is torch.ops.dsv3.rms_norm.default
+                and list(n.meta["nn_module_stack"].values())[-1][0].startswith("layers.1"))
+    program.blocks.set_args(inst, norm, (*norm.args[:2], 0.5))  # eps 0.5 in layer 2 only
+    args = input_values(program, seed=4)
+    with torch.no_grad():
+        before = program(*args)
+    plan = Plan(program, targets.get_target("h800x2048"), options={"aot": False})
+    stats = run_pipeline(plan, ["lower_triton"], passes.REGISTRY, legal)[0].stats
+    kcs = [n for n in program.graph.nodes if n.target is torch.ops.dsv3.kernel_call.default]
+    (kc, (_, kc_args)), = [(n, v) for n in kcs for v in program.blocks.varied(n)]
+    assert kc_args[0] != kc.args[0] and {kc.args[0], kc_args[0]} <= {s.id for s in plan.analyses.call_specs}
+    assert stats["kernel_calls"] == sum(map(program.times, kcs))
+    with torch.no_grad():
+        assert_close(program(*args), before)
