@@ -12,6 +12,13 @@ def capture(cfg, mode: str = "train", batch: int = 1, seq: int = 4096, kv_len: i
     return _capture(cfg, mode, batch, seq, kv_len, model)
 
 
+def capture_blocks(cfg, mode: str = "train", batch: int = 1, seq: int = 4096, kv_len: int = 0, model=None):
+    """Export each distinct block of cfg's model once, as a program of blocks (see dsv3c.frontend.exporter)."""
+    from dsv3c.frontend.exporter import capture_blocks as _capture_blocks
+
+    return _capture_blocks(cfg, mode, batch, seq, kv_len, model)
+
+
 def compile(cfg, target: str = "h800x2048", mode: str | None = None, out: str | None = None, **options):
     """Capture cfg, run the pass pipeline for target and mode, write artifacts to out; returns the plan dict."""
     from dsv3c.driver import compile_model
@@ -19,4 +26,4 @@ def compile(cfg, target: str = "h800x2048", mode: str | None = None, out: str | 
     return compile_model(cfg, target=target, mode=mode, out=out, **options)
 
 
-__all__ = ["capture", "compile", "__version__"]
+__all__ = ["capture", "capture_blocks", "compile", "__version__"]

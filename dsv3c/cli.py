@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--print-after-all", action="store_true")
     c.add_argument("--print-after", action="append", default=[], metavar="PASS")
     c.add_argument("--print-after-change", action="store_true")
+    c.add_argument("--whole-graph", action="store_true", help="capture and transform the whole model as one graph "
+                   "instead of each distinct block once (the same plan, slower; for checking the program of blocks)")
 
     sub.add_parser("targets", help="list the named targets")
     sub.add_parser("passes", help="list the passes with their contracts, in default order")
@@ -196,6 +198,7 @@ def _compile(args, argv, cfg, options, printing) -> dict:
         parallel=args.parallel, expert_load=args.expert_load, schedule=args.schedule, micro_batches=args.micro_batches,
         cost_options=_cost_options(args),
         inference=None if args.mtp_acceptance is None else {"mtp_acceptance": args.mtp_acceptance},
+        whole_graph=args.whole_graph,
     )  # fmt: skip
 
 

@@ -1,5 +1,6 @@
 """compile_model: config → capture → passes → artifacts, the whole compile as one function."""
 
+import copy
 import os
 import shutil
 import tempfile
@@ -13,7 +14,7 @@ import targets
 from dsv3c import __version__
 from dsv3c import outdir, validate
 from dsv3c.outdir import OutputError  # dsv3c.driver.OutputError: the name callers know
-from dsv3c.frontend.exporter import capture, check_shapes
+from dsv3c.frontend.exporter import capture, capture_blocks, check_shapes
 from dsv3c.cost.constants import Constants
 from dsv3c.cost.facts import analyse
 from dsv3c.cost.figures import REFERENCE_SHAPES, lift_positions, model_figures
@@ -60,11 +61,14 @@ def prepare_output(out: Path) -> Path:
         raise OutputError(f"cannot write output directory {out}: {e.strerror or e}") from None
 
 
-def compile_facts(cfg, tgt, mode: str, shapes: dict, figures: dict, options: dict):
-    """The block facts the compile is priced on: the figures' capture when the shapes are the reference ones."""
+def compile_facts(cfg, tgt, mode: str, shapes: dict, figures: dict, options: dict, program):
+    """The block facts the compile is priced on: the figures' capture when the shapes are the reference ones, else
+    those of (a copy of) the compile's program of blocks, or of their own capture."""
     if shapes == REFERENCE_SHAPES[mode]:
         return figures["facts"][mode]
-    facts, _ = analyse(lift_positions(cfg, shapes), mode, shapes, tgt, passes.REGISTRY, options)
+    lifted = lift_positions(cfg, shapes)
+    own = copy.deepcopy(program) if program is not None and program.blocks is not None and lifted == cfg else None
+    facts, _ = analyse(lifted, mode, shapes, tgt, passes.REGISTRY, options, own)
     return facts
 
 
@@ -90,10 +94,13 @@ def compile_model(
     micro_batches: int | None = None,
     cost_options: dict | None = None,
     inference: dict | None = None,
+    whole_graph: bool = False,
 ) -> dict:
     """Compile cfg for target and mode; writes plan.json and report.txt (and kernels) to out; returns the plan.
 
-    A straight line: target → block facts (reduced captures) → ParallelPlan (priced) → capture → passes → report.
+    A straight line: target → capture (each distinct block once) → block facts → ParallelPlan (priced) → passes
+    → report. whole_graph: capture and transform the whole model as one graph instead of its program of blocks
+    (the same plan, slower; the reference the program of blocks is tested against).
     """
     tgt = targets.get_target(target)
     mode = mode or default_mode(tgt)
@@ -116,8 +123,12 @@ def compile_model(
     opts = {**(options or {}), "constants": constants}
     stages = {}
     t0 = time.perf_counter()
-    figures = model_figures(cfg, tgt, passes.REGISTRY, opts)
-    facts = compile_facts(cfg, tgt, mode, shapes, figures, opts)
+    model = DeepseekV3(cfg, device="meta", dtype=torch.bfloat16, elided=not whole_graph)
+    program = (capture if whole_graph else capture_blocks)(cfg, mode, model=model, **shapes)
+    stages["capture"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    figures = model_figures(cfg, tgt, passes.REGISTRY, opts, None if whole_graph else program)
+    facts = compile_facts(cfg, tgt, mode, shapes, figures, opts, program)
     stages["model_figures"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     try:
@@ -136,10 +147,6 @@ def compile_model(
     try:
         with outdir.signals_deferred():  # a signal here would leave a staging directory nobody removes
             staging = prepare_output(out)
-        t0 = time.perf_counter()
-        model = DeepseekV3(cfg, device="meta", dtype=torch.bfloat16)
-        program = capture(cfg, mode, model=model, **shapes)
-        stages["capture"] = time.perf_counter() - t0
         ir_plan = Plan(program, tgt, options={**opts, "out": str(staging)})
         ir_plan.analyses.parallel = planned.plan
         dumper = Dumper(outdir.prepare_dump_dir(dump_dir), dump_mlir) if dump_dir else None

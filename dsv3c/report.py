@@ -28,7 +28,7 @@ def build_plan(version, params, figures, ir_plan, records) -> dict:
         "mode": ir_plan.mode,
         "shapes": ir_plan.shapes,
         "passes": [r.to_dict() for r in records],
-        "weights": {"bytes_by_dtype": program.weight_bytes_by_dtype(), "count": len(program.weights)},
+        "weights": {"bytes_by_dtype": program.weight_bytes_by_dtype(), "count": program.weight_count()},
         "kernels": analyses.kernels or [],
     }
     if analyses.precision_policy is not None:

@@ -1,4 +1,8 @@
-"""Parameter counts of a DeepseekV3 by component, computed from its module structure (works on 'meta')."""
+"""Parameter counts of a DeepseekV3 by component, computed from its module structure (works on 'meta').
+
+An elided model (`DeepseekV3(..., elided=True)`) counts each built layer as many times as it stands for,
+so its counts are the whole model's.
+"""
 
 from torch import nn
 
@@ -45,18 +49,24 @@ def _tensors(model: nn.Module):
     yield from walk(model, "", [])
 
 
+def _repeats(model: nn.Module, fqn: str) -> int:
+    """How many layers of the config the tensor or module fqn stands for (its layer's repeats, else 1)."""
+    parts = fqn.split(".")
+    return model.layer_repeats().get(".".join(parts[:2]), 1) if parts[0] == "layers" else 1
+
+
 def parameter_counts(model: nn.Module) -> dict:
     """{total, main, mtp, activated_per_token, by_component}; activated = main's non-expert + top-k experts."""
     by = dict.fromkeys(COMPONENTS, 0)
-    for comp, _, n in _tensors(model):
-        by[comp] += n
+    for comp, fqn, n in _tensors(model):
+        by[comp] += n * _repeats(model, fqn)
     main = sum(v for k, v in by.items() if k != "mtp")
     top_k = model.cfg.num_experts_per_tok
     active_experts = 0
     for name, mod in model.named_modules():
         if isinstance(mod, Experts) and not name.startswith("mtp."):
             per_expert = sum(p.numel() for p in mod.parameters()) // mod.gate_proj.shape[0]
-            active_experts += top_k * per_expert
+            active_experts += top_k * per_expert * _repeats(model, name)
     return {
         "total": main + by["mtp"],
         "main": main,

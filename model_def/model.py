@@ -1,5 +1,7 @@
 """DeepseekV3: embedding, blocks, final norm and head, plus the multi-token-prediction module."""
 
+import copy
+
 import torch
 from torch import nn
 
@@ -28,10 +30,26 @@ class MTPModule(nn.Module):
         return head(self.norm(x)), entries
 
 
-class DeepseekV3(nn.Module):
-    """The DeepSeek-V3 causal LM; on device 'meta' no weight is materialised."""
+def layer_runs(cfg: ModelConfig) -> list[range]:
+    """The decoder layers as runs of identical blocks, in order: the dense layers, then the MoE layers."""
+    runs: list[range] = []
+    for i in range(cfg.num_hidden_layers):
+        if runs and cfg.is_moe_layer(i) == cfg.is_moe_layer(runs[-1].start):
+            runs[-1] = range(runs[-1].start, i + 1)
+        else:
+            runs.append(range(i, i + 1))
+    return runs
 
-    def __init__(self, cfg: ModelConfig, device=None, dtype: torch.dtype | None = None):
+
+class DeepseekV3(nn.Module):
+    """The DeepSeek-V3 causal LM; on device 'meta' no weight is materialised.
+
+    `elided=True` builds only the first layer of each run of identical blocks (`layer_runs`), under its own
+    name ('layers.0', 'layers.3'): what dsv3c captures to compile each distinct block once. An elided model
+    computes fewer layers than the config has; `layer_repeats` says how many each built layer stands for.
+    """
+
+    def __init__(self, cfg: ModelConfig, device=None, dtype: torch.dtype | None = None, elided: bool = False):
         super().__init__()
         # no device: the default device, so `with torch.device("meta"): DeepseekV3(cfg)` builds on meta
         device = torch.device(device) if device is not None else torch.get_default_device()
@@ -39,7 +57,10 @@ class DeepseekV3(nn.Module):
         n = cfg.num_hidden_layers
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device)
         self.rotary = RotaryEmbedding(cfg, device)
-        self.layers = nn.ModuleList(Block(cfg, i, device) for i in range(n))
+        if elided:
+            self.layers = nn.ModuleDict({str(r.start): Block(cfg, r.start, device) for r in layer_runs(cfg)})
+        else:
+            self.layers = nn.ModuleList(Block(cfg, i, device) for i in range(n))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
         self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, device)
         self.mtp = nn.ModuleList(MTPModule(cfg, n + k, device) for k in range(cfg.num_nextn_predict_layers))
@@ -49,6 +70,23 @@ class DeepseekV3(nn.Module):
             self.to(dtype)
             for name, buf in self.named_buffers():  # the router bias and RoPE frequencies stay in float32
                 buf.data = buf.data.float()
+
+    def elide(self) -> "DeepseekV3":
+        """This model elided (see the class docstring), sharing its modules and weights."""
+        out = copy.copy(self)
+        out._modules = dict(self._modules)  # its own module table; the modules themselves are shared
+        out.layers = nn.ModuleDict({str(r.start): self.layers[r.start] for r in layer_runs(self.cfg)})
+        return out
+
+    def decoder_layers(self) -> list[nn.Module]:
+        """The built decoder layers in order."""
+        return list(self.layers.values()) if isinstance(self.layers, nn.ModuleDict) else list(self.layers)
+
+    def layer_repeats(self) -> dict[str, int]:
+        """How many layers of the config each built layer stands for ('layers.3' -> 58 when elided, else 1)."""
+        if isinstance(self.layers, nn.ModuleDict):
+            return {f"layers.{r.start}": len(r) for r in layer_runs(self.cfg)}
+        return {f"layers.{i}": 1 for i in range(len(self.layers))}
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02, seed: int | None = None) -> None:
@@ -75,7 +113,7 @@ class DeepseekV3(nn.Module):
         cos, sin = self.rotary(b, start, s)
         h = self.embed_tokens(input_ids)
         entries = []
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.decoder_layers()):
             h, e = layer(h, cos, sin, None if past is None else past[i])
             entries.append(e)
         h = self.norm(h)  # MTP reads the final norm's output, as transformers' and vLLM's DeepSeek MTP do

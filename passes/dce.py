@@ -8,8 +8,8 @@ from passes.registry import register
 def dce(plan: Plan, opts: dict):
     """Dead-code elimination over the graph, then over the weight placeholders."""
     program = plan.program
-    before = len(program.graph.nodes)
+    before = program.node_count()
     program.graph.eliminate_dead_code()
     dropped = program.drop_unused_weights()
     program.recompile()
-    return {"nodes_removed": before - len(program.graph.nodes), "weights_removed": len(dropped)}
+    return {"nodes_removed": before - program.node_count(), "weights_removed": sum(map(program.weight_times, dropped))}

@@ -95,31 +95,35 @@ def _gate_args(program: Program, node: fx.Node) -> tuple[int, int, int]:
     return cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok
 
 
-def _local_weight(program: Program, cache: dict, source: fx.Node, phy2log, per_rank: int, key: str) -> fx.Node:
+def _local_weight(program: Program, cache: dict, source: fx.Node, phy2log: fx.Node, per_rank: int,
+                  key: str) -> fx.Node:
     """A placeholder [S, ...] for rank 0's slots of a stacked expert weight (real or meta)."""
     if source.op != "placeholder" or source.name not in program.weights:
         raise PartitionError(f"expert weight {source.name} of {key} is not a weight placeholder")
     if source.name not in cache:
         full = program.weights[source.name]
+
+        def local(_, stacked, slots):
+            return stacked[slots[:per_rank]].clone()
+
         if full.is_meta:
-            local = torch.empty((per_rank, *full.shape[1:]), dtype=full.dtype, device="meta")
+            value = torch.empty((per_rank, *full.shape[1:]), dtype=full.dtype, device="meta")
         else:
-            local = full[phy2log[:per_rank]].clone()
-        cache[source.name] = program.add_weight(f"{source.name}_ep_local", local)
+            value = local(None, full, program.weights[phy2log.name])
+        cache[source.name] = program.add_weight(f"{source.name}_ep_local", value, (local, [source, phy2log]))
     return cache[source.name]
 
 
-def _rewrite(program: Program, node: fx.Node, index: int, key: str, tables, ep: int, gpn: int, estimates) -> dict:
-    """Replace one experts node by dispatch → local experts → combine; returns what the runtime binds."""
+def _rewrite(program: Program, node: fx.Node, index: int, key: str, tables, ep: int, gpn: int, estimates):
+    """Replace one experts node by dispatch → local experts → combine: (what the runtime binds, the dispatch node)."""
     kind = dsv3c.ops.op_name(node.target)
     x, ids, weights = node.args[:3]
     stacked = node.args[3:]
-    phy2log, log2phy, logcnt = tables
-    per_rank = phy2log.numel() // ep
+    per_rank = tables[0].numel() // ep
     stem = key.replace(".", "_")
     table_nodes = [program.add_weight(f"{stem}_ep_{n}", t) for n, t in zip(("phy2log", "log2phy", "logcnt"), tables)]
     cache: dict = {}
-    local = [_local_weight(program, cache, w, phy2log, per_rank, key) for w in stacked]
+    local = [_local_weight(program, cache, w, table_nodes[0], per_rank, key) for w in stacked]
     quant = kind != "moe_experts"
     with program.graph.inserting_before(node):
         d = program.call(
@@ -136,7 +140,39 @@ def _rewrite(program: Program, node: fx.Node, index: int, key: str, tables, ep: 
         )  # fmt: skip
     node.replace_all_uses_with(out)
     program.graph.erase_node(node)
-    return {"index": index, "tables": [n.name for n in table_nodes], "bindings": {cache[s].name: s for s in cache}}
+    binding = {"index": index, "tables": [n.name for n in table_nodes], "bindings": {cache[s].name: s for s in cache}}
+    return binding, d
+
+
+_INDEX, _ESTIMATES = 6, 9  # ep_dispatch's argument positions of the layer index and the expected fan-out
+
+
+def _instance(program: Program, inst, dispatch: fx.Node, binding: dict, index: int, tables, estimates) -> dict:
+    """Attach one more MoE layer computed by the block of `dispatch` to its instance (its index, fan-out and
+    placement tables); returns what the runtime binds for it."""
+    blocks = program.blocks
+    args = list(dispatch.args)
+    args[_INDEX], args[_ESTIMATES:] = index, list(estimates)
+    blocks.set_args(inst, dispatch, tuple(args))
+    for name, table in zip(binding["tables"], tables):
+        blocks.values[(inst.unit, name)] = table
+    return {"index": index, "tables": [blocks.rename(inst, n) for n in binding["tables"]],
+            "bindings": {blocks.rename(inst, loc): blocks.rename(inst, src) for loc, src in binding["bindings"].items()}}
+
+
+def _layer_facts(memo: dict, tables, experts: int, ep: int, gpn: int, gate: tuple) -> tuple:
+    """(slots per rank, experts per GPU, max nodes per token, expected fan-out) of one layer's tables, computed
+    once per distinct tables (the layers of a contiguous placement share theirs)."""
+    key = (*(t.numpy().tobytes() for t in tables), experts, ep, gpn, gate)
+    if key not in memo:
+        n_group, topk_group, top_k = gate
+        per_rank = check_tables(*tables, experts, ep)
+        place = layer_placement(tables, ep, gpn)
+        bound = max_nodes_per_token_bound(place, n_group, topk_group).max
+        estimates = expected_fanout(place, n_group, topk_group, top_k)
+        per_gpu = [len(set(tables[0][r * per_rank : (r + 1) * per_rank].tolist())) for r in range(ep)]
+        memo[key] = per_rank, max(per_gpu), bound, estimates
+    return memo[key]
 
 
 @register(
@@ -155,31 +191,36 @@ def expert_partition(plan: Plan, opts: dict):
     spans = -(-ep // gpn)
     placement = layout.tables()
     targets = [n for n in program.graph.nodes if n.op == "call_function" and dsv3c.ops.op_name(n.target) in EXPERT_OPS]
-    layers, per_layer = {}, []
-    for index, node in enumerate(targets):
+    layers, per_layer, memo, index = {}, [], {}, 0
+    for node in targets:
         key = layer_of(node) or f"moe{index}"
         experts = node.args[3].meta["val"].shape[0]
-        tables = layer_tables(placement, index, key, experts)
-        per_rank = check_tables(*tables, experts, ep)
-        n_group, topk_group, top_k = _gate_args(program, node)
-        place = layer_placement(tables, ep, gpn)
+        n_group, topk_group, top_k = gate = _gate_args(program, node)
         limited = node_limited(n_group, topk_group)
-        bound = min(spans, max_nodes_per_token_bound(place, n_group, topk_group).max)
-        # decode's low-latency dispatch sends each token straight to its experts' GPUs over IB (no NVLink
-        # forwarding), so the node limit, which bounds the IB hops of two-hop dispatch, binds train and prefill
-        if limited and spans > 1 and bound > topk_group and program.mode != "decode":
-            raise PartitionError(
-                f"{key}: with EP {ep} over {spans} nodes of {gpn} GPUs a token can reach {bound} nodes, "
-                f"more than topk_group={topk_group}; map expert groups to nodes"
-            )  # fmt: skip
-        estimates = expected_fanout(place, n_group, topk_group, top_k)
-        layers[key] = _rewrite(program, node, index, key, tables, ep, gpn, estimates)
-        layers[key]["experts"] = experts
-        per_gpu = [len(set(tables[0][r * per_rank : (r + 1) * per_rank].tolist())) for r in range(ep)]
-        per_layer.append({"layer": key, "slots_per_gpu": per_rank, "experts_per_gpu": max(per_gpu),
-                          "redundant_experts": tables[0].numel() - experts, "node_limited": limited,
-                          "max_nodes_per_token": bound, "expected_nodes_per_token": round(estimates[0], 4),
-                          "expected_gpus_per_token": round(estimates[1], 4)})  # fmt: skip
+        dispatch = binding = None
+        for inst in (program.blocks.of(key) if program.blocks is not None else []) or [None]:  # each layer it computes
+            unit = key if inst is None else inst.unit
+            tables = layer_tables(placement, index, unit, experts)
+            per_rank, per_gpu, bound, estimates = _layer_facts(memo, tables, experts, ep, gpn, gate)
+            bound = min(spans, bound)
+            # decode's low-latency dispatch sends each token straight to its experts' GPUs over IB (no NVLink
+            # forwarding), so the node limit, which bounds the IB hops of two-hop dispatch, binds train and prefill
+            if limited and spans > 1 and bound > topk_group and program.mode != "decode":
+                raise PartitionError(
+                    f"{unit}: with EP {ep} over {spans} nodes of {gpn} GPUs a token can reach {bound} nodes, "
+                    f"more than topk_group={topk_group}; map expert groups to nodes"
+                )  # fmt: skip
+            if dispatch is None:  # the node's own layer (a block's first instance) is rewritten in the graph
+                binding, dispatch = _rewrite(program, node, index, key, tables, ep, gpn, estimates)
+                layers[unit] = dict(binding)
+            else:
+                layers[unit] = _instance(program, inst, dispatch, binding, index, tables, estimates)
+            layers[unit]["experts"] = experts
+            per_layer.append({"layer": unit, "slots_per_gpu": per_rank, "experts_per_gpu": per_gpu,
+                              "redundant_experts": tables[0].numel() - experts, "node_limited": limited,
+                              "max_nodes_per_token": bound, "expected_nodes_per_token": round(estimates[0], 4),
+                              "expected_gpus_per_token": round(estimates[1], 4)})  # fmt: skip
+            index += 1
     program.drop_unused_weights()
     program.recompile()
     program.ep = {"ep": ep, "gpus_per_node": gpn, "layers": layers}

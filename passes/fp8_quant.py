@@ -54,16 +54,21 @@ def _quantised_weight(program: Program, cache: dict, node: fx.Node) -> tuple[fx.
             ws = torch.empty(*lead, -(-n // 128), -(-k // 128), dtype=torch.float32, device="meta")
         else:
             wq, ws = _codes(program, node.name, w)
-        cache[node] = (program.add_weight(f"{node.name}_e4m3", wq), program.add_weight(f"{node.name}_scale_inv", ws))
+        derived = [(lambda fqn_of, v, part=part: _codes(program, node.name, v, fqn_of)[part], [node]) for part in (0, 1)]
+        cache[node] = (program.add_weight(f"{node.name}_e4m3", wq, derived[0]),
+                       program.add_weight(f"{node.name}_scale_inv", ws, derived[1]))
     return cache[node]
 
 
-def _codes(program: Program, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E4M3, scale_inv) of weight placeholder `name`: the checkpoint's own, by segment when fused, else quantised."""
+def _codes(program: Program, name: str, w: torch.Tensor, fqn_of=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E4M3, scale_inv) of weight placeholder `name`: the checkpoint's own, by segment when fused, else quantised.
+
+    fqn_of: the checkpoint name of a block instance's tensor for the block's (None: the block's own)."""
+    fqn_of = fqn_of or (lambda fqn: fqn)
     segments = program.weight_segments.get(name)
     if segments:
-        return _segment_codes(program, w, segments)
-    return _stored_or_quantised(program, program.weight_fqns.get(name), w)
+        return _segment_codes(program, w, [(fqn_of(fqn), rows) for fqn, rows in segments])
+    return _stored_or_quantised(program, fqn_of(program.weight_fqns.get(name)), w)
 
 
 def _stored_or_quantised(program: Program, fqn: str | None, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,11 +146,11 @@ def fp8_quant(plan: Plan, opts: dict):
         if node.target is aten.linear.default and len(node.args) == 2:
             component = component_of(node)
             if component and policy[component] == "fp8":
+                converted[component] += program.times(node)
                 _lower_linear(program, node, cache)
-                converted[component] += 1
         elif node.target is dsv3.moe_experts.default and policy["routed_experts"] == "fp8":
+            converted["routed_experts"] += program.times(node)
             _lower_experts(program, node, cache)
-            converted["routed_experts"] += 1
     program.drop_unused_weights()
     program.recompile()
     plan.analyses.precision_policy = policy

@@ -30,13 +30,13 @@ from passes.registry import register
 KERNEL_DIR = "kernels"
 
 
-def _normalised(node: fx.Node):
-    """(tensor arg nodes, non-tensor attrs as ((name, value), ...)) of a dsv3 op node, defaults filled in."""
+def _normalised(node: fx.Node, args: tuple):
+    """(tensor arg nodes, non-tensor attrs as ((name, value), ...)) of a dsv3 op node called with args, defaults filled in."""
     schema = node.target._schema
     tensors, attrs = [], []
     for i, arg in enumerate(schema.arguments):
-        if i < len(node.args):
-            value = node.args[i]
+        if i < len(args):
+            value = args[i]
         elif arg.name in node.kwargs:
             value = node.kwargs[arg.name]
         else:
@@ -56,13 +56,25 @@ _META_SKIP = ("val", "cost", "tensor_meta", "example_value")
 
 
 def lower_graph(program, target, mode: str) -> dict:
-    """Replace every lowerable dsv3 op node by a kernel_call node; returns the call specs used and counters."""
+    """Replace every lowerable dsv3 op node by a kernel_call node; returns the call specs used and counters.
+
+    In a program of blocks, a node whose constant arguments differ per instance is specialised per instance:
+    an instance whose specialisation is not the block's calls its own (`program.blocks.args`)."""
     graph = program.graph
     tiles = Tiles(target, mode)
     memo: dict = {}
-    calls: Counter = Counter()
     by_op: Counter = Counter()
     unlowered: Counter = Counter()
+
+    def spec_of(name: str, node: fx.Node, args: tuple, outs: tuple):
+        """(tensor arguments, the memoised CallSpec or None) of op `name`'s node called with args."""
+        tensors, attrs = _normalised(node, args)
+        ins = tuple(_spec_of(t.meta["val"]) for t in tensors)
+        key = (name, ins, attrs)
+        if key not in memo:
+            memo[key] = specialise(name, ins, outs, attrs, tiles)
+        return tensors, memo[key]
+
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
@@ -70,19 +82,18 @@ def lower_graph(program, target, mode: str) -> dict:
         if name is None or name == "kernel_call":
             continue
         if not record_of(name).lowered:
-            unlowered[name] += 1
+            unlowered[name] += program.times(node)
             continue
-        tensors, attrs = _normalised(node)
         val = node.meta["val"]
         multi = isinstance(val, (tuple, list))
         outs = tuple(_spec_of(v) for v in (val if multi else (val,)))
-        ins = tuple(_spec_of(t.meta["val"]) for t in tensors)
-        key = (name, ins, attrs)
-        if key not in memo:
-            memo[key] = specialise(name, ins, outs, attrs, tiles)
-        spec = memo[key]
+        tensors, spec = spec_of(name, node, node.args, outs)
+        blocks = program.blocks
+        varied = [(i, spec_of(name, node, args, outs)[1]) for i, args in blocks.varied(node)] if blocks is not None else []
+        if any((s is None) != (spec is None) for _, s in varied):
+            raise ValueError(f"{node.name}: lowered in some instances of its block and not in others")
         if spec is None:  # the builder has no kernel for these attributes: the op stays
-            unlowered[name] += 1
+            unlowered[name] += program.times(node)
             continue
         with graph.inserting_before(node):
             kc = graph.call_function(kernel_call_op(), (spec.id, list(tensors)))
@@ -94,12 +105,28 @@ def lower_graph(program, target, mode: str) -> dict:
                 new = graph.call_function(operator.getitem, (kc, 0))
                 new.meta.update({k: v for k, v in node.meta.items() if k not in _META_SKIP})
                 new.meta["val"] = val
+        for inst, s in varied:
+            blocks.set_args(inst, node, node.args)  # the node goes; the kernel call varies instead
+            blocks.set_args(inst, kc, (s.id, kc.args[1]))
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-        calls[spec.id] += 1
-        by_op[name] += 1
+        by_op[name] += program.times(kc)
     program.recompile()
+    calls = kernel_call_counts(program)
     return {"calls": calls, "by_op": by_op, "unlowered": unlowered, "specs": [SPECS[i] for i in calls]}
+
+
+def kernel_call_counts(program) -> Counter:
+    """Kernel calls of the model by specialisation id (in a program of blocks, each instance's own)."""
+    calls: Counter = Counter()
+    target = kernel_call_op()
+    for node in program.graph.nodes:
+        if node.op == "call_function" and node.target is target:
+            varied = program.blocks.varied(node) if program.blocks is not None else []
+            calls[node.args[0]] += program.times(node) - len(varied)
+            for _, args in varied:
+                calls[args[0]] += 1
+    return calls
 
 
 def _terminal_progress(done: int, total: int, name: str, seconds: float) -> None:
@@ -121,8 +148,7 @@ def lower_triton(plan: Plan, opts: dict):
     """Lower the graph to kernel calls, then (with an output directory) compile the kernels ahead of time."""
     program = plan.program
     lowered = lower_graph(program, plan.target, plan.mode)
-    target_op = kernel_call_op()
-    calls = Counter(n.args[0] for n in program.graph.nodes if n.op == "call_function" and n.target is target_op)
+    calls = lowered["calls"]
     specs = [(get_spec(i), c) for i, c in sorted(calls.items())]
     uses = kernel_uses(specs)
     kernels = sorted(uses, key=lambda k: k.name)

@@ -88,7 +88,7 @@ def mla_fuse(plan: Plan, opts: dict):
     form = cheapest_buildable(costs) if form == "auto" else form
     fused, stale_inputs = 0, []
     for block, roles in blocks.items():
-        fused += _fuse_down_projections(program, block, roles)
+        fused += _fuse_down_projections(program, block, roles) * program.times(roles["attention"])
         if program.mode != "train":
             stale_inputs += _make_cache_latent(program, block, roles, absorbed=form == "absorbed")
         elif form == "absorbed":
@@ -97,11 +97,12 @@ def mla_fuse(plan: Plan, opts: dict):
     for name in stale_inputs:
         program.remove_input(name)
     program.drop_unused_weights()
-    stats = {"blocks": len(blocks), "fused_down_projections": fused, "form": form,
+    count = sum(program.times(roles["attention"]) for roles in blocks.values())  # the model's attention blocks
+    stats = {"blocks": count, "fused_down_projections": fused, "form": form,
              **{f"{f}_us": costs[f]["us"] for f in ("plain", "plain_kv_cache", "absorbed")}}
     plan.analyses.mla = {"form": form, "shape": shape, **costs}
     if program.mode == "train":
-        saved, marked = _mark_recompute(program, len(blocks))
+        saved, marked = _mark_recompute(program, count)
         stats["recompute_bytes_per_token_per_layer"] = saved
         plan.analyses.recompute = {"nodes": marked, "bytes_per_token_per_layer": saved}
     else:
@@ -126,8 +127,12 @@ def _fuse_down_projections(program: Program, block: str, roles: dict) -> int:
         return 0
     w_q, w_kv = _weight(program, qa.args[1]), _weight(program, kva.args[1])
     pad = -w_q.shape[0] % fp8.BLOCK
-    w = torch.cat([w_q, w_q.new_zeros(pad, w_q.shape[1]), w_kv], dim=0)
-    wnode = program.add_weight(block.replace(".", "_") + "_qkv_a_proj_weight", w)
+
+    def fuse(_, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.cat([a, a.new_zeros(pad, a.shape[1]), b], dim=0)
+
+    w = fuse(None, w_q, w_kv)
+    wnode = program.add_weight(block.replace(".", "_") + "_qkv_a_proj_weight", w, (fuse, [qa.args[1], kva.args[1]]))
     fqns = program.weight_fqns
     segments = [(fqns.get(qa.args[1].name), w_q.shape[0]), (None, pad), (fqns.get(kva.args[1].name), w_kv.shape[0])]
     program.weight_segments[wnode.name] = segments
@@ -198,12 +203,18 @@ def _absorb(program: Program, roles: dict, past: list[fx.Node] | None) -> None:
     q_nope, q_pe = attn.args[0].args[0]  # q = cat([q_nope, q_pe])
     b, s, h, dn = q_nope.meta["val"].shape
     dv = attn.meta["val"].shape[-1]
-    w = _weight(program, kvb.args[1])
-    r = w.shape[1]
-    w = w.view(h, dn + dv, r)  # rows 0..dn-1 of each head are W^UK, the rest W^UV
+    r = _weight(program, kvb.args[1]).shape[1]
+
+    def uk(_, w):  # rows 0..dn-1 of each head of W^UKV are W^UK, the rest W^UV
+        return w.view(h, dn + dv, r)[:, :dn, :].contiguous()  # [H, dn, r]
+
+    def uv_t(_, w):
+        return w.view(h, dn + dv, r)[:, dn:, :].transpose(1, 2).contiguous()  # [H, r, dv]
+
     name = module_path(attn).replace(".", "_")
-    w_uk = program.add_weight(f"{name}_w_uk", w[:, :dn, :].contiguous())  # [H, dn, r]
-    w_uv = program.add_weight(f"{name}_w_uv_t", w[:, dn:, :].transpose(1, 2).contiguous())  # [H, r, dv]
+    w = _weight(program, kvb.args[1])
+    w_uk = program.add_weight(f"{name}_w_uk", uk(None, w), (uk, [kvb.args[1]]))
+    w_uv = program.add_weight(f"{name}_w_uv_t", uv_t(None, w), (uv_t, [kvb.args[1]]))
     ckv, kpe = roles["kv_a_layernorm"], roles["k_pe"]
     with program.graph.inserting_before(attn):
         call = lambda target, *args: program.call(target, args, like=attn)  # noqa: E731
@@ -231,7 +242,7 @@ def _mark_recompute(program: Program, blocks: int) -> tuple[int, int]:
         )
         if recompute and (path.startswith("layers.") or path.startswith("mtp.")):
             node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE  # the key torch's partitioner reads
-            saved += nbytes(node.meta["val"])
-            marked += 1
+            saved += nbytes(node.meta["val"]) * program.times(node)
+            marked += program.times(node)
     shapes = program.shapes
     return saved // (shapes["batch"] * shapes["seq"] * blocks), marked

@@ -3,7 +3,8 @@
 The parallel plan (the Plan's `parallel` analysis) says which units each model stage holds — 'embed' (the
 nodes before the first layer), 'layers.N', 'head' (the final norm and the output head) and 'mtp.K' — as
 the cost model cut them, and which schedule runs them. This pass tags each node with its stage
-(`meta['pp_stage']`); the graph is otherwise unchanged: one SPMD program, each stage rank-parametric.
+(`meta['pp_stage']`; in a program of blocks, whose blocks serve layers of several stages, each instance:
+`program.blocks.stages`); the graph is otherwise unchanged: one SPMD program, each stage rank-parametric.
 DualPipe's second direction runs the same stages again on the mirrored ranks (rank 0 holds the first and
 the last stage); DualPipeV has 2·pp stages, rank r holding stages r and 2·pp−1−r.
 
@@ -54,13 +55,19 @@ def pipeline_partition(plan: Plan, opts: dict):
         return {"skipped": "inference graphs are not pipelined"}
     layout = plan.analyses.parallel
     stage_of = layout.stage_of_unit()
-    blocks = blocks_in_order(plan.program.graph)
-    missing = [name for name, _ in blocks if name not in stage_of]
+    program = plan.program
+    blocks = blocks_in_order(program.graph)
+    names = [name for name, _ in blocks]
+    units = names if program.blocks is None else program.blocks.units(names)
+    missing = [name for name in units if name not in stage_of]
     if missing:
         raise StageError(f"the parallel plan's stages do not hold block(s) {', '.join(missing)}")
-    for name, nodes in blocks:
-        for node in nodes:
-            node.meta["pp_stage"] = stage_of[name]
+    if program.blocks is not None:
+        program.blocks.stages = {unit: stage_of[unit] for unit in units}
+    else:
+        for name, nodes in blocks:
+            for node in nodes:
+                node.meta["pp_stage"] = stage_of[name]
     pp, kind, m = layout.mesh.pp, layout.kind, layout.micro_batches
     schedule = build(kind, pp, m)
     checked = check(schedule)

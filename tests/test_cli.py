@@ -112,7 +112,7 @@ def jobs(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     started = {
         "big1": Job([*BIG_ARGS, "--out", "out1"], root / "big", root / "logs" / "big1"),
-        "big2": Job([*BIG_ARGS, "--out", "out2"], root / "big", root / "logs" / "big2"),
+        "big2": Job([*BIG_ARGS, "--whole-graph", "--out", "out2"], root / "big", root / "logs" / "big2"),
         "tiny": Job(TINY_ARGS, root / "tiny", root / "logs" / "tiny"),
     }
     for case, (args, files, _) in ERRORS.items():
@@ -148,13 +148,15 @@ def test_error_is_one_line_exit_2_and_writes_nothing(jobs, case):
 
 @pytest.fixture(scope="module")
 def big(jobs):
-    """(plan directory 1, plan directory 2, stdout of 1) of two 671B compiles with the same inputs."""
+    """(plan directory 1, plan directory 2, stdout of 1) of two 671B compiles with the same inputs: the program of
+    blocks (the default) and the whole graph (--whole-graph)."""
     out = jobs["big1"].ok()
     jobs["big2"].ok()
     return jobs["big1"].cwd / "out1", jobs["big1"].cwd / "out2", out
 
 
-def test_671b_compile_is_deterministic(big):
+def test_671b_compile_of_blocks_equals_the_whole_graphs(big):
+    """Both paths write the same files and the same plan (pass seconds apart): every figure, count and kernel."""
     one, two, _ = big
     assert _listing(one) == _listing(two)  # kernels/ included
     assert (one / "report.txt").read_bytes() == (two / "report.txt").read_bytes()
@@ -229,6 +231,7 @@ def followups(tiny, tmp_path_factory):
         "inspect": ["inspect", "dump"],
         "diff": ["inspect", "dump", "--diff", "1", "cost"],  # by number and by name
         "diff_layer": ["inspect", "dump", "--diff", "dce", "cost", "--layer", "1"],
+        "diff_layer2": ["inspect", "dump", "--diff", "dce", "cost", "--layer", "2"],  # computed by block layers.1
         "diff_unknown": ["inspect", "dump", "--diff", "dce", "nope"],
         "replay": replay,
     }
@@ -360,6 +363,15 @@ def test_inspect_diff_of_one_layer(followups, tiny):
     assert set(lb) - set(la) <= added <= set(lb)
     full = followups["diff"].ok()
     assert len(_changed(full)) > len(changed)  # other blocks changed too
+
+
+def test_inspect_diff_of_a_layer_its_block_computes(followups, tiny):
+    """tiny's layers 1 and 2 are both MoE: the program of blocks holds layer 1, which computes layer 2 as well."""
+    cwd, _ = tiny
+    _, text = _graph(cwd, "cost")
+    assert "# block layers.1 computes layers.1, layers.2\n" in text and "# layers.2" not in text
+    out = followups["diff_layer2"].ok()
+    assert out == "# layers.2 is computed by block layers.1: its lines follow\n" + followups["diff_layer"].ok()
 
 
 def test_inspect_diff_unknown_pass(followups):

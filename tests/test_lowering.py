@@ -45,7 +45,7 @@ ROUTER_BIAS_STD = 0.5
 LOWERING_RTOL = 0.12
 
 
-def transformed(mode: str, shapes: dict, cfg=TINY, seed: int = 0, names=None):
+def transformed(mode: str, shapes: dict, cfg=TINY, seed: int = 0, names=None, capture=dsv3c.capture):
     """(program, legal ops): cfg captured with seeded BF16 weights, run through the passes before lower_triton.
 
     The router bias is random and large against the kernels' rounding differences, so that routing is decisive
@@ -56,7 +56,7 @@ def transformed(mode: str, shapes: dict, cfg=TINY, seed: int = 0, names=None):
     for name, buf in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             buf.copy_(torch.randn(buf.shape) * ROUTER_BIAS_STD)
-    program = dsv3c.capture(cfg, mode, model=model, **shapes)
+    program = capture(cfg, mode, model=model, **shapes)
     names = names or passes.default_pipeline()[:-1]
     run_pipeline(Plan(program, TARGET, options={"aot": False}), names, passes.REGISTRY, passes.CAPTURED_OPS)
     return program, passes.legal_after(names)

@@ -9,6 +9,10 @@ gets the strict tolerance unless TOLERANCE says otherwise.
 Decode graphs read a K/V cache: a prefill graph of the same model fills it, and runs the passes that change
 the decode graph's inputs (mla_fuse makes the cache latent) in lockstep, so that both sides of a pass read
 a cache in the format they expect.
+
+Programs of blocks (what `dsv3c compile` transforms) are checked the same way, on models whose MoE block
+computes two layers: the program runs the whole model, each instance with its own weights, derived weights
+and arguments, before and after each pass.
 """
 
 import dataclasses
@@ -20,6 +24,7 @@ from hypothesis import strategies as st
 
 import dsv3c
 import passes
+from dsv3c.frontend.exporter import capture_blocks
 from dsv3c.ir import Plan
 from dsv3c.passmgr.verify import verify
 from tests.test_lowering import LOWERING_RTOL
@@ -81,11 +86,11 @@ def pass_options(name: str, data) -> dict:
 
 
 @st.composite
-def small_configs(draw):
-    """tests/test_passes.py's tiny configs with at most one dense and one MoE block (the chain runs many graphs)."""
+def small_configs(draw, moe: int = 1):
+    """tests/test_passes.py's tiny configs with at most one dense and `moe` MoE layers (the chain runs many graphs)."""
     cfg = draw(tiny_configs())
     dense = min(cfg.first_k_dense_replace, 1)
-    return dataclasses.replace(cfg, first_k_dense_replace=dense, num_hidden_layers=dense + 1)
+    return dataclasses.replace(cfg, first_k_dense_replace=dense, num_hidden_layers=dense + moe)
 
 
 def apply(program, name: str, opts: dict, legal: frozenset) -> frozenset:
@@ -117,8 +122,9 @@ def compare(name: str, kind: str, bound: float, before: dict, after: dict, cfg, 
         assert err <= bound, f"pass {name} changed output {key}: {kind} error {err:.3g} > {bound}"
 
 
-def check_chain(cfg, seed, mode, batch, seq, names, options, checked, dtype=torch.float32) -> None:
-    """Run the chain `names` on cfg captured for mode in dtype; compare before/after each pass in `checked`."""
+def check_chain(cfg, seed, mode, batch, seq, names, options, checked, dtype=torch.float32, blocks=False) -> None:
+    """Run the chain `names` on cfg captured for mode in dtype (as a program of blocks with `blocks`); compare
+    before/after each pass in `checked`."""
     model = model_for(cfg, seed, bias_std=3.0)  # decisive routing: FP8 noise moves no token to other experts
     if dtype != torch.float32:  # the router bias and RoPE tables stay float32, as DeepseekV3(dtype=...) keeps them
         model.to(dtype)
@@ -126,17 +132,18 @@ def check_chain(cfg, seed, mode, batch, seq, names, options, checked, dtype=torc
             buf.data = buf.data.float()
     gen = torch.Generator().manual_seed(seed)
     shapes = dict(batch=batch, seq=1, kv_len=seq) if mode == "decode" else dict(batch=batch, seq=seq)
-    program = dsv3c.capture(cfg, mode, model=model, **shapes)
+    capture = capture_blocks if blocks else dsv3c.capture
+    program = capture(cfg, mode, model=model, **shapes)
     x = torch.randint(0, cfg.vocab_size, (batch, shapes["seq"]), generator=gen)
     prefill = prefill_legal = None
     if mode == "decode":
-        prefill = dsv3c.capture(cfg, "prefill", batch, seq, model=model)
+        prefill = capture(cfg, "prefill", batch, seq, model=model)
         prefill_legal = passes.CAPTURED_OPS
         x_prefill = torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen)
 
     def caches():
         out = prefill(x_prefill)
-        return [out[n.replace("past_", "cache_", 1)] for n in program.inputs[1:]]
+        return [out[n.replace("past_", "cache_", 1)] for n in program.model_inputs[1:]]
 
     def run(past):
         with torch.no_grad():
@@ -163,10 +170,10 @@ def check_chain(cfg, seed, mode, batch, seq, names, options, checked, dtype=torc
         compare(name, kind, bound, before, run(past), cfg, mode != "train")
 
 
-def _draw_case(data, slow: bool):
+def _draw_case(data, slow: bool, moe: int = 1):
     """(cfg, seed, mode, batch, seq, chain, options, checked): one chain that checks every pass (slow or not)."""
     todo = sorted(n for n in passes.REGISTRY if n not in SKIP and (n in SLOW) == slow)
-    cfg = data.draw(small_configs(), label="cfg")
+    cfg = data.draw(small_configs(moe), label="cfg")
     mode = data.draw(st.sampled_from(["train", "prefill", "decode"]), label="mode")
     seed = data.draw(st.integers(0, 2**16), label="seed")
     batch = data.draw(st.integers(1, 2), label="batch")
@@ -196,6 +203,15 @@ def test_every_slow_pass_keeps_the_function(data):
     if not case[-1]:
         pytest.skip("no slow pass registered")
     check_chain(*case, dtype=torch.bfloat16)  # the lowering tolerance is that of BF16 models (test_lowering.py)
+
+
+@settings(max_examples=2)
+@given(data=st.data())
+def test_every_pass_keeps_the_function_of_a_program_of_blocks(data):
+    """Every pass, lower_triton included, on a program of blocks whose MoE block computes two layers."""
+    cfg, seed, mode, batch, seq, chain, options, checked = _draw_case(data, slow=False, moe=2)
+    slow = sorted(SLOW)
+    check_chain(cfg, seed, mode, batch, seq, chain + slow, options, checked | set(slow), blocks=True)
 
 
 def test_a_pass_that_changes_the_function_is_caught(monkeypatch):

@@ -20,7 +20,7 @@ import targets
 from dsv3c.ir import Plan
 from dsv3c.ops import RECORDS, op_name
 from dsv3c.passmgr.pipeline import PipelineError, run_pipeline
-from dsv3c.cost.facts import reduced_config
+from dsv3c.frontend.exporter import capture_blocks
 from dsv3c.cost.figures import mode_figures
 from dsv3c.passmgr.verify import VerificationError, verify
 from model_def import ModelConfig
@@ -175,21 +175,25 @@ def test_unmodified_graph_verifies_through_default_pipeline(programs, mode):
 @pytest.fixture
 def fast_compile(monkeypatch):
     """compile_model with capture and model figures memoised (both are independent of the pass list)."""
-    real_capture, real_figures = driver.capture, driver.model_figures
+    real_figures = driver.model_figures
     captured = {}
 
-    def capture(cfg, mode, model=None, **shapes):
-        key = (cfg.name, mode, tuple(sorted(shapes.items())))
-        if key not in captured:
-            captured[key] = real_capture(cfg, mode, model=model, **shapes)
-        return copy.deepcopy(captured[key])
+    def memoised(real):
+        def capture(cfg, mode, model=None, **shapes):
+            key = (real.__name__, cfg.name, mode, tuple(sorted(shapes.items())))
+            if key not in captured:
+                captured[key] = real(cfg, mode, model=model, **shapes)
+            return copy.deepcopy(captured[key])
 
-    monkeypatch.setattr(driver, "capture", capture)
+        return capture
+
+    monkeypatch.setattr(driver, "capture", memoised(driver.capture))
+    monkeypatch.setattr(driver, "capture_blocks", memoised(driver.capture_blocks))
     figures = {}
 
-    def model_figures(cfg, target, registry, options=None):
+    def model_figures(cfg, target, registry, options=None, program=None):
         if cfg.name not in figures:
-            figures[cfg.name] = real_figures(cfg, target, registry, options)
+            figures[cfg.name] = real_figures(cfg, target, registry, options, program)
         return copy.deepcopy(figures[cfg.name])
 
     monkeypatch.setattr(driver, "model_figures", model_figures)
@@ -318,7 +322,7 @@ def test_cli_reports_failing_pass(bad_passes, fast_compile, tmp_path, capsys, mo
     assert not (tmp_path / "o").exists()
 
 
-# ---- the per-block extrapolation of the model figures is exact ------------------------------------------
+# ---- the model figures of the program of blocks are the full-depth graph's ------------------------------------------
 
 EXTRAPOLATION_SHAPES = {
     "train": {"batch": 1, "seq": 2, "kv_len": 0},  # MTP training needs seq >= 2
@@ -361,8 +365,9 @@ def _layered(dense: int, moe: int) -> ModelConfig:
 @pytest.mark.parametrize("mode", ["train", "prefill", "decode"])
 def test_summary_extrapolation_equals_full_depth_cost(mode):
     cfg = _layered(dense=3, moe=4)
-    assert reduced_config(cfg).num_hidden_layers == 2
     shapes = EXTRAPOLATION_SHAPES[mode]
+    assert [i.block for i in capture_blocks(cfg, mode, **shapes).blocks.instances] == [
+        "layers.0"] * 3 + ["layers.3"] * 4 + ["mtp.0"]  # the figures capture one dense and one MoE block
     tokens = shapes["batch"] * shapes["seq"]
     figures = mode_figures(cfg, mode, targets.get_target("h800x8"), passes.REGISTRY, shapes)
     full = _full_depth_figures(cfg, mode, shapes)

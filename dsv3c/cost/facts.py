@@ -1,19 +1,19 @@
-"""A model's block facts: each distinct block's kernel facts and weights, from one reduced capture through the passes.
+"""A model's block facts: each distinct block's kernel facts and weights, from its program of blocks through the passes.
 
-Every dense block of a config has the same shapes, and so has every MoE block; so a mode is captured with
-one block of each kind (plus the MTP module), run through `dce, mla_fuse, fp8_quant, cost`, and each block's
-facts (`passes/cost.py`) stand for all the blocks of its kind. The model is the ordered list of units the
-planner places: the embedding, the dense layers, the MoE layers, the head (final norm and output head), the
-MTP modules.
+Every dense block of a config has the same shapes, and so has every MoE block; so a mode is captured as a
+program of blocks (`dsv3c.frontend.exporter.capture_blocks`: each distinct block once, plus the MTP module),
+run through `dce, mla_fuse, fp8_quant, cost`, and each block's facts (`passes/cost.py`) stand for all the
+blocks of its kind. The model is the ordered list of units the planner places: the embedding, the dense
+layers, the MoE layers, the head (final norm and output head), the MTP modules.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
-from dsv3c.frontend.exporter import capture
+from dsv3c.frontend.exporter import capture_blocks
 from dsv3c.ir import Plan
+from dsv3c.ir.program import name_unit
 
 FACT_PASSES = ("dce", "mla_fuse", "fp8_quant", "cost")
 KINDS = ("embed", "dense", "moe", "head", "mtp")
@@ -56,13 +56,6 @@ class BlockFacts:
         return self.shapes["batch"] * self.shapes["seq"]
 
 
-def reduced_config(cfg):
-    """The config with at most one dense and one MoE block (MTP kept)."""
-    dense = min(cfg.first_k_dense_replace, cfg.num_hidden_layers, 1)
-    moe = 1 if cfg.num_hidden_layers > cfg.first_k_dense_replace and cfg.n_routed_experts else 0
-    return dataclasses.replace(cfg, num_hidden_layers=dense + moe, first_k_dense_replace=dense)
-
-
 def block_counts(cfg) -> dict:
     """How many blocks of each kind the full config has."""
     dense = min(cfg.first_k_dense_replace, cfg.num_hidden_layers) if cfg.n_routed_experts else cfg.num_hidden_layers
@@ -70,50 +63,51 @@ def block_counts(cfg) -> dict:
             "mtp": cfg.num_nextn_predict_layers}
 
 
-def kind_of_block(name: str, reduced) -> str:
-    """The block kind of a reduced capture's block name ('layers.0' is dense when the config has dense layers)."""
+def kind_of_block(name: str, cfg) -> str:
+    """The block kind of a unit name of cfg's model ('layers.N' is dense or MoE by its index)."""
     if name.startswith("layers."):
-        return "dense" if int(name.split(".")[1]) < reduced.first_k_dense_replace else "moe"
+        return "moe" if cfg.is_moe_layer(int(name.split(".")[1])) else "dense"
     return "mtp" if name.startswith("mtp.") else name
 
 
-def from_costs(costs: dict, cfg, reduced, mode: str, shapes: dict) -> BlockFacts:
-    """BlockFacts from the cost pass's analysis of a reduced capture."""
+def from_costs(costs: dict, cfg, mode: str, shapes: dict) -> BlockFacts:
+    """BlockFacts from the cost pass's analysis of the model (each kind's facts are its first block's)."""
     blocks, params = {}, {}
     for name, facts in costs["facts"].items():
-        kind = kind_of_block(name, reduced)
+        kind = kind_of_block(name, cfg)
         blocks.setdefault(kind, facts)
         params.setdefault(kind, costs["params"].get(name, {}))
     counts = {k: n for k, n in block_counts(cfg).items() if k in blocks}
     return BlockFacts(mode, dict(shapes), blocks, params, counts)
 
 
-def analyse(cfg, mode: str, shapes: dict, target, registry: dict, options: dict | None = None):
-    """Capture the reduced config at shapes and run FACT_PASSES: (BlockFacts, model-level findings).
+def analyse(cfg, mode: str, shapes: dict, target, registry: dict, options: dict | None = None, program=None):
+    """Capture cfg's program of blocks at shapes and run FACT_PASSES: (BlockFacts, model-level findings).
 
-    The findings are the cost analysis before fp8_quant (the model's own FLOPs, without quantisation work)
-    and, for decode, the KV cache inputs before and after mla_fuse (naive and latent cache).
+    program: that capture when the caller has it (it is rewritten). The findings are the cost analysis before
+    fp8_quant (the model's own FLOPs, without quantisation work) and, for decode, the bytes of the main
+    layers' KV cache inputs before and after mla_fuse (naive and latent cache).
     """
-    reduced = reduced_config(cfg)
-    plan = Plan(capture(reduced, mode, **shapes), target, options=dict(options or {}))
-    found = {"reduced": reduced}
+    program = program if program is not None else capture_blocks(cfg, mode, **shapes)
+    plan = Plan(program, target, options=dict(options or {}))
+    found = {}
     for name in FACT_PASSES:
         if name == "mla_fuse":
-            found["caches_naive"] = cache_inputs(plan.program)
+            found["cache_naive"] = cache_bytes(plan.program)
         if name == "fp8_quant":
             registry["cost"].fn(plan, {})
             found["costs"] = plan.analyses.costs
-            found["caches_latent"] = cache_inputs(plan.program)
+            found["cache_latent"] = cache_bytes(plan.program)
         registry[name].fn(plan, {})
-    return from_costs(plan.analyses.costs, cfg, reduced, mode, shapes), found
+    return from_costs(plan.analyses.costs, cfg, mode, shapes), found
 
 
-def cache_inputs(program) -> dict:
-    """{block: bytes} of the KV cache inputs (`past_*`) of a captured program, by the block they belong to."""
-    out: dict = {}
+def cache_bytes(program) -> int:
+    """Bytes of the KV cache inputs (`past_*`) of the model's main layers (the MTP module's apart)."""
+    layers = program.cfg.num_hidden_layers
+    out = 0
     for node in program.placeholders():
-        if node.name.startswith("past_"):
-            layer = f"layers.{node.name.split('_')[1]}"
+        if node.name.startswith("past_") and name_unit(node.name, layers).startswith("layers."):
             val = node.meta["val"]
-            out[layer] = out.get(layer, 0) + val.numel() * val.element_size()
+            out += val.numel() * val.element_size() * program.weight_times(node.name)
     return out

@@ -1,8 +1,8 @@
 """Model-level figures from captured graphs: FLOPs per token per mode (model, main, hardware) and KV cache bytes.
 
-Each mode is captured once at its reference shape with one block of each kind (`dsv3c.cost.facts`), and the
-per-block costs are multiplied by the block counts of the config; `tests/test_pipeline.py` checks this equals
-the full-depth graph's cost. The same captures give the block facts the pricing module reads.
+Each mode is captured once at its reference shape as a program of blocks (`dsv3c.cost.facts`), whose cost
+analysis counts each block once per layer it computes; `tests/test_pipeline.py` checks this equals the
+full-depth graph's cost. The same captures give the block facts the pricing module reads.
 
 Conventions: `flops_per_token` are model FLOPs (train = 3 x forward, causal attention, no recomputation;
 MTP included), `flops_per_token_main` the same without the MTP module, `hardware_flops_per_token` what the
@@ -11,6 +11,7 @@ of the RMSNorms and up-projections recomputed in backward). They are counted bef
 quantisation kernels are work of the recipe, not of the model.
 """
 
+import copy
 import dataclasses
 
 from dsv3c.cost.facts import analyse
@@ -25,43 +26,24 @@ REFERENCE_SHAPES = {
 }
 
 
-def block_multiplicity(cfg: ModelConfig, reduced: ModelConfig) -> dict[str, int]:
-    """How many blocks of the full config each block of the reduced config stands for."""
-    dense = min(cfg.first_k_dense_replace, cfg.num_hidden_layers)
-    mult = {}
-    for i in range(reduced.num_hidden_layers):
-        mult[f"layers.{i}"] = dense if i < reduced.first_k_dense_replace else cfg.num_hidden_layers - dense
-    return mult
-
-
-def scaled_totals(per_layer: dict, mult: dict, main_only: bool = False) -> dict:
-    """Costs summed over blocks, each reduced block counted as many times as it stands for."""
-    out: dict = {}
-    for layer, c in per_layer.items():
-        if main_only and layer.startswith("mtp."):
-            continue
-        for key, value in c.items():
-            out[key] = out.get(key, 0) + value * mult.get(layer, 1)
-    return out
-
-
 def mode_figures(cfg: ModelConfig, mode: str, target, registry: dict, shapes: dict | None = None,
-                 options: dict | None = None) -> dict:
-    """FLOPs per token (model, main, hardware), the block facts and for decode the KV cache bytes per token."""
+                 options: dict | None = None, program=None) -> dict:
+    """FLOPs per token (model, main, hardware), the block facts and for decode the KV cache bytes per token.
+
+    program: cfg's program of blocks captured for mode at shapes, when the caller has it (it is rewritten)."""
     shapes = shapes or REFERENCE_SHAPES[mode]
-    facts, found = analyse(cfg, mode, shapes, target, registry, options)
-    mult = block_multiplicity(cfg, found["reduced"])
-    per_layer = found["costs"]["per_layer"]
+    facts, found = analyse(cfg, mode, shapes, target, registry, options, program)
+    costs = found["costs"]
+    main = {key: sum(c[key] for unit, c in costs["per_layer"].items() if not unit.startswith("mtp."))
+            for key in costs["total"]}
     tokens = shapes["batch"] * shapes["seq"]
     train = mode == "train"
-    full, main = scaled_totals(per_layer, mult), scaled_totals(per_layer, mult, main_only=True)
-    out = {"model": model_flops(full, train) // tokens, "main": model_flops(main, train) // tokens,
-           "hardware": hardware_flops(full) // tokens, "facts": facts}
+    out = {"model": model_flops(costs["total"], train) // tokens, "main": model_flops(main, train) // tokens,
+           "hardware": hardware_flops(costs["total"]) // tokens, "facts": facts}
     if mode == "decode":
         per_token = shapes["batch"] * shapes["kv_len"]
         for key in ("naive", "latent"):
-            caches = found["caches_" + key]
-            out["kv_" + key] = sum(b * mult[layer] for layer, b in caches.items() if layer in mult) // per_token
+            out["kv_" + key] = found["cache_" + key] // per_token
     return out
 
 
@@ -71,11 +53,17 @@ def lift_positions(cfg: ModelConfig, shapes: dict) -> ModelConfig:
                                                                 shapes["seq"] + shapes["kv_len"]))
 
 
-def model_figures(cfg: ModelConfig, target, registry: dict, options: dict | None = None) -> dict:
-    """FLOPs per token for train, prefill and decode (model, main, hardware), KV cache bytes per token, block facts."""
+def model_figures(cfg: ModelConfig, target, registry: dict, options: dict | None = None, captured=None) -> dict:
+    """FLOPs per token for train, prefill and decode (model, main, hardware), KV cache bytes per token, block facts.
+
+    captured: a program of blocks of cfg the caller captured; a copy of it serves its mode when it is that
+    mode's reference capture."""
     need = {"batch": 1, "seq": max(s["seq"] + s["kv_len"] for s in REFERENCE_SHAPES.values()), "kv_len": 0}
     cfg = lift_positions(cfg, need)  # so that a model with a shorter context (tiny) is measured at the reference too
-    figures = {mode: mode_figures(cfg, mode, target, registry, options=options) for mode in REFERENCE_SHAPES}
+    reuse = captured is not None and captured.cfg == cfg and captured.shapes == REFERENCE_SHAPES[captured.mode]
+    figures = {mode: mode_figures(cfg, mode, target, registry, options=options,
+                                  program=copy.deepcopy(captured) if reuse and captured.mode == mode else None)
+               for mode in REFERENCE_SHAPES}
     return {
         "flops_per_token": {mode: f["model"] for mode, f in figures.items()},
         "flops_per_token_main": {mode: f["main"] for mode, f in figures.items()},

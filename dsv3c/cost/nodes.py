@@ -34,13 +34,13 @@ def _val(arg):
     return arg
 
 
-def _schema_args(node: fx.Node) -> list:
-    """The node's arguments in schema order with defaults filled in, as meta values."""
+def _schema_args(node: fx.Node, args: tuple) -> list:
+    """The node's arguments (args for its positional ones) in schema order with defaults filled in, as meta values."""
     schema = node.target._schema
     out = []
     for i, arg in enumerate(schema.arguments):
-        if i < len(node.args):
-            out.append(_val(node.args[i]))
+        if i < len(args):
+            out.append(_val(args[i]))
         elif arg.name in node.kwargs:
             out.append(_val(node.kwargs[arg.name]))
         else:
@@ -48,16 +48,17 @@ def _schema_args(node: fx.Node) -> list:
     return out
 
 
-def node_cost(node: fx.Node) -> Cost:
-    """The Cost of one call_function node (zero for views, glue and non-calls)."""
+def node_cost(node: fx.Node, args: tuple | None = None) -> Cost:
+    """The Cost of one call_function node, called with args (default its own; zero for views, glue and non-calls)."""
     if node.op != "call_function" or node.target is operator.getitem:
         return ZERO
+    args = node.args if args is None else args
     out = node.meta.get("val")
     name = op_name(node.target)
     if name is not None:
-        return record_of(name).cost(*_schema_args(node), out)
+        return record_of(name).cost(*_schema_args(node, args), out)
     aten = getattr(node.target, "_opname", None)
-    args = [_val(a) for a in node.args]
+    args = [_val(a) for a in args]
     flat = [a for x in args for a in (x if isinstance(x, (list, tuple)) else (x,))]
     if aten in _VIEWS:
         return ZERO

@@ -1,20 +1,32 @@
-"""Pass dumps, after MLIR's pass instrumentation: graph, stats and diff per pass, MLIR of one layer."""
+"""Pass dumps, after MLIR's pass instrumentation: graph, stats and diff per pass, MLIR of one layer.
+
+A program of blocks prints each distinct block once; its text starts with one `# block B computes U, ...`
+line per block, which `dsv3c inspect --layer N` reads to show the block that computes layer N.
+"""
 
 import difflib
 import json
+import re
 from pathlib import Path
 
 import torch
 from torch import fx
 
 from dsv3c.ir import Program, layer_of
+from dsv3c.ir.segments import subgraph
+
+_BLOCK_LINE = re.compile(r"^# block (\S+) computes (.+)$", flags=re.M)
 
 
 def graph_text(program: Program) -> str:
-    """The readable graph (print_readable), each node's line tagged with the block it belongs to."""
+    """The readable graph (print_readable), each node's line tagged with the block it belongs to; a program of
+    blocks first lists the units of the model each block computes."""
     text = program.gm.print_readable(print_output=False, include_stride=False, include_device=False)
     layers = {n.name: layer_of(n) for n in program.graph.nodes}
     out = []
+    if program.blocks is not None:
+        for block in dict.fromkeys(i.block for i in program.blocks.instances):
+            out.append(f"# block {block} computes {', '.join(i.unit for i in program.blocks.of(block))}")
     for line in text.splitlines():
         name = line.strip().split(":", 1)[0].split(" ", 1)[0]
         layer = layers.get(name)
@@ -22,9 +34,15 @@ def graph_text(program: Program) -> str:
     return "\n".join(out) + "\n"
 
 
+def computed_by(text: str) -> dict[str, str]:
+    """unit -> the block whose lines compute it, from a graph text's `# block` lines (none for a whole graph)."""
+    return {unit: block for block, units in _BLOCK_LINE.findall(text) for unit in units.split(", ")}
+
+
 def layer_lines(text: str, layer: str) -> list[str]:
-    """The lines of a graph text that belong to one block ('layers.5')."""
-    return [line for line in text.splitlines() if line.endswith(f"# {layer}")]
+    """The lines of a graph text that compute one block ('layers.5'): its own, or those of the block computing it."""
+    block = computed_by(text).get(layer, layer)
+    return [line for line in text.splitlines() if line.endswith(f"# {block}")]
 
 
 def unified_diff(a: str, b: str, a_name: str, b_name: str) -> str:
@@ -60,7 +78,9 @@ class Dumper:
         self._write(f"{stem}.stats.json", json.dumps(record.to_dict(), indent=1, sort_keys=True) + "\n")
         self._write(f"{stem}.diff", unified_diff(prev or "", text, "before", stem))
         if self.mlir_layer is not None:
-            self._write(f"{stem}.mlir", layer_mlir(program, f"layers.{self.mlir_layer}"))
+            layer = f"layers.{self.mlir_layer}"
+            block = next((i.block for i in program.blocks.instances if i.unit == layer), layer) if program.blocks else layer
+            self._write(f"{stem}.mlir", layer_mlir(program, block))
 
     def write_failure(self, index: int, name: str, text: str, repro: str) -> Path:
         """The input graph of a failed pass and the command that reproduces the failure."""
@@ -72,22 +92,8 @@ def extract_layer(program: Program, layer: str) -> tuple[fx.GraphModule, list[to
     nodes = [n for n in program.graph.nodes if n.op == "call_function" and layer_of(n) == layer]
     if not nodes:
         raise ValueError(f"the graph has no block '{layer}'")
-    inside = set(nodes)
-    sub = fx.Graph()
-    env, examples = {}, []
-
-    def arg(n: fx.Node) -> fx.Node:
-        if n not in env:
-            env[n] = sub.placeholder(n.name)
-            env[n].meta["val"] = n.meta["val"]
-            examples.append(n.meta["val"])
-        return env[n]
-
-    for n in nodes:
-        env[n] = sub.node_copy(n, lambda a: env[a] if a in inside else arg(a))
-    outs = [env[n] for n in nodes if any(u not in inside for u in n.users)]
-    sub.output(tuple(outs))
-    return fx.GraphModule(torch.nn.Module(), sub), examples
+    gm, _, reads, _ = subgraph(nodes)
+    return gm, [n.meta["val"] for n in reads]
 
 
 def layer_mlir(program: Program, layer: str) -> str:

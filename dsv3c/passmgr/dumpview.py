@@ -11,7 +11,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from dsv3c import inputs
-from dsv3c.passmgr.dumps import layer_lines, unified_diff
+from dsv3c.passmgr.dumps import computed_by, layer_lines, unified_diff
 
 
 class DumpError(ValueError):
@@ -93,8 +93,10 @@ def _graph(directory: Path, stem: str) -> str:
 
 
 def layers_in(text: str) -> list[int]:
-    """The decoder layer numbers a graph text tags its nodes with ('# layers.N'), sorted."""
-    return sorted({int(m) for m in re.findall(r"# layers\.(\d+)$", text, flags=re.M)})
+    """The decoder layer numbers a graph text computes: those it tags its nodes with ('# layers.N') and those
+    its blocks compute, sorted."""
+    tagged = {int(m) for m in re.findall(r"# layers\.(\d+)$", text, flags=re.M)}
+    return sorted(tagged | {int(u.split(".")[1]) for u in computed_by(text) if u.startswith("layers.")})
 
 
 def diff(directory: Path, a: str, b: str, layer: int | None = None) -> str:
@@ -106,6 +108,10 @@ def diff(directory: Path, a: str, b: str, layer: int | None = None) -> str:
         if layer not in have:
             span = f"{have[0]}..{have[-1]}" if have else "none"
             raise DumpError(f"--layer {layer} is not in the dump (layers {span})")
-        ta = "\n".join(layer_lines(ta, f"layers.{layer}")) + "\n"
-        tb = "\n".join(layer_lines(tb, f"layers.{layer}")) + "\n"
+        name = f"layers.{layer}"
+        blocks = {computed_by(t).get(name, name) for t in (ta, tb)} - {name}
+        note = "".join(f"# {name} is computed by block {b}: its lines follow\n" for b in sorted(blocks))
+        ta = "\n".join(layer_lines(ta, name)) + "\n"
+        tb = "\n".join(layer_lines(tb, name)) + "\n"
+        return note + (unified_diff(ta, tb, sa, sb) or "(no difference)\n")
     return unified_diff(ta, tb, sa, sb) or "(no difference)\n"

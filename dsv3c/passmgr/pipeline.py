@@ -79,7 +79,7 @@ def run_pipeline(
         p = registry[name]
         _check_reads(p, plan)
         legal = p.legal_after(legal)
-        before = len(plan.program.graph.nodes)
+        before = plan.program.node_count()
         if progress:
             progress(index, len(items), name)
         start = time.perf_counter()
@@ -96,7 +96,7 @@ def run_pipeline(
                 msg += f"; reproduce with: {repro}"
             raise PipelineError(msg) from e
         seconds = time.perf_counter() - start
-        record = PassRecord(name, seconds, before, len(plan.program.graph.nodes), stats, opts)
+        record = PassRecord(name, seconds, before, plan.program.node_count(), stats, opts)
         records.append(record)
         if dumper or printing:
             new_text = graph_text(plan.program)

@@ -8,6 +8,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from dsv3c.ir import Program
+from dsv3c.ir.blocks import BlockError
 from dsv3c.ops import op_name
 
 
@@ -66,12 +67,18 @@ class Propagator:
 
 
 def verify(program: Program, legal_ops: set[str] | None = None, propagator: Propagator | None = None) -> None:
-    """Raise VerificationError unless the graph lints, re-propagates to its stored meta and uses only legal ops."""
+    """Raise VerificationError unless the graph lints, re-propagates to its stored meta and uses only legal ops,
+    and (a program of blocks) its instances fit it."""
     graph = program.graph
     try:
         graph.lint()
     except Exception as e:  # fx raises RuntimeError / AssertionError with its own message
         raise VerificationError(f"graph.lint failed: {str(e).splitlines()[0]}") from None
+    if program.blocks is not None:
+        try:
+            program.blocks.check(program)
+        except BlockError as e:
+            raise VerificationError(str(e)) from None
     prop = propagator or Propagator()
     env = {}
     for node in graph.nodes:
