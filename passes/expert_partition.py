@@ -115,7 +115,7 @@ def _local_weight(program: Program, cache: dict, source: fx.Node, phy2log: fx.No
 
 
 def _rewrite(program: Program, node: fx.Node, index: int, key: str, tables, ep: int, gpn: int, estimates):
-    """Replace one experts node by dispatch → local experts → combine: (what the runtime binds, the dispatch node)."""
+    """Replace one experts node by dispatch → local experts → combine: (what the runtime binds, (dispatch, combine))."""
     kind = dsv3c.ops.op_name(node.target)
     x, ids, weights = node.args[:3]
     stacked = node.args[3:]
@@ -141,19 +141,24 @@ def _rewrite(program: Program, node: fx.Node, index: int, key: str, tables, ep: 
     node.replace_all_uses_with(out)
     program.graph.erase_node(node)
     binding = {"index": index, "tables": [n.name for n in table_nodes], "bindings": {cache[s].name: s for s in cache}}
-    return binding, d
+    return binding, (d, out)
 
 
 _INDEX, _ESTIMATES = 6, 9  # ep_dispatch's argument positions of the layer index and the expected fan-out
+_COMBINE_ESTIMATES = 7  # ep_combine's argument position of the expected fan-out
 
 
-def _instance(program: Program, inst, dispatch: fx.Node, binding: dict, index: int, tables, estimates) -> dict:
-    """Attach one more MoE layer computed by the block of `dispatch` to its instance (its index, fan-out and
-    placement tables); returns what the runtime binds for it."""
+def _instance(program: Program, inst, exchange: tuple, binding: dict, index: int, tables, estimates) -> dict:
+    """Attach one more MoE layer computed by the block of the (dispatch, combine) nodes `exchange` to its
+    instance (its index, fan-out and placement tables); returns what the runtime binds for it."""
     blocks = program.blocks
+    dispatch, combine = exchange
     args = list(dispatch.args)
     args[_INDEX], args[_ESTIMATES:] = index, list(estimates)
     blocks.set_args(inst, dispatch, tuple(args))
+    args = list(combine.args)
+    args[_COMBINE_ESTIMATES:] = list(estimates)
+    blocks.set_args(inst, combine, tuple(args))
     for name, table in zip(binding["tables"], tables):
         blocks.values[(inst.unit, name)] = table
     return {"index": index, "tables": [blocks.rename(inst, n) for n in binding["tables"]],
@@ -197,7 +202,7 @@ def expert_partition(plan: Plan, opts: dict):
         experts = node.args[3].meta["val"].shape[0]
         n_group, topk_group, top_k = gate = _gate_args(program, node)
         limited = node_limited(n_group, topk_group)
-        dispatch = binding = None
+        exchange = binding = None
         for inst in (program.blocks.of(key) if program.blocks is not None else []) or [None]:  # each layer it computes
             unit = key if inst is None else inst.unit
             tables = layer_tables(placement, index, unit, experts)
@@ -210,11 +215,11 @@ def expert_partition(plan: Plan, opts: dict):
                     f"{unit}: with EP {ep} over {spans} nodes of {gpn} GPUs a token can reach {bound} nodes, "
                     f"more than topk_group={topk_group}; map expert groups to nodes"
                 )  # fmt: skip
-            if dispatch is None:  # the node's own layer (a block's first instance) is rewritten in the graph
-                binding, dispatch = _rewrite(program, node, index, key, tables, ep, gpn, estimates)
+            if exchange is None:  # the node's own layer (a block's first instance) is rewritten in the graph
+                binding, exchange = _rewrite(program, node, index, key, tables, ep, gpn, estimates)
                 layers[unit] = dict(binding)
             else:
-                layers[unit] = _instance(program, inst, dispatch, binding, index, tables, estimates)
+                layers[unit] = _instance(program, inst, exchange, binding, index, tables, estimates)
             layers[unit]["experts"] = experts
             per_layer.append({"layer": unit, "slots_per_gpu": per_rank, "experts_per_gpu": per_gpu,
                               "redundant_experts": tables[0].numel() - experts, "node_limited": limited,

@@ -79,7 +79,7 @@ CASES = {  # name: (argv, files, dirs, words the one error line holds)
                           {"c.json": json.dumps({**TINY_CONFIG, "rope_theta": 1}).encode()}, [],
                           "rope_theta must exceed 1"),
     "run_ranks_ignoring_kv_len": (["run", "--ranks", "2", "--kv-len", "99999999"], {}, [], "--kv-len"),
-    "run_pp_ignoring_tokens": (["run", "--pp", "1", "--tokens", "1185643"], {}, [], "--pp does not apply"),
+    "run_pp_ignoring_tokens": (["run", "--pp", "1", "--tokens", "1185643"], {}, [], "--pp (a pipelined training step) does not apply"),
     "run_pp_micro_batches_over_bound": (["run", "--pp", "2", "--micro-batches", "5000"], {}, [],
                                         "--micro-batches 5,000"),
 }

@@ -41,6 +41,14 @@ def _renamed(name: str, block: str, unit: str) -> str:
     return re.sub(rf"(^|[._]){kind}([._]){old}(?=[._]|$)", rf"\g<1>{kind}\g<2>{new}", name, count=1)
 
 
+def _current(node: fx.Node, args: tuple) -> tuple:
+    """An instance's arguments of node with the graph's current node where the block has one: a pass that
+    replaces a node's input replaces it for every instance (only constants differ between instances)."""
+    if len(args) != len(node.args):
+        return args  # Blocks.check reports it
+    return tuple(n if isinstance(n, fx.Node) else a for n, a in zip(node.args, args))
+
+
 @dataclass(frozen=True)
 class Instance:
     """One unit of the model ('layers.5') computed by a block of the program ('layers.3'), with its cache slot."""
@@ -108,7 +116,8 @@ class Blocks:
 
     def node_args(self, inst: Instance, node: fx.Node) -> tuple:
         """The arguments node of the block takes in this instance."""
-        return self.args.get((inst.unit, node.name), node.args)
+        args = self.args.get((inst.unit, node.name))
+        return node.args if args is None else _current(node, args)
 
     def set_args(self, inst: Instance, node: fx.Node, args: tuple) -> None:
         """Give node of the block other (constant) arguments in this instance than the block's own."""
@@ -119,7 +128,8 @@ class Blocks:
 
     def varied(self, node: fx.Node) -> list[tuple[Instance, tuple]]:
         """(instance, args) of each instance of node's block that gives node arguments of its own."""
-        return [(i, self.args[(i.unit, node.name)]) for i in self.of(layer_of(node)) if (i.unit, node.name) in self.args]
+        return [(i, _current(node, self.args[(i.unit, node.name)])) for i in self.of(layer_of(node))
+                if (i.unit, node.name) in self.args]
 
     def weight(self, program, inst: Instance | None, name: str, memo: dict | None = None):
         """The value of the program's weight `name` in an instance (its block's own for None or the block's unit)."""
