@@ -243,16 +243,9 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def run_worker(rank: int, world: int, job: dict, init: str | None = None, out_path: str | None = None) -> dict | None:
     """One rank of the run described by job (see run_ep); rank 0 returns (and writes) the result."""
-    from dsv3c.runtime.layout import backend_device
+    from dsv3c.runtime.layout import in_process_group
 
-    torch.set_num_threads(1)
-    backend, device = backend_device(job.get("backend"), init)
-    kw = {"init_method": init, "rank": rank, "world_size": world} if init else {}
-    dist.init_process_group(backend, **kw)
-    try:
-        return _run_rank(rank, world, job, device, out_path)
-    finally:
-        dist.destroy_process_group()
+    return in_process_group(rank, world, job.get("backend"), init, lambda dev: _run_rank(rank, world, job, dev, out_path))
 
 
 def _run_rank(rank, world, job, device, out_path):

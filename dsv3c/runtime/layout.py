@@ -35,6 +35,21 @@ def backend_device(backend: str | None, init: str | None):
     return backend, torch.device("cpu")
 
 
+def in_process_group(rank: int, world: int, backend: str | None, init: str | None, body):
+    """body(device) run on one thread inside this rank's process group (init None: env:// under torchrun)."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    backend, device = backend_device(backend, init)
+    kw = {"init_method": init, "rank": rank, "world_size": world} if init else {}
+    dist.init_process_group(backend, **kw)
+    try:
+        return body(device)
+    finally:
+        dist.destroy_process_group()
+
+
 def route_of(mesh, mode: str) -> str:
     """'two-hop' when an EP group spans nodes outside decode, else 'direct'."""
     return "two-hop" if mesh.ep > mesh.ep_gpus_per_node and mode != "decode" else "direct"

@@ -419,20 +419,14 @@ def _compare(ref_loss, ref_grads, loss, grads) -> dict:
 
 def _worker(rank: int, world: int, specs: list[dict], init_method: str | None, out_path: str | None):
     """One process: run every spec in turn in one process group; rank 0 writes the list of results."""
-    torch.set_num_threads(1)
     import importlib
 
     importlib.import_module("torch._dynamo")  # (the custom ops' first call imports it; do it before timing)
 
-    from dsv3c.runtime.layout import backend_device
+    from dsv3c.runtime.layout import in_process_group
 
-    backend, device = backend_device(specs[0].get("backend"), init_method)
-    kw = {"init_method": init_method} if init_method else {}
-    dist.init_process_group(backend, rank=rank, world_size=world, **kw)
-    try:
-        results = [_step(rank, world, spec, device) for spec in specs]
-    finally:
-        dist.destroy_process_group()
+    results = in_process_group(rank, world, specs[0].get("backend"), init_method,
+                               lambda device: [_step(rank, world, spec, device) for spec in specs])  # fmt: skip
     if rank == 0 and out_path:
         with open(out_path, "w") as f:
             json.dump(results, f)

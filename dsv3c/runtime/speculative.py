@@ -253,18 +253,9 @@ def model_has_mtp(cfg) -> bool:
 
 def _ep_rank(rank: int, world: int, job: dict, init: str | None, out_path: str | None) -> dict | None:
     """One rank of run_speculative_ep (init None: under torchrun, env://, with the backend job['backend'])."""
-    import torch.distributed as dist
+    from dsv3c.runtime.layout import in_process_group
 
-    from dsv3c.runtime.layout import backend_device
-
-    torch.set_num_threads(1)
-    backend, device = backend_device(job.get("backend"), init)
-    kw = {"init_method": init, "rank": rank, "world_size": world} if init else {}
-    dist.init_process_group(backend, **kw)
-    try:
-        return _decode_rank(rank, world, job, out_path, device)
-    finally:
-        dist.destroy_process_group()
+    return in_process_group(rank, world, job.get("backend"), init, lambda dev: _decode_rank(rank, world, job, out_path, dev))
 
 
 def _decode_rank(rank, world, job, out_path, device):
