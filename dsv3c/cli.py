@@ -22,30 +22,31 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _integer(minimum: int | None = None, maximum: int | None = None):
-    """An argparse type: an integer in digits 0-9 within [minimum, maximum] (dsv3c.bounds.parse_int)."""
-    from dsv3c.bounds import BoundError, parse_int
+def _bounded(parse_value, minimum, maximum):
+    """An argparse type: parse_value(text, name, minimum, maximum) of dsv3c.bounds, its BoundError as argparse's."""
+    from dsv3c.bounds import BoundError
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            return parse_int(text, "the value", minimum, maximum)
+            return parse_value(text, "the value", minimum, maximum)
         except BoundError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
     return parse
+
+
+def _integer(minimum: int | None = None, maximum: int | None = None):
+    """An argparse type: an integer in digits 0-9 within [minimum, maximum] (dsv3c.bounds.parse_int)."""
+    from dsv3c.bounds import parse_int
+
+    return _bounded(parse_int, minimum, maximum)
 
 
 def _number(minimum: float, maximum: float):
     """An argparse type: a finite number within [minimum, maximum] (NaN, inf and out-of-range refused)."""
-    from dsv3c.bounds import BoundError, parse_float
+    from dsv3c.bounds import parse_float
 
-    def parse(text: str) -> float:
-        try:
-            return parse_float(text, "the value", minimum, maximum)
-        except BoundError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    return parse
+    return _bounded(parse_float, minimum, maximum)
 
 
 _positive = _integer(1)
