@@ -73,8 +73,9 @@ def _instances(program, unit: str):
     instances = blocks.of(unit) if blocks is not None else []
     if not instances:
         yield unit, {}
+    nodes = {n.name: n for n in program.graph.nodes} if instances else {}
     for inst in instances:
-        yield inst.unit, {name: args for (u, name), args in blocks.args.items() if u == inst.unit}
+        yield inst.unit, {name: blocks.node_args(inst, nodes[name]) for (u, name) in blocks.args if u == inst.unit}
 
 
 def _hashable(value):

@@ -137,6 +137,15 @@ def check_clean(result, argv, allow_success: bool = False, out_dir: str | None =
     COUNTS["clean"] += 1
 
 
+def check_one_clean_error(capsys, case) -> None:
+    """case (argv, files, dirs, words): exit 2 with one line containing words, nothing touched."""
+    argv, files, dirs, words = case
+    result = run_case(capsys, argv, files, dirs)
+    check_clean(result, argv)
+    assert result[0] == 2
+    assert words in result[2][0], result[2]
+
+
 def check_fuzz(result, argv, outputs) -> None:
     """The fuzz properties: exit 0 or 2; no traceback; exit 2 prints one error line and touches nothing; exit 0
     touches nothing but the command's outputs."""

@@ -12,7 +12,7 @@ import passes
 from dsv3c import bounds, cli, inputs, outdir
 from dsv3c.outdir import MARKER
 from model_def.config import TINY as TINY_CONFIG
-from tests.cli_harness import check_clean, listing, run_case
+from tests.cli_harness import check_one_clean_error, listing
 
 TINY = ["--model", "tiny", "--target", "h800x8"]
 CHEAP = ["--seq", "8", "--passes", "dce"]
@@ -87,11 +87,7 @@ CASES = {  # name: (argv, files, dirs, words the one error line holds)
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_issue_case_is_one_clean_error(capsys, name):
-    argv, files, dirs, words = CASES[name]
-    result = run_case(capsys, argv, files, dirs)
-    check_clean(result, argv)
-    assert result[0] == 2
-    assert words in result[2][0], result[2]
+    check_one_clean_error(capsys, CASES[name])
 
 
 # ---- inputs that never end: FIFOs and devices are refused without being read ----------------------------------

@@ -16,7 +16,7 @@ from dsv3c.runtime.executor import RunResult
 from dsv3c.schema import PlanError, plan_json
 from dsv3c.units import target_value
 from model_def.config import TINY
-from tests.cli_harness import check_clean, plan_problems, run_case
+from tests.cli_harness import check_one_clean_error, plan_problems
 
 BASE = ["compile", "--target", "h800x8", "--model", "tiny"]
 CFG = ["compile", "--target", "h800x8", "--config", "c.json"]
@@ -81,11 +81,7 @@ CASES = {  # name: (argv, files, dirs, words the error line holds)
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_issue_case_is_one_clean_error(capsys, name):
-    argv, files, dirs, words = CASES[name]
-    result = run_case(capsys, argv, files, dirs)
-    check_clean(result, argv)
-    assert result[0] == 2
-    assert words in result[2][0], result[2]
+    check_one_clean_error(capsys, CASES[name])
 
 
 def test_version(capsys):
